@@ -1,0 +1,39 @@
+"""ASE I/O plugin for the crystal text format (``format="crystal-text"``, ``*.crystxt``).
+
+Registered through the ``ase.ioformats`` entry point, so after installing the
+package ``ase.io.read("x.crystxt", index=":")`` works without importing
+ase_crystal_llm.  Several crystals per file are separated by one blank line.
+"""
+
+from __future__ import annotations
+
+from ase.utils.plugins import ExternalIOFormat
+
+from .text import atoms_to_text, split_crystals, text_to_atoms
+
+EXTENSION = "crystxt"
+
+crystal_text_format = ExternalIOFormat(
+    desc="Crystal text (Gruver et al. 2024 LLM format)",
+    code="+F",
+    module="ase_crystal_llm.aseio",
+    ext=EXTENSION,
+)
+
+
+def read_crystal_text(fd, index=-1):
+    """Read crystals from a blank-line separated crystal-text file."""
+    blocks = split_crystals(fd.read())
+    if isinstance(index, int):
+        blocks = [blocks[index]]
+    else:
+        blocks = blocks[index]
+    for block in blocks:
+        yield text_to_atoms(block)
+
+
+def write_crystal_text(fd, images):
+    """Write one or several crystals, separated by one blank line."""
+    if hasattr(images, "get_positions"):
+        images = [images]
+    fd.write("\n\n".join(atoms_to_text(atoms) for atoms in images) + "\n")

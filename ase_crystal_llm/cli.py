@@ -1,0 +1,195 @@
+"""The ``crystal-llm`` command line.
+
+Each subcommand is a parser function (``_add_<name>``) and a thin handler
+(``_run_<name>``) that calls the library.  Heavy imports happen inside the
+handlers so that ``crystal-llm --help`` stays fast.  Any error reaching
+:func:`main` becomes one line on stderr and exit status 2; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line."""
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="fine-tune a causal LM (LoRA/QLoRA) or train one from scratch on crystal text")
+    p.add_argument("--data", required=True, help="training structures: CSV(.gz) with a cif column, ase.db, or any ase.io file/glob")
+    p.add_argument("--val", help="validation structures (same formats)")
+    p.add_argument("--out", required=True, help="output model directory")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--base", help="Hugging Face model id or local directory to fine-tune with LoRA")
+    base.add_argument("--from-scratch", metavar="SIZE", help="train a LLaMA-architecture model of this named size from scratch")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, help="number of optimiser steps")
+    steps.add_argument("--epochs", type=float, help="number of passes over the training data")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per optimiser step per process")
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (cosine schedule with warmup)")
+    p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the base quantised (QLoRA)")
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--lora-alpha", type=int, default=None)
+    p.add_argument("--target-modules", help="comma-separated module names for LoRA (default: all attention and MLP projections)")
+    p.add_argument("--eval-every", type=int, default=None, help="validation interval in steps")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint interval in steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--limit", type=int, help="use only the first N training structures")
+    p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read instead of primitive Niggli cells")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
+
+
+def _run_train(args):
+    raise UsageError("train is not available yet")
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="sample crystals from a trained model")
+    p.add_argument("-n", type=int, required=True, help="number of crystals")
+    p.add_argument("-o", "--output", required=True, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
+    p.add_argument("--model", help="model directory written by 'crystal-llm train' (default: the shipped model)")
+    p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
+    p.add_argument("--formula", help="chemical formula condition (comma-separated for several)")
+    p.add_argument("--spacegroup", type=int, help="space group number condition")
+    p.add_argument("--e-above-hull", type=float, help="energy above hull condition, eV/atom")
+    p.add_argument("--band-gap", type=float, help="band gap condition, eV")
+    p.add_argument("--formation-energy", type=float, help="formation energy condition, eV/atom")
+    p.add_argument("--elements", help="comma-separated elements allowed in the samples, e.g. Li,Fe,P,O")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--symmetrize", type=float, metavar="SYMPREC", help="snap samples to their space group at this tolerance")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def _run_generate(args):
+    raise UsageError("generate is not available yet")
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="relax samples with an ML potential and report validity, coverage, novelty and stability")
+    p.add_argument("samples", help="structures to evaluate (any format ase.io reads, or .db)")
+    p.add_argument("-o", "--output", required=True, help="report directory (metrics.json, report.md, plots)")
+    p.add_argument("--reference", default="mp20", help="reference data for hull, coverage and novelty (default: mp20)")
+    p.add_argument("--data-dir", help="folder holding mp_20/ and hull/ (default: $CRYSTAL_LLM_DATA)")
+    p.add_argument("--potential", default="m3gnet", help="m3gnet, chgnet or a matgl model directory")
+    p.add_argument("--fmax", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--workers", type=int, help="parallel relaxation processes")
+    p.add_argument("--model", help="model directory, for IPT (symmetry) evaluation")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+
+
+def _run_evaluate(args):
+    raise UsageError("evaluate is not available yet")
+
+
+def _add_mutate(sub):
+    p = sub.add_parser("mutate", help="LLM-guided (or template) element substitution of structures")
+    p.add_argument("input", help="parent structures (any format ase.io reads)")
+    p.add_argument("-n", type=int, required=True, help="number of children")
+    p.add_argument("-o", "--output", required=True, help="output file")
+    p.add_argument("--model", help="model directory (default: the shipped model)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--baseline", action="store_true", help="use the template (ionic radius) swap instead of the model")
+    p.add_argument("--relax", metavar="POTENTIAL", help="relax each child with this potential (e.g. m3gnet)")
+    p.add_argument("--seed", type=int)
+
+
+def _run_mutate(args):
+    raise UsageError("mutate is not available yet")
+
+
+def _add_merge(sub):
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    p.add_argument("model", help="adapter model directory written by 'crystal-llm train'")
+    p.add_argument("-o", "--output", required=True, help="directory for the merged full model")
+    p.add_argument("--base", help="location of the base model, if it moved")
+
+
+def _run_merge(args):
+    raise UsageError("merge is not available yet")
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert structures between formats (e.g. to crystal text)")
+    p.add_argument("input", help="structures: CSV(.gz) with a cif column, ase.db, or any ase.io file/glob")
+    p.add_argument("-o", "--output", required=True, help="output file; .crystxt writes crystal text")
+    p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
+
+
+def _run_convert(args):
+    raise UsageError("convert is not available yet")
+
+
+COMMANDS = {
+    "train": (_add_train, _run_train),
+    "generate": (_add_generate, _run_generate),
+    "evaluate": (_add_evaluate, _run_evaluate),
+    "mutate": (_add_mutate, _run_mutate),
+    "merge": (_add_merge, _run_merge),
+    "convert": (_add_convert, _run_convert),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) instead of usage dumps."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    parser = _Parser(
+        prog="crystal-llm",
+        description="Generate, infill and evaluate crystals with language models (ASE plugin).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    # --debug is accepted after the subcommand too; SUPPRESS keeps a leading one.
+    for subparser in sub.choices.values():
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return parser
+
+
+def _one_line(err):
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.split())
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    run = COMMANDS[args.command][1]
+    try:
+        return run(args) or 0
+    except KeyboardInterrupt:
+        print("crystal-llm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is one line unless --debug
+        if args.debug:
+            raise
+        print(f"crystal-llm {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

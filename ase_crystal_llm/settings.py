@@ -1,0 +1,104 @@
+"""Where data and weights live: arguments first, then environment variables, then defaults.
+
+Every module resolves folders through these helpers so that no path is
+hard-coded anywhere else.
+
+Environment variables
+---------------------
+CRYSTAL_LLM_DATA
+    Folder holding ``mp_20/``, ``hull/`` and ``models/`` (default: ``shared/data``
+    beside the project checkout, when it exists).
+CRYSTAL_LLM_M3GNET
+    A matgl M3GNet model directory (default: ``<data>/models/matgl/M3GNet-MP-2021.2.8-PES``).
+CRYSTAL_LLM_POSTGRES_URL
+    ``postgresql://user:pw@host:port/db`` for the PostgreSQL-backed ase.db test.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_DIR = PACKAGE_DIR / "default_model"
+M3GNET_NAME = "M3GNet-MP-2021.2.8-PES"
+
+# Optional extras: import name -> (pip extra, what needs it).
+EXTRAS = {
+    "bitsandbytes": ("quant", "4-bit/8-bit quantised training and loading"),
+    "chgnet": ("chgnet", "the CHGNet potential"),
+    "smact": ("metrics", "compositional validity"),
+    "matminer": ("metrics", "coverage fingerprints"),
+    "matplotlib": ("metrics", "evaluation plots"),
+    "psycopg2": ("postgres", "PostgreSQL-backed ase.db"),
+}
+
+
+def require(module):
+    """Import an optional dependency, or fail with the pip extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        extra, purpose = EXTRAS.get(module, ("all", module))
+        raise ImportError(
+            f"{module} is needed for {purpose}: pip install 'ase-crystal-llm[{extra}]'"
+        ) from err
+
+
+def _first_existing(candidates):
+    for path in candidates:
+        if path is not None and Path(path).is_dir():
+            return Path(path)
+    return None
+
+
+def data_dir(path=None, *, required=True):
+    """The data folder (holding ``mp_20/``, ``hull/``, ``models/``).
+
+    Order: ``path``, then ``$CRYSTAL_LLM_DATA``, then ``shared/data`` beside the
+    project checkout or the current directory.
+    """
+    if path is not None:
+        return _must_exist(Path(path), "data folder")
+    env = os.environ.get("CRYSTAL_LLM_DATA")
+    if env:
+        return _must_exist(Path(env), "data folder ($CRYSTAL_LLM_DATA)")
+    found = _first_existing(
+        [PACKAGE_DIR.parent.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    )
+    if found is None and required:
+        raise FileNotFoundError(
+            "no data folder found: pass one or set CRYSTAL_LLM_DATA to the folder holding mp_20/ and hull/"
+        )
+    return found
+
+
+def mp20_path(split, data=None):
+    """Path of an MP-20 split (``train``, ``val`` or ``test``)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown MP-20 split {split!r}: use train, val or test")
+    return _must_exist(data_dir(data) / "mp_20" / f"{split}.csv.gz", "MP-20 split")
+
+
+def m3gnet_dir(path=None):
+    """The M3GNet-MP-2021.2.8-PES model directory for matgl."""
+    if path is not None:
+        return _must_exist(Path(path), "M3GNet model directory")
+    env = os.environ.get("CRYSTAL_LLM_M3GNET")
+    if env:
+        return _must_exist(Path(env), "M3GNet model directory ($CRYSTAL_LLM_M3GNET)")
+    base = data_dir(required=False)
+    found = base / "models" / "matgl" / M3GNET_NAME if base else None
+    if found is None or not found.is_dir():
+        raise FileNotFoundError(
+            f"M3GNet weights not found offline: pass a matgl model directory or set "
+            f"CRYSTAL_LLM_M3GNET (or CRYSTAL_LLM_DATA) to a folder holding models/matgl/{M3GNET_NAME}"
+        )
+    return found
+
+
+def _must_exist(path, what):
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
