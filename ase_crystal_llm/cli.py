@@ -89,10 +89,31 @@ def _add_evaluate(sub):
     p.add_argument("--workers", type=int, help="parallel relaxation processes")
     p.add_argument("--model", help="model directory, for IPT (symmetry) evaluation")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--coverage-size", type=int, metavar="N",
+                   help="subsample the test split to N crystals for coverage (default: all; fingerprints are cached)")
+    p.add_argument("--ipt-size", type=int, default=100, metavar="N", help="test crystals for IPT (with --model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference subsample and IPT translations")
+    p.add_argument("--cache-dir", help="folder for cached reference fingerprints (default: $CRYSTAL_LLM_CACHE or ~/.cache/ase-crystal-llm)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run_evaluate(args):
-    raise UsageError("evaluate is not available yet")
+    from .evaluation import evaluate
+
+    for name in ("fmax", "steps", "limit", "coverage_size", "ipt_size", "workers"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    result = evaluate(
+        args.samples, args.output, reference=args.reference, data_dir=args.data_dir, potential=args.potential,
+        fmax=args.fmax, steps=args.steps, workers=args.workers, model=args.model, limit=args.limit,
+        coverage_size=args.coverage_size, ipt_size=args.ipt_size, seed=args.seed, cache=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    valid = result["validity"]["returned"]["valid"]
+    meta = result["stability"]["metastable"]
+    print(f"{result['samples']['n']} samples: {100 * valid:.1f}% valid, "
+          f"{100 * meta:.1f}% metastable; report in {args.output}/report.md")
 
 
 def _add_mutate(sub):
@@ -128,10 +149,65 @@ def _add_convert(sub):
     p.add_argument("-o", "--output", required=True, help="output file; .crystxt writes crystal text")
     p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
+    p.add_argument("--order-disordered", action="store_true", help="give partially occupied sites their majority occupant instead of failing")
+    p.add_argument("--limit", type=int, help="convert only the first N structures")
+
+
+def _output_format(path):
+    from ase.io.formats import filetype, ioformats
+
+    fmt = filetype(str(path), read=False)
+    if fmt not in ioformats or not ioformats[fmt].can_write:
+        raise UsageError(f"cannot write {path}: unknown or read-only output format {fmt!r}")
+    return fmt
+
+
+def _write_atomically(path, images, fmt):
+    """Write to a temporary name beside ``path``, then rename: no half-written outputs."""
+    import os
+    from pathlib import Path
+
+    import ase.io
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        ase.io.write(str(tmp), images, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _run_convert(args):
-    raise UsageError("convert is not available yet")
+    import time
+    import warnings
+
+    from .datasets import read_structures
+
+    fmt = _output_format(args.output)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = read_structures(
+            args.input,
+            canonical=not args.no_canonicalize,
+            limit=args.limit,
+            skip_bad=args.skip_bad,
+            order_disordered=args.order_disordered,
+        )
+    for warning in caught:
+        print(f"crystal-llm convert: warning: {_one_line(warning.message)}", file=sys.stderr)
+    if not images:
+        raise UsageError(f"no structures read from {args.input}")
+    _write_atomically(args.output, images, fmt)
+    cells = "as read" if args.no_canonicalize else "primitive Niggli"
+    print(
+        f"crystal-llm convert: wrote {len(images)} structures ({cells} cells) to {args.output} "
+        f"as {fmt} in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
 
 
 COMMANDS = {

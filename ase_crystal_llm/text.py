@@ -27,6 +27,7 @@ import re
 
 import numpy as np
 from ase import Atoms
+from ase.cell import Cell
 from ase.data import chemical_symbols
 
 MASK = "[MASK]"
@@ -37,7 +38,7 @@ MAX_LENGTH = 1000.0  # Angstrom: anything longer is not a crystal cell we can us
 # Real elements only: ASE's symbol table also holds "X" (a dummy atom, Z=0).
 ELEMENTS = tuple(chemical_symbols[1:])
 _ELEMENT_SET = frozenset(ELEMENTS)
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 class CrystalTextError(ValueError):
@@ -109,11 +110,15 @@ def _numbers(line, what, lineno):
         raise CrystalTextError(f"line {lineno}: {what} needs 3 numbers, got {len(fields)}: {line!r}")
     values = []
     for field in fields:
-        if not _NUMBER.fullmatch(field):
-            raise CrystalTextError(f"line {lineno}: {what} has a value that is not a number: {field!r}")
-        value = float(field)
-        if not np.isfinite(value):
+        try:
+            value = float(field)
+        except ValueError:
+            value = None
+        if value is not None and not np.isfinite(value):  # nan, inf, 1e999
             raise CrystalTextError(f"line {lineno}: {what} has a non-finite value: {field!r}")
+        # float() also takes "1_0" and non-ASCII digits; the format does not.
+        if value is None or not _NUMBER.fullmatch(field):
+            raise CrystalTextError(f"line {lineno}: {what} has a value that is not a number: {field!r}")
         values.append(value)
     return values
 
@@ -147,8 +152,13 @@ def _check_cell(lengths, angles):
     a, b, g = angles
     if min(angles) <= 0 or max(angles) >= 180 or a + b + g >= 360 or a + b <= g or a + g <= b or b + g <= a:
         raise CrystalTextError(f"impossible lattice angles: {angles}")
-    volume = cell_volume(lengths, angles)
-    if volume < MIN_VOLUME:
+    # Measure the cell ASE will build: the closed formula loses digits on nearly
+    # flat cells, and ASE asserts on some that pass it.
+    try:
+        volume = abs(Cell.new(list(lengths) + list(angles)).volume)
+    except AssertionError:
+        volume = 0.0
+    if not volume >= MIN_VOLUME:  # also catches NaN
         raise CrystalTextError(f"degenerate cell: volume {volume:.3g} A^3 is below {MIN_VOLUME} A^3")
 
 
@@ -180,7 +190,7 @@ def text_to_atoms(text, *, max_atoms=MAX_ATOMS):
         symbol = body[k]
         if symbol not in _ELEMENT_SET:
             raise CrystalTextError(f"line {k + 3}: unknown element symbol {symbol!r}")
-        if k + 1 == len(body):
+        if k + 1 == len(body) or body[k + 1] in _ELEMENT_SET or body[k + 1] == MASK:
             raise CrystalTextError(f"line {k + 3}: element {symbol} has no coordinate line")
         symbols.append(symbol)
         frac.append(_numbers(body[k + 1], "fractional coordinates", k + 4))

@@ -1,0 +1,690 @@
+"""Sample crystals from a trained model as :class:`ase.Atoms`.
+
+>>> from ase_crystal_llm import CrystalGenerator                  # doctest: +SKIP
+>>> gen = CrystalGenerator.from_pretrained("models/my-model")     # doctest: +SKIP
+>>> structures = gen.generate(10, formula="LiFePO4", seed=0)      # doctest: +SKIP
+
+Every sample is decoded under the crystal grammar of :mod:`.constraints`
+(real element symbols, well-formed numbers, end only after a complete atom),
+parsed by :func:`~ase_crystal_llm.text.text_to_atoms`, and re-sampled when it
+does not parse, at most ``max_attempts`` times per requested crystal.
+
+Two decoding paths give the same tokens for the same logits (greedy decoding
+is identical; tests check it):
+
+* :func:`fast_sample` (default): the prompt prefix is run once per distinct
+  prompt and its KV cache shared by all rows, keys and values are written
+  into preallocated buffers instead of being concatenated every step, and
+  finished rows are dropped so the batch stays dense;
+* :func:`plain_sample`: ``model.generate`` with the same logits processors,
+  as a user of the reference code would call it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import uuid
+import warnings
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from . import settings
+from .constraints import FIELDS, CrystalGrammar
+from .text import CrystalTextError, is_element, text_to_atoms
+
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.9
+DEFAULT_MAX_ATOMS = 30
+DEFAULT_MAX_ATTEMPTS = 5
+CONDITION_KEYS = ("formula", "formation_energy", "band_gap", "e_above_hull", "spacegroup")
+
+
+# -- decoding --------------------------------------------------------------------------
+
+
+class _BufferLayer(DynamicLayer):
+    """A KV-cache layer writing into preallocated buffers (no per-step concatenation)."""
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states, value_states):
+        batch, heads, _, _ = key_states.shape
+        shape_k = (batch, heads, self.capacity, key_states.shape[-1])
+        shape_v = (batch, heads, self.capacity, value_states.shape[-1])
+        self.device = key_states.device
+        self.kbuf = torch.empty(shape_k, dtype=key_states.dtype, device=self.device)
+        self.vbuf = torch.empty(shape_v, dtype=value_states.dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"KV buffer full: {self.length + n} > {self.capacity} positions")
+        self.kbuf[:, :, self.length:self.length + n] = key_states
+        self.vbuf[:, :, self.length:self.length + n] = value_states
+        self.length += n
+        self.keys = self.kbuf[:, :, :self.length]
+        self.values = self.vbuf[:, :, :self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.length
+
+    def batch_select_indices(self, indices):
+        if self.is_initialized:
+            self.kbuf = self.kbuf[indices]
+            self.vbuf = self.vbuf[indices]
+            self.keys = self.kbuf[:, :, :self.length]
+            self.values = self.vbuf[:, :, :self.length]
+
+
+def _buffer_cache(model, capacity):
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[_BufferLayer(capacity) for _ in range(n_layers)])
+
+
+def _filter_top_p(logits, top_p):
+    """Nucleus filtering exactly as transformers' ``TopPLogitsWarper`` (keeps >= 1 token)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1:] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def _choose(scores, temperature, top_p, generator):
+    """Next tokens from masked scores: greedy when ``temperature`` is 0."""
+    if not temperature:
+        return scores.argmax(dim=-1)
+    logits = _filter_top_p(scores / temperature, top_p)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _left_pad(tokenizer, prompts, device):
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+@torch.inference_mode()
+def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, temperature=0.0, top_p=1.0,
+                generator=None, compact_fraction=0.25):
+    """Sample one continuation per prompt with the lean decoding loop.
+
+    Parameters
+    ----------
+    prompts : list of str
+        One per row; identical prompts share one prefix computation.
+    processor : CrystalLogitsProcessor
+        Masks forbidden tokens (driven directly: reset/advance/select/mask).
+    max_new_tokens : int
+        Hard bound on generated tokens per row.
+    temperature, top_p : float
+        ``temperature=0`` is greedy decoding.
+    generator : torch.Generator, optional
+        Random stream of the sampling (seed reproducibility).
+    compact_fraction : float
+        Drop finished rows from the batch (and KV cache) once this fraction
+        of the live rows has finished.
+
+    Returns
+    -------
+    list of list of int
+        Generated token ids per row, end-of-sequence excluded, and a list of
+        booleans: whether each row ended with end-of-sequence.
+    """
+    device = next(model.parameters()).device
+    unique = list(dict.fromkeys(prompts))
+    ids, attn = _left_pad(tokenizer, unique, device)
+    rows = torch.tensor([unique.index(p) for p in prompts], device=device)
+    padded = bool((attn == 0).any())
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = _buffer_cache(model, ids.shape[1] + max_new_tokens)
+    out = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()[rows]
+    cache.batch_select_indices(rows)  # share the prefix: one copy per row
+    attn = attn[rows]
+    next_pos = positions[rows, -1] + 1
+
+    eos = torch.tensor(sorted(processor.grammar.eos_ids), device=device)
+    n = len(prompts)
+    live = list(range(n))  # batch row -> original row
+    tokens = [[] for _ in range(n)]
+    ended = [False] * n
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    processor.reset(n)
+    for step in range(max_new_tokens):
+        chosen = _choose(processor.mask(logits), temperature, top_p, generator)
+        processor.advance(chosen)
+        is_eos = torch.isin(chosen, eos)
+        for b, (tok, stop) in enumerate(zip(chosen.tolist(), is_eos.tolist())):
+            r = live[b]
+            if done[b]:
+                continue
+            if stop:
+                ended[r] = True
+            else:
+                tokens[r].append(tok)
+        done |= is_eos | torch.tensor(processor.finished, device=device)
+        n_done = int(done.sum())
+        if n_done == len(live) or step == max_new_tokens - 1:
+            break
+        if n_done >= max(1, compact_fraction * len(live)):
+            keep = torch.nonzero(~done).squeeze(1)
+            cache.batch_select_indices(keep)
+            processor.select(keep)
+            attn, next_pos, chosen = attn[keep], next_pos[keep], chosen[keep]
+            live = [live[k] for k in keep.tolist()]
+            done = done[keep]
+        if padded:
+            attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
+        out = model(input_ids=chosen[:, None], attention_mask=attn if padded else None,
+                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    return tokens, ended
+
+
+@torch.inference_mode()
+def plain_sample(model, tokenizer, prompts, processor, *, max_new_tokens, temperature=0.0, top_p=1.0,
+                 generator=None):
+    """The same sampling through ``model.generate`` (the reference-style path).
+
+    The grammar runs first, then temperature and nucleus filtering, as in
+    :func:`fast_sample`.  ``generate`` has no generator argument, so sampling
+    uses torch's global random state (seeded from ``generator`` when given).
+    """
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    device = next(model.parameters()).device
+    ids, attn = _left_pad(tokenizer, prompts, device)
+    processors = [processor]
+    sample = bool(temperature)
+    if sample:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        if generator is not None:
+            torch.manual_seed(int(generator.initial_seed()))
+    eos = sorted(processor.grammar.eos_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    out = model.generate(
+        input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
+        logits_processor=LogitsProcessorList(processors), eos_token_id=eos, pad_token_id=pad,
+        temperature=1.0, top_p=1.0, top_k=0,
+    )
+    tokens, ended = [], []
+    for row in out[:, ids.shape[1]:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        tokens.append(row[:stop] if stop is not None else row)
+        ended.append(stop is not None)
+    return tokens, ended
+
+
+# -- failure bookkeeping --------------------------------------------------------------------
+
+
+def failure_reason(message):
+    """A short, countable reason from a :class:`CrystalTextError` message."""
+    text = re.sub(r"^line \d+: ", "", str(message))
+    text = text.split(":")[0]
+    text = re.sub(r"\s*'[^']*'|\s*\"[^\"]*\"", "", text)
+    return text.strip() or "unparseable"
+
+
+@dataclass
+class GenerationStats:
+    """What a :meth:`CrystalGenerator.generate` run did (every attempt counted)."""
+
+    requested: int = 0
+    returned: int = 0
+    attempts: int = 0
+    parse_failures: Counter = field(default_factory=Counter)
+    gave_up: int = 0
+    tokens_generated: int = 0
+    seconds: float = 0.0
+    seed: int | None = None
+
+    @property
+    def raw_parse_rate(self):
+        """Parsed fraction of all attempts (before re-sampling)."""
+        return (self.attempts - sum(self.parse_failures.values())) / self.attempts if self.attempts else 0.0
+
+    @property
+    def final_parse_rate(self):
+        """Returned fraction of the requested crystals (after re-sampling)."""
+        return self.returned / self.requested if self.requested else 0.0
+
+    @property
+    def crystals_per_second(self):
+        return self.returned / self.seconds if self.seconds else 0.0
+
+    def as_dict(self):
+        return {
+            "requested": self.requested, "returned": self.returned, "attempts": self.attempts,
+            "parse_failures": dict(self.parse_failures), "gave_up": self.gave_up,
+            "raw_parse_rate": self.raw_parse_rate, "final_parse_rate": self.final_parse_rate,
+            "tokens_generated": self.tokens_generated, "seconds": self.seconds,
+            "crystals_per_second": self.crystals_per_second, "seed": self.seed,
+        }
+
+
+# -- conditions ---------------------------------------------------------------------------
+
+
+def condition_sets(n, **conditions):
+    """Per-crystal condition dicts; list values cycle over the ``n`` crystals.
+
+    ``generate(6, formula=["NaCl", "KCl"])`` asks for NaCl, KCl, NaCl, ...
+    """
+    lists = {k: v for k, v in conditions.items() if isinstance(v, (list, tuple))}
+    lengths = {len(v) for v in lists.values()}
+    if any(length == 0 for length in lengths):
+        raise ValueError("a condition list is empty")
+    if len(lengths) > 1:
+        raise ValueError(f"condition lists must have the same length, got {sorted(lengths)}")
+    k = lengths.pop() if lengths else 1
+    sets = []
+    for j in range(k):
+        one = {}
+        for key in CONDITION_KEYS:
+            value = conditions.get(key)
+            value = value[j] if isinstance(value, (list, tuple)) else value
+            if value is not None:
+                one[key] = value
+        sets.append(one)
+    return [sets[i % k] for i in range(n)]
+
+
+def _check_conditions(conditions):
+    formula = conditions.get("formula")
+    if formula is not None:
+        from ase.formula import Formula
+
+        try:
+            symbols = Formula(str(formula), strict=True).count()
+        except ValueError as err:
+            raise ValueError(f"invalid formula {formula!r}: {err}") from None
+        bad = [s for s in symbols if not is_element(s)]
+        if bad or not symbols:
+            raise ValueError(f"invalid formula {formula!r}: unknown element(s) {', '.join(bad)}")
+    sg = conditions.get("spacegroup")
+    if sg is not None and (int(sg) != float(sg) or not 1 <= int(sg) <= 230):
+        raise ValueError(f"spacegroup must be an integer from 1 to 230, got {sg!r}")
+
+
+def seen_in_training(keys, card=None):
+    """Whether the training curriculum ever wrote this combination of conditions.
+
+    The card's ``condition_combinations`` (a list of key lists) decides when
+    present; otherwise the curriculum of :meth:`PromptTemplate.sample_conditions`:
+    no condition, or the formula plus at most three others.
+    """
+    keys = frozenset(keys)
+    combos = _card_get(card, "condition_combinations")
+    if combos:
+        return keys in {frozenset(c) for c in combos}
+    return not keys or ("formula" in keys and len(keys) <= 4)
+
+
+def _card_get(card, name, default=None):
+    if card is None:
+        return default
+    if isinstance(card, dict):
+        return card.get(name, default)
+    return getattr(card, name, default)
+
+
+# -- the generator ------------------------------------------------------------------------------
+
+
+def _default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sha256(path):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _seed_stream(seed, *keys):
+    return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class CrystalGenerator:
+    """Sample crystals from a causal language model trained on crystal text.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The causal LM (``gen.model``).
+    tokenizer : transformers tokenizer
+        Its tokenizer (``gen.tokenizer``).
+    card : ModelCard, optional
+        The model card: prompt template and recommended sampling settings.
+    template : PromptTemplate, optional
+        Prompt wording; default: the card's, else the package default.
+    model_dir : path, optional
+        Where the model was loaded from (recorded with every run).
+    """
+
+    def __init__(self, model, tokenizer, card=None, *, template=None, model_dir=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.card = card
+        if template is None:
+            template = _card_get(card, "template")
+        if template is None:
+            from .prompts import PromptTemplate
+
+            template = PromptTemplate()
+        self.template = template
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.stats = GenerationStats()
+        self._grammars = {}
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path=None, device=None, base=None, dtype=None):
+        """Load a model directory written by ``crystal-llm train``.
+
+        Parameters
+        ----------
+        path : str or Path, optional
+            Model directory (full weights, or a peft adapter whose base the
+            card names).  ``None``: the default model shipped with the package.
+        device : str, optional
+            Torch device; default ``cuda`` when available, else ``cpu``.
+        base : str, optional
+            Location of the base model of an adapter, overriding the card
+            (for an adapter moved to another machine).
+        dtype : torch.dtype, optional
+            Default: bfloat16 on GPU, float32 on CPU.
+        """
+        if path is None:
+            path = settings.DEFAULT_MODEL_DIR
+            if not (Path(path) / "crystal_llm.json").is_file():
+                raise FileNotFoundError(
+                    "no default model is shipped with this version of ase-crystal-llm yet: "
+                    "pass a model directory written by 'crystal-llm train' (--model DIR)"
+                )
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {path}")
+        if not (path / "crystal_llm.json").is_file():
+            raise FileNotFoundError(f"{path} is not a crystal-llm model directory (no crystal_llm.json)")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .modelcard import ModelCard
+
+        card = ModelCard.from_pretrained(path)
+        card.verify_weights(path)
+        device = torch.device(device or _default_device())
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if (path / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base_id = base or _card_get(card, "base_model")
+            if not base_id:
+                raise ValueError(f"{path} holds an adapter but its card names no base model: pass base=")
+            try:
+                base_model = AutoModelForCausalLM.from_pretrained(str(base_id), dtype=dtype)
+            except OSError as err:
+                raise FileNotFoundError(
+                    f"base model {base_id!r} of adapter {path} not found offline: pass base= (--base) "
+                    "with its local directory"
+                ) from err
+            if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
+                base_model.resize_token_embeddings(len(tokenizer))
+            model = PeftModel.from_pretrained(base_model, str(path))
+            # Merged weights decode faster; quantised bases cannot merge.
+            try:
+                model = model.merge_and_unload()
+            except Exception:  # noqa: BLE001 - keep the unmerged adapter
+                pass
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model.to(device).eval()
+        return cls(model, tokenizer, card, model_dir=path)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def weights_sha256(self):
+        """Hashes of the weight files as recorded in the card (computed when absent)."""
+        recorded = _card_get(self.card, "weights_sha256") or _card_get(self.card, "weight_sha256")
+        if recorded:
+            return dict(recorded)
+        if self.model_dir is None:
+            return {}
+        return {p.name: _sha256(p) for p in sorted(self.model_dir.glob("*.safetensors"))}
+
+    # -- sampling settings -----------------------------------------------------------------
+    def _sampling_defaults(self):
+        sampling = _card_get(self.card, "sampling") or {}
+        return (sampling.get("temperature", DEFAULT_TEMPERATURE), sampling.get("top_p", DEFAULT_TOP_P))
+
+    def grammar(self, elements=None, max_atoms=DEFAULT_MAX_ATOMS):
+        """The (cached) crystal grammar for this tokenizer and element set."""
+        key = (tuple(sorted(set(elements))) if elements else None, int(max_atoms))
+        if key not in self._grammars:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._grammars[key] = CrystalGrammar(self.tokenizer, elements=key[0], max_atoms=max_atoms,
+                                                 vocab_size=vocab)
+        return self._grammars[key]
+
+    @staticmethod
+    def max_new_tokens(max_atoms):
+        """Tokens a crystal of ``max_atoms`` atoms can need under the grammar (one token >= one char)."""
+        lattice = 2 * (3 * (FIELDS["lengths"][0] + 1 + FIELDS["lengths"][1]) + 3)
+        atom = 2 + 1 + 3 * (FIELDS["coords"][0] + 1 + FIELDS["coords"][1]) + 3
+        return lattice + max_atoms * atom + 1
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, n, **kwargs):
+        """Sample ``n`` crystals; returns a list of periodic :class:`ase.Atoms`.
+
+        Parameters
+        ----------
+        n : int
+            Number of crystals requested.
+        formula, spacegroup, e_above_hull, band_gap, formation_energy : optional
+            Conditions written into the prompt as in training (energies in
+            eV/atom, band gap in eV).  A list cycles over the crystals, so
+            several prompts share a batch.
+        elements : sequence of str, optional
+            Only these elements may appear (constrained decoding).
+        temperature, top_p : float, optional
+            Default: the card's recommended values, else 0.7 / 0.9.
+            ``temperature=0`` is greedy decoding.
+        batch_size : int, optional
+            Rows per batch (default 32 on CPU, 256 on GPU).
+        seed : int, optional
+            Seed of the sampling; the same seed gives the same crystals on
+            the same device.  ``None`` draws one (recorded in ``stats``).
+        max_attempts : int
+            Samples drawn at most per requested crystal before giving up on it.
+        symmetrize : float, optional
+            ``symprec``: snap every sample to its detected space group.
+        max_atoms : int
+            Most atoms per crystal (bounds ``max_new_tokens``).
+        fast : bool
+            Use the lean decoding loop (default) or ``model.generate``.
+
+        Returns
+        -------
+        list of ase.Atoms
+            Ordered by request; fewer than ``n`` when some crystals hit
+            ``max_attempts`` (a warning says so).  ``self.stats`` holds the
+            run statistics.
+        """
+        out = list(self.iter_generate(n, **kwargs))
+        return sorted(out, key=lambda a: a.info["sample_index"])
+
+    def iter_generate(self, n, *, formula=None, spacegroup=None, e_above_hull=None, band_gap=None,
+                      formation_energy=None, elements=None, temperature=None, top_p=None, batch_size=None,
+                      seed=None, max_attempts=DEFAULT_MAX_ATTEMPTS, symmetrize=None,
+                      max_atoms=DEFAULT_MAX_ATOMS, fast=True, start_index=0, run_id=None, rank=0,
+                      indices=None):
+        """Like :meth:`generate`, but yield each crystal as soon as its batch finishes.
+
+        Memory does not grow with ``n``.  ``indices`` (default
+        ``start_index .. start_index + n - 1``) name the requested crystals
+        (``info["sample_index"]``), so a resumed or multi-process run can ask
+        for exactly the ones it still needs; ``run_id`` and ``rank`` are
+        recorded in every ``info``.
+        """
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        t_default, p_default = self._sampling_defaults()
+        temperature = t_default if temperature is None else float(temperature)
+        top_p = p_default if top_p is None else float(top_p)
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if isinstance(elements, str):
+            elements = [e.strip() for e in elements.split(",") if e.strip()]
+        conditions = condition_sets(n, formula=formula, spacegroup=spacegroup, e_above_hull=e_above_hull,
+                                    band_gap=band_gap, formation_energy=formation_energy)
+        for c in {id(c): c for c in conditions}.values():
+            _check_conditions(c)
+        for combo in sorted({tuple(k for k in CONDITION_KEYS if k in c) for c in conditions}):
+            if not seen_in_training(combo, self.card):
+                warnings.warn(f"condition combination ({', '.join(combo)}) was never seen in training: "
+                              "samples may ignore it", stacklevel=2)
+        prompts = {id(c): self.template.generation_prompt(c) for c in conditions}
+        grammar = self.grammar(elements, max_atoms)
+        max_new = self.max_new_tokens(max_atoms)
+        if batch_size is None:
+            batch_size = 256 if self.device.type == "cuda" else 32
+        seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+        run_id = run_id or uuid.uuid4().hex[:12]
+        indices = list(range(start_index, start_index + n)) if indices is None else list(indices)
+        if len(indices) != n:
+            raise ValueError(f"got {len(indices)} indices for {n} crystals")
+        sampler = fast_sample if fast else plain_sample
+
+        stats = self.stats = GenerationStats(requested=n, seed=seed)
+        params = {"temperature": temperature, "top_p": top_p}
+        attempts = [0] * n
+        pending = deque(range(n))
+        start = time.perf_counter()
+        n_batch = 0
+        while pending:
+            slots = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+            gen = torch.Generator(device=self.device).manual_seed(_seed_stream(seed, rank, n_batch))
+            n_batch += 1
+            texts, ended = sampler(self.model, self.tokenizer, [prompts[id(conditions[s])] for s in slots],
+                                   grammar.processor(), max_new_tokens=max_new, temperature=temperature,
+                                   top_p=top_p, generator=gen)
+            finished = []
+            for slot, ids, stop in zip(slots, texts, ended):
+                attempts[slot] += 1
+                stats.attempts += 1
+                stats.tokens_generated += len(ids) + int(stop)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                try:
+                    if not stop:
+                        raise CrystalTextError(f"truncated: no end of sequence within {max_new} tokens")
+                    atoms = text_to_atoms(text, max_atoms=max_atoms)
+                except CrystalTextError as err:
+                    stats.parse_failures[failure_reason(err)] += 1
+                    if attempts[slot] < max_attempts:
+                        pending.append(slot)
+                    else:
+                        stats.gave_up += 1
+                    continue
+                atoms.info.update(self._info(conditions[slot], elements, text, params, attempts[slot],
+                                             run_id, rank, indices[slot], seed))
+                if symmetrize:
+                    _symmetrize(atoms, symmetrize)
+                finished.append(atoms)
+            stats.returned += len(finished)
+            stats.seconds = time.perf_counter() - start
+            yield from finished
+        stats.seconds = time.perf_counter() - start
+        if stats.gave_up:
+            warnings.warn(f"{stats.gave_up} of {n} crystals did not parse within max_attempts={max_attempts}; "
+                          f"returning {stats.returned} (failures: {dict(stats.parse_failures)})", stacklevel=2)
+
+    @staticmethod
+    def _info(conditions, elements, text, params, attempts, run_id, rank, index, seed):
+        info = {f"condition_{k}": v for k, v in conditions.items()}
+        if elements:
+            info["condition_elements"] = ",".join(elements)
+        info.update(params)
+        info.update(generated_text=text, attempts=attempts, seed=seed, run_id=run_id, rank=int(rank),
+                    sample_index=int(index))
+        return info
+
+    # -- infill ------------------------------------------------------------------------------
+    def propose_elements(self, atoms, element, *, candidates=None, temperature=1.0):
+        """Probabilities of elements that could replace ``element`` in ``atoms``.
+
+        Delegates to :func:`ase_crystal_llm.infill.propose_elements`.
+        """
+        from .infill import propose_elements
+
+        return propose_elements(self, atoms, element, candidates=candidates, temperature=temperature)
+
+    def run_record(self, **settings_):
+        """What to store with an output: model, weight hashes, package version, settings."""
+        from . import __version__
+
+        return {
+            "model": str(self.model_dir) if self.model_dir else None,
+            "weights_sha256": self.weights_sha256(),
+            "package_version": __version__,
+            "settings": settings_,
+            "stats": self.stats.as_dict(),
+            "hostname": os.uname().nodename if hasattr(os, "uname") else None,
+        }
+
+
+def _symmetrize(atoms, symprec):
+    """Snap ``atoms`` in place to the space group detected at ``symprec``."""
+    from ase.spacegroup.symmetrize import check_symmetry, refine_symmetry
+
+    try:
+        refine_symmetry(atoms, symprec=symprec, verbose=False)
+        dataset = check_symmetry(atoms, 1e-5)
+    except Exception as err:  # noqa: BLE001 - spglib failure: keep the sample as sampled
+        atoms.info["symmetrize_error"] = str(err)
+        return
+    if dataset is None:
+        atoms.info["symmetrize_error"] = "spglib found no symmetry"
+        return
+    atoms.info["spacegroup_number"] = int(dataset.number)
+    atoms.info["symprec"] = float(symprec)
+    atoms.wrap()
+    if not math.isfinite(atoms.cell.volume):
+        atoms.info["symmetrize_error"] = "degenerate cell"

@@ -1,0 +1,379 @@
+"""Formation energy and energy above the convex hull on the Materials Project scale.
+
+The reference is a set of compositions with formation energies (eV/atom) plus
+every element at 0 eV/atom, and elemental chemical potentials (total energy
+per atom of each element's lowest MP entry) that turn a total energy into a
+formation energy.  ``ReferenceHull.from_mp20`` uses the DFT formation energies
+of all 45,229 MP-20 rows and the MP elemental reference entries
+(``hull/2023-02-07-mp-elemental-reference-entries.json.gz``).
+
+Phase diagrams are built per chemical system when first queried (a few ms)
+and kept in a capped LRU cache; pymatgen's ``PatchedPhaseDiagram`` over the
+same entries takes minutes and ~0.6 GB, so it is not used.
+
+A potential's energy is put on the MP2020 scale before anything is compared
+(see :func:`mp2020_energy`): raw GGA/GGA+U energies (``energy_scale="mp_raw"``,
+M3GNet-MP-2021.2.8) get the ``MaterialsProject2020Compatibility`` correction,
+already-corrected ones (``"mp2020"``, CHGNet) are used as they are, anything
+else is refused.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from . import settings
+
+ELEMENTAL_REFERENCES = "2023-02-07-mp-elemental-reference-entries.json.gz"
+MP_SCALES = ("mp_raw", "mp2020")
+MAX_ELEMENTS = 12  # chemical systems larger than this are not enumerated
+
+# MP's relax set runs GGA+U when O or F is present with one of these (MPRelaxSet LDAUU).
+_U_ANIONS = ("O", "F")
+
+
+class ReferenceHull:
+    """Convex-hull reference with per-chemical-system phase diagrams.
+
+    Parameters
+    ----------
+    formation_energies : iterable of (entry_id, composition, eV/atom)
+        Reference phases in formation-energy space (elements are added at 0).
+    chemical_potentials : dict
+        Element symbol -> total energy per atom (eV) on the MP2020 scale.
+    cache_size : int
+        Phase diagrams kept in memory (least recently used dropped first).
+    """
+
+    def __init__(self, formation_energies, chemical_potentials, *, cache_size=512):
+        from pymatgen.core import Composition
+
+        self.chemical_potentials = {str(k): float(v) for k, v in chemical_potentials.items()}
+        self._by_system: dict[frozenset, list] = {}
+        self._ids: dict[str, tuple] = {}
+        count = 0
+        for entry_id, composition, eform in formation_energies:
+            comp = Composition(composition)
+            if not np.isfinite(eform) or comp.num_atoms == 0:
+                continue
+            system = frozenset(el.symbol for el in comp.elements)
+            record = (str(entry_id), comp, float(eform))
+            self._by_system.setdefault(system, []).append(record)
+            if entry_id is not None:
+                self._ids[str(entry_id)] = record
+            count += 1
+        self.n_entries = count
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict = OrderedDict()
+
+    # ------------------------------------------------------------------ builders
+
+    @classmethod
+    def from_mp20(cls, data_dir=None, *, splits=("train", "val", "test"), **kwargs):
+        """All MP-20 rows (train+val+test) plus the MP elemental reference entries.
+
+        Parameters
+        ----------
+        data_dir : str or path, optional
+            Folder holding ``mp_20/`` and ``hull/`` (default: ``settings.data_dir()``).
+        """
+        import pandas as pd
+
+        data = settings.data_dir(data_dir)
+        rows = []
+        for split in splits:
+            path = settings.mp20_path(split, data)
+            frame = pd.read_csv(path, usecols=["material_id", "formation_energy_per_atom", "pretty_formula"])
+            for mid, eform, formula in frame.itertuples(index=False):
+                rows.append((mid, _row_composition(formula, path, mid), eform))
+        potentials = load_elemental_references(data / "hull" / ELEMENTAL_REFERENCES)
+        return cls(rows, potentials, **kwargs)
+
+    @classmethod
+    def from_entries(cls, entries, elemental_references=None, **kwargs):
+        """From pymatgen entries whose total energies are on the MP2020 scale.
+
+        Parameters
+        ----------
+        entries : list of pymatgen Entry (ComputedEntry, PDEntry, ...)
+        elemental_references : dict or list of entries, optional
+            Chemical potentials (symbol -> eV/atom, or elemental entries); by
+            default the lowest-energy elemental entry of each element in ``entries``.
+        """
+        entries = list(entries)
+        if elemental_references is None:
+            mu = {}
+            for entry in entries:
+                if entry.composition.is_element:
+                    symbol = entry.composition.elements[0].symbol
+                    mu[symbol] = min(mu.get(symbol, np.inf), entry.energy_per_atom)
+        elif isinstance(elemental_references, dict):
+            mu = {str(k): float(v) for k, v in elemental_references.items()}
+        else:
+            mu = {e.composition.elements[0].symbol: e.energy_per_atom for e in elemental_references}
+        rows = []
+        for entry in entries:
+            missing = [el.symbol for el in entry.composition.elements if el.symbol not in mu]
+            if missing:
+                raise ValueError(f"no elemental reference for {', '.join(missing)} (entry {entry.entry_id})")
+            eform = (entry.energy - sum(mu[el.symbol] * n for el, n in entry.composition.items()))
+            rows.append((entry.entry_id, entry.composition, eform / entry.composition.num_atoms))
+        return cls(rows, mu, **kwargs)
+
+    # ------------------------------------------------------------------ queries
+
+    def formation_energy(self, atoms, energy=None, *, energy_scale=None):
+        """Formation energy (eV/atom) against the elemental chemical potentials.
+
+        Parameters
+        ----------
+        atoms : ase.Atoms
+            Relaxed structure; its ``info["energy_scale"]`` (written by
+            ``calculators.relax``) says how to read the energy.
+        energy : float, optional
+            Total energy in eV (default: ``info["energy"]`` or the attached calculator's).
+        energy_scale : str, optional
+            Overrides the scale recorded on ``atoms``.
+        """
+        total = mp2020_energy(atoms, energy, energy_scale)
+        counts = _counts(atoms)
+        missing = [el for el in counts if el not in self.chemical_potentials]
+        if missing:
+            raise ValueError(f"no elemental reference energy for {', '.join(sorted(missing))}")
+        reference = sum(self.chemical_potentials[el] * n for el, n in counts.items())
+        return (total - reference) / len(atoms)
+
+    def e_above_hull(self, atoms, energy=None, exclude=None, *, energy_scale=None):
+        """Energy above the hull (eV/atom; negative when below it).
+
+        Parameters
+        ----------
+        atoms, energy, energy_scale
+            As for :meth:`formation_energy`.
+        exclude : str or Composition, optional
+            A material id, or a composition (all its polymorphs), left out of the
+            reference: "is this known material recovered as (meta)stable?".
+        """
+        return self.e_above_hull_from_formation(
+            _formula(atoms), self.formation_energy(atoms, energy, energy_scale=energy_scale), exclude=exclude
+        )
+
+    def e_above_hull_from_formation(self, composition, formation_energy, exclude=None):
+        """Energy above hull of a composition with a given formation energy (eV/atom)."""
+        from pymatgen.analysis.phase_diagram import PDEntry
+        from pymatgen.core import Composition
+
+        comp = Composition(composition)
+        system = frozenset(el.symbol for el in comp.elements)
+        diagram = self.phase_diagram(system, exclude=exclude)
+        entry = PDEntry(comp, formation_energy * comp.num_atoms)
+        _, e_hull = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
+        return float(e_hull)
+
+    def phase_diagram(self, elements, exclude=None):
+        """The pymatgen PhaseDiagram of a chemical system (cached unless ``exclude``)."""
+        system = frozenset(str(el) for el in elements)
+        if len(system) > MAX_ELEMENTS:
+            raise ValueError(f"chemical system with {len(system)} elements is too large for the hull (max {MAX_ELEMENTS})")
+        if exclude is None and system in self._cache:
+            self._cache.move_to_end(system)
+            return self._cache[system]
+        diagram = self._build(system, _exclusion(exclude))
+        if exclude is None:
+            self._cache[system] = diagram
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return diagram
+
+    def _build(self, system, skip):
+        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+        from pymatgen.core import Composition
+
+        entries = [PDEntry(Composition(el), 0.0, name=el) for el in sorted(system)]
+        for size in range(1, len(system) + 1):
+            for subset in itertools.combinations(sorted(system), size):
+                for entry_id, comp, eform in self._by_system.get(frozenset(subset), ()):
+                    if skip(entry_id, comp):
+                        continue
+                    entries.append(PDEntry(comp, eform * comp.num_atoms, name=entry_id))
+        return PhaseDiagram(entries)
+
+    def __len__(self):
+        return self.n_entries
+
+    def __repr__(self):
+        return f"ReferenceHull({self.n_entries} entries, {len(self.chemical_potentials)} elements)"
+
+
+# ---------------------------------------------------------------------- energies
+
+
+def load_elemental_references(path):
+    """Element -> energy per atom (eV) from a gzipped JSON of ComputedEntry dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"elemental reference entries not found: {path}")
+    with gzip.open(path, "rt") as handle:
+        entries = json.load(handle)
+    mu = {}
+    for symbol, entry in entries.items():
+        natoms = sum(entry["composition"].values())
+        correction = entry.get("correction", 0.0) or 0.0
+        mu[symbol] = (entry["energy"] + correction) / natoms
+    return mu
+
+
+def energy_scale_of(atoms, energy_scale=None):
+    """The energy scale recorded on ``atoms`` (info, then its calculator)."""
+    scale = energy_scale or atoms.info.get("energy_scale") or getattr(atoms.calc, "energy_scale", None)
+    if scale is None:
+        raise ValueError(
+            "energy of unknown scale: relax with calculators.relax/relax_many (which record "
+            "info['energy_scale']) or pass energy_scale='mp_raw' or 'mp2020'"
+        )
+    if scale not in MP_SCALES:
+        raise ValueError(
+            f"energy scale {scale!r} cannot be compared with the Materials Project hull "
+            f"(only {', '.join(MP_SCALES)}; MatPES and other-functional potentials are not MP-compatible)"
+        )
+    return scale
+
+
+def total_energy_of(atoms, energy=None):
+    """Total energy (eV): the argument, else ``info['energy']``, else the calculator's."""
+    if energy is not None:
+        return float(energy)
+    if "energy" in atoms.info:
+        return float(atoms.info["energy"])
+    if atoms.calc is None:
+        raise ValueError("no energy: pass energy=, or relax the structure first")
+    return float(atoms.get_potential_energy())
+
+
+def mp2020_energy(atoms, energy=None, energy_scale=None):
+    """Total energy (eV) of ``atoms`` on the MP2020-corrected scale.
+
+    ``"mp2020"`` energies are returned unchanged (never corrected twice);
+    ``"mp_raw"`` energies get ``MaterialsProject2020Compatibility`` with the run
+    type and U values of MP's relax set.
+
+    Raises
+    ------
+    ValueError
+        Unknown scale, or a structure the MP2020 scheme rejects.
+    """
+    if atoms.info.get("relax_failed"):
+        raise ValueError(f"relaxation failed, no energy: {atoms.info.get('relax_error', 'unknown error')}")
+    scale = energy_scale_of(atoms, energy_scale)
+    total = total_energy_of(atoms, energy)
+    if not np.isfinite(total):
+        raise ValueError(f"energy is not finite: {total}")
+    if scale == "mp2020":
+        return total
+    return mp2020_correct(atoms, total)
+
+
+def mp_run_parameters(symbols):
+    """Run type and Hubbard U values MP's relax set uses for these elements."""
+    from pymatgen.io.vasp.sets import MPRelaxSet
+
+    symbols = set(symbols)
+    table = MPRelaxSet.CONFIG["INCAR"]["LDAUU"]
+    anion = next((a for a in _U_ANIONS if a in symbols), None)
+    hubbards = {}
+    if anion is not None:
+        hubbards = {el: u for el, u in table[anion].items() if el in symbols and u}
+    if hubbards:
+        return {"run_type": "GGA+U", "is_hubbard": True, "hubbards": hubbards}
+    return {"run_type": "GGA", "is_hubbard": False, "hubbards": {}}
+
+
+def mp2020_correct(atoms, total_energy):
+    """Raw GGA/GGA+U total energy -> MP2020-corrected total energy (eV)."""
+    from pymatgen.entries.compatibility import CompatibilityError, MaterialsProject2020Compatibility
+    from pymatgen.entries.computed_entries import ComputedStructureEntry
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    structure = AseAtomsAdaptor.get_structure(atoms)
+    entry = ComputedStructureEntry(
+        structure, float(total_energy), parameters=mp_run_parameters(structure.symbol_set), entry_id="query"
+    )
+    compat = _compatibility()
+    try:
+        processed = compat.process_entry(entry, on_error="raise")
+    except CompatibilityError as err:
+        raise ValueError(f"MP2020 correction failed for {structure.composition.reduced_formula}: {err}") from err
+    if processed is None:
+        raise ValueError(
+            f"MP2020 correction rejected {structure.composition.reduced_formula} (run type or U values inconsistent)"
+        )
+    return float(processed.energy)
+
+
+_COMPAT = []
+
+
+def _compatibility():
+    if not _COMPAT:
+        from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
+
+        _COMPAT.append(MaterialsProject2020Compatibility(check_potcar=False))
+    return _COMPAT[0]
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _counts(atoms):
+    symbols, counts = np.unique(atoms.get_chemical_symbols(), return_counts=True)
+    return dict(zip(symbols.tolist(), counts.tolist()))
+
+
+def _formula(atoms):
+    return " ".join(f"{el}{n}" for el, n in _counts(atoms).items())
+
+
+def _row_composition(formula, path, material_id):
+    """Composition of an MP-20 row: its pretty_formula, else its CIF (rare)."""
+    from pymatgen.core import Composition, Structure
+
+    if isinstance(formula, str) and formula:
+        try:
+            return Composition(formula)
+        except (ValueError, KeyError):
+            pass
+    import pandas as pd
+
+    frame = pd.read_csv(path, usecols=["material_id", "cif"])
+    cif = frame.loc[frame["material_id"] == material_id, "cif"].iloc[0]
+    return Structure.from_str(cif, fmt="cif").composition
+
+
+def _exclusion(exclude):
+    """A predicate (entry_id, composition) -> bool for the entries to leave out."""
+    if exclude is None:
+        return lambda entry_id, comp: False
+    from pymatgen.core import Composition
+
+    if isinstance(exclude, str) and not _looks_like_formula(exclude):
+        return lambda entry_id, comp: entry_id == exclude
+    reduced = Composition(exclude).reduced_formula
+    return lambda entry_id, comp: comp.reduced_formula == reduced
+
+
+def _looks_like_formula(text):
+    from pymatgen.core import Composition
+
+    if text.startswith(("mp-", "mvc-", "agm")) or "-" in text:
+        return False
+    try:
+        Composition(text)
+    except (ValueError, KeyError):
+        return False
+    return True

@@ -1,0 +1,442 @@
+"""Element infill: the language model as a mutation operator for ASE's genetic algorithm.
+
+Every atom of one element is masked in the crystal text, the model is asked
+which element fits (the infill prompt of :class:`~ase_crystal_llm.prompts.PromptTemplate`),
+and the answer is swapped in.  Two :class:`OffspringCreator` operators share the
+swap mechanics and differ only in how the replacement is chosen:
+
+* :class:`TemplateElementMutation`: the paper's baseline (Gruver et al., 2024,
+  Appendix C): uniform over the elements that share an oxidation state with
+  the masked element at an ionic radius within ``tolerance``.
+* :class:`LLMElementMutation`: drawn from :func:`propose_elements`, the model's
+  exact (tempered) distribution over the candidates.
+
+Both work next to ASE's own operators in an ``OperationSelector``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+from ase.data import atomic_masses, atomic_numbers
+
+from .text import ELEMENTS, atoms_to_text, is_element, mask_element
+
+try:  # ase_ga is the GA's home since ASE 3.26; older ASE ships it as ase.ga
+    from ase_ga.offspring_creator import OffspringCreator
+except ImportError:  # pragma: no cover - depends on the installed ASE
+    from ase.ga.offspring_creator import OffspringCreator
+
+__all__ = [
+    "LLMElementMutation",
+    "swap_element",
+    "TemplateElementMutation",
+    "element_log_likelihoods",
+    "propose_elements",
+    "swap_table",
+    "template_candidates",
+]
+
+
+# --------------------------------------------------------------------------
+# The template swap table (paper, Appendix C)
+
+
+def _ionic_radii(symbol):
+    """{oxidation state: ionic radius in Angstrom} from pymatgen's tables."""
+    from pymatgen.core import Element, Species
+
+    element = Element(symbol)
+    states = set(element.oxidation_states) | set(element.ionic_radii)
+    radii = {}
+    with warnings.catch_warnings():
+        # pymatgen warns when it falls back to low-spin data or has no radius.
+        warnings.simplefilter("ignore")
+        for state in sorted(states):
+            if state == 0:
+                continue
+            radius = Species(symbol, state).ionic_radius
+            if radius is not None:
+                radii[state] = float(radius)
+    return radii
+
+
+@functools.lru_cache(maxsize=None)
+def _all_ionic_radii():
+    return {symbol: _ionic_radii(symbol) for symbol in ELEMENTS}
+
+
+@functools.lru_cache(maxsize=8)
+def swap_table(tolerance=0.1):
+    """The template swap table: element -> elements it may be replaced by.
+
+    An element ``B`` is a partner of ``A`` when both have an ionic radius for
+    some common oxidation state and the two radii differ by at most
+    ``tolerance`` Angstrom.  Radii come from pymatgen (``Species(el, oxi).ionic_radius``,
+    which falls back to low-spin data where no default radius is tabulated).
+    Each entry lists every partner once, in order of atomic number, and never
+    the element itself; elements without ionic radii (noble gases, most
+    super-heavy elements) have an empty entry.
+
+    Parameters
+    ----------
+    tolerance : float
+        Largest allowed radius difference in Angstrom (paper: 0.1).
+
+    Returns
+    -------
+    dict[str, tuple[str, ...]]
+        Cached per tolerance; do not modify.
+    """
+    tolerance = float(tolerance)
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be a non-negative number of Angstrom, got {tolerance}")
+    radii = _all_ionic_radii()
+    table = {}
+    for symbol, mine in radii.items():
+        table[symbol] = tuple(
+            other
+            for other, theirs in radii.items()
+            if other != symbol
+            # round(): 1.16 - 1.06 must count as 0.1, not 0.10000000000000009
+            and any(s in theirs and round(abs(theirs[s] - r), 6) <= tolerance for s, r in mine.items())
+        )
+    return table
+
+
+def template_candidates(element, tolerance=0.1):
+    """The swap-table entry of one element (see :func:`swap_table`)."""
+    _check_element(element)
+    return swap_table(tolerance)[element]
+
+
+def _check_element(symbol):
+    if not is_element(symbol):
+        raise ValueError(f"unknown element symbol {symbol!r}")
+
+
+# --------------------------------------------------------------------------
+# Scoring candidates with the model
+
+
+def _candidate_list(element, candidates):
+    if candidates is None:
+        candidates = template_candidates(element) or tuple(e for e in ELEMENTS if e != element)
+    elif isinstance(candidates, str):
+        candidates = [candidates]
+    candidates = list(dict.fromkeys(candidates))  # drop duplicates, keep order
+    if not candidates:
+        raise ValueError("no candidate elements to score")
+    for symbol in candidates:
+        _check_element(symbol)
+    return candidates
+
+
+def _encode(tokenizer, text, special):
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _infill_prompt(generator, atoms, element):
+    if element not in set(atoms.get_chemical_symbols()):
+        raise ValueError(f"element {element} does not occur in {atoms.get_chemical_formula()}")
+    return generator.template.infill_prompt(mask_element(atoms_to_text(atoms), element))
+
+
+def _forward_kwargs(model, keep):
+    # Computing logits only where answers are scored keeps memory at
+    # batch x answer length x vocabulary instead of the whole prompt.
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        return {"logits_to_keep": keep}
+    return {}
+
+
+def element_log_likelihoods(generator, atoms, element, candidates=None):
+    """Log-likelihood of each candidate as the answer to the infill prompt.
+
+    Each candidate is scored as ``log p(symbol tokens, EOS | prompt)``, summed
+    over all its tokens; the end token makes ``N`` and ``Na`` different
+    answers even when ``N`` is a token prefix of ``Na``.  All candidates go
+    through the model in one batched forward pass (right-padded, so every
+    sequence keeps the positions it had in training).
+
+    Parameters
+    ----------
+    generator : CrystalGenerator
+        Anything with ``.model`` (a causal LM), ``.tokenizer`` and
+        ``.template`` (a :class:`~ase_crystal_llm.prompts.PromptTemplate`).
+    atoms : ase.Atoms
+        The crystal; every atom of ``element`` is masked.
+    element : str
+        The element to replace.
+    candidates : sequence of str, optional
+        Elements to score; default: the element's template swap-table entry,
+        or every element when the entry is empty.
+
+    Returns
+    -------
+    dict[str, float]
+        Candidate -> natural-log likelihood, in candidate order.
+    """
+    import torch
+
+    candidates = _candidate_list(element, candidates)
+    model, tokenizer = generator.model, generator.tokenizer
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no end-of-sequence token: cannot score infill answers")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    # Prompt and answer are tokenised separately and concatenated, as in training.
+    prompt = _encode(tokenizer, _infill_prompt(generator, atoms, element), True)
+    answers = [_encode(tokenizer, symbol, False) + [eos] for symbol in candidates]
+    width = max(len(a) for a in answers)
+    ids = torch.full((len(answers), len(prompt) + width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, answer in enumerate(answers):
+        n = len(prompt) + len(answer)
+        ids[row, :n] = torch.tensor(prompt + answer)
+        mask[row, :n] = 1
+
+    device = next(model.parameters()).device
+    keep = width + 1  # logits at positions len(prompt)-1 ... end
+    with torch.no_grad():
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), **_forward_kwargs(model, keep))
+    logits = out.logits[:, -keep:-1].float()  # logits[:, j] predicts answer token j
+    logp = torch.log_softmax(logits, dim=-1).cpu()
+
+    scores = {}
+    for row, (symbol, answer) in enumerate(zip(candidates, answers)):
+        target = torch.tensor(answer)
+        token_logp = logp[row, torch.arange(len(answer)), target]
+        scores[symbol] = float(token_logp.sum())
+    return scores
+
+
+def _tempered_softmax(logp, temperature):
+    logp = np.asarray(logp, dtype=float)
+    if temperature == 0:  # the greedy limit: all mass on the best (ties shared)
+        weights = (logp == logp.max()).astype(float)
+    else:
+        z = logp / temperature
+        weights = np.exp(z - z.max())
+    return weights / weights.sum()
+
+
+def _check_temperature(temperature):
+    temperature = float(temperature)
+    if not (temperature >= 0 and np.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    return temperature
+
+
+def propose_elements(generator, atoms, element, *, candidates=None, temperature=1.0):
+    """The model's distribution over replacements for every atom of ``element``.
+
+    Exact, not estimated from samples: each candidate is scored by
+    :func:`element_log_likelihoods` and the scores go through a softmax at
+    ``temperature`` (``p ~ exp(log p / T)``; ``T = 0`` puts all mass on the
+    most likely candidate).
+
+    Parameters
+    ----------
+    generator : CrystalGenerator
+        Model, tokenizer and prompt template.
+    atoms : ase.Atoms
+        The crystal.
+    element : str
+        The element to replace; it must occur in ``atoms``.
+    candidates : sequence of str, optional
+        Allowed replacements; default: the template swap-table entry of
+        ``element``, or every other element when that entry is empty.
+    temperature : float
+        Softmax temperature (>= 0).
+
+    Returns
+    -------
+    dict[str, float]
+        Candidate -> probability; the values sum to 1.
+    """
+    temperature = _check_temperature(temperature)
+    scores = element_log_likelihoods(generator, atoms, element, candidates)
+    probs = _tempered_softmax(list(scores.values()), temperature)
+    return {symbol: float(p) for symbol, p in zip(scores, probs)}
+
+
+# --------------------------------------------------------------------------
+# GA operators
+
+
+def swap_element(atoms, old, new):
+    """A copy of ``atoms`` with every ``old`` atom turned into ``new``.
+
+    Only whole symbols are compared, so swapping N never touches Na.  Per-atom
+    masses of the swapped atoms are reset to the new element's standard mass;
+    ``info`` and any calculator are dropped (they describe the old structure).
+    """
+    _check_element(new)
+    symbols = np.array(atoms.get_chemical_symbols())
+    hit = symbols == old
+    if not hit.any():
+        raise ValueError(f"element {old} does not occur in {atoms.get_chemical_formula()}")
+    child = atoms.copy()
+    child.info = {}
+    child.numbers[hit] = atomic_numbers[new]
+    if child.has("masses"):
+        child.arrays["masses"][hit] = atomic_masses[atomic_numbers[new]]
+    return child
+
+
+class _ElementSwapMutation(OffspringCreator):
+    """Shared mechanics: pick an element of the parent, pick its replacement, swap all.
+
+    Subclasses implement :meth:`candidates` (allowed replacements of one
+    element) and :meth:`choose` (draw one of them).
+    """
+
+    def __init__(self, element_pool=None, rng=np.random, verbose=False):
+        super().__init__(verbose=verbose, rng=rng)
+        self.min_inputs = 1
+        if element_pool is not None:
+            element_pool = tuple(dict.fromkeys(element_pool))
+            for symbol in element_pool:
+                _check_element(symbol)
+            if not element_pool:
+                raise ValueError("element_pool is empty")
+        self.element_pool = element_pool
+
+    def candidates(self, element):
+        raise NotImplementedError
+
+    def choose(self, atoms, element, candidates):
+        raise NotImplementedError
+
+    def _in_pool(self, symbols):
+        if self.element_pool is None:
+            return tuple(symbols)
+        return tuple(s for s in symbols if s in self.element_pool)
+
+    def get_new_individual(self, parents):
+        """Return ``(child, description)``, or ``(None, reason)`` when no swap exists."""
+        parent = parents[0]
+        present = list(dict.fromkeys(parent.get_chemical_symbols()))
+        options = {el: c for el in present if (c := tuple(x for x in self.candidates(el) if x != el))}
+        if not options:
+            formula = parent.get_chemical_formula()
+            return None, f"mutation: {self.descriptor} found no allowed swap for {formula}"
+
+        # Uniform over the parent's elements that can be replaced at all.
+        element = str(self.rng.choice(sorted(options, key=atomic_numbers.get)))
+        new = self.choose(parent, element, options[element])
+
+        child = self.initialize_individual(parent, swap_element(parent, element, new))
+        child.info["data"]["parents"] = [parent.info["confid"]] if "confid" in parent.info else []
+        child.info["data"]["element_swap"] = [element, new]
+        description = f"mutation: {self.descriptor} {element}->{new}"
+        if self.verbose:
+            print(description)
+        return self.finalize_individual(child), description
+
+    def mutate(self, atoms):
+        """The swapped structure alone (for ASE's ``CombinationMutation``), or None."""
+        child, _ = self.get_new_individual([atoms])
+        return child
+
+
+class TemplateElementMutation(_ElementSwapMutation):
+    """The paper's template baseline: a uniform swap between ionic look-alikes.
+
+    An element of the parent is picked uniformly (among those with at least
+    one allowed replacement), its replacement uniformly from its
+    :func:`swap_table` entry, and every atom of that element is swapped.
+
+    Parameters
+    ----------
+    element_pool : sequence of str, optional
+        Only these elements may be swapped in (e.g. the chemical space of a
+        GA search).  Default: any element.
+    tolerance : float
+        Ionic radius tolerance of the swap table, Angstrom.
+    rng : numpy.random.Generator or numpy.random
+        Source of randomness (ASE GA convention).
+    verbose : bool
+        Print each mutation.
+    """
+
+    def __init__(self, element_pool=None, tolerance=0.1, rng=np.random, verbose=False):
+        super().__init__(element_pool, rng=rng, verbose=verbose)
+        self.tolerance = float(tolerance)
+        self.table = swap_table(self.tolerance)
+        self.descriptor = "TemplateElementMutation"
+
+    def candidates(self, element):
+        return self._in_pool(self.table.get(element, ()))
+
+    def choose(self, atoms, element, candidates):
+        return str(self.rng.choice(list(candidates)))
+
+
+class LLMElementMutation(_ElementSwapMutation):
+    """Element swap drawn from the language model's infill distribution.
+
+    An element of the parent is picked uniformly (among those with at least
+    one allowed replacement); the replacement is drawn from
+    :func:`propose_elements` over the allowed candidates at ``temperature``;
+    every atom of that element is swapped.  The child's
+    ``info['data']['swap_probability']`` records the probability of the
+    drawn replacement.
+
+    Parameters
+    ----------
+    generator : CrystalGenerator
+        The infill model (``.model``, ``.tokenizer``, ``.template``).
+    element_pool : sequence of str, optional
+        Only these elements may be swapped in.  Default: any element.
+    temperature : float
+        Softmax temperature of the proposal (paper: 0.7 to 1.0 trade
+        stability against diversity; 0 is greedy).
+    restrict_to_template : bool
+        Score only the template swap-table entry of the element (intersected
+        with ``element_pool``), as in the paper; otherwise score the whole
+        pool (or every element).
+    tolerance : float
+        Ionic radius tolerance of the swap table used for the restriction.
+    rng : numpy.random.Generator or numpy.random
+        Source of randomness (ASE GA convention).
+    verbose : bool
+        Print each mutation.
+    """
+
+    def __init__(self, generator, element_pool=None, temperature=1.0, restrict_to_template=True,
+                 tolerance=0.1, rng=np.random, verbose=False):
+        super().__init__(element_pool, rng=rng, verbose=verbose)
+        self.generator = generator
+        self.temperature = _check_temperature(temperature)
+        self.restrict_to_template = bool(restrict_to_template)
+        self.table = swap_table(tolerance)
+        self.descriptor = "LLMElementMutation"
+
+    def candidates(self, element):
+        if self.restrict_to_template:
+            return self._in_pool(self.table.get(element, ()))
+        return self.element_pool if self.element_pool is not None else ELEMENTS
+
+    def choose(self, atoms, element, candidates):
+        probs = propose_elements(self.generator, atoms, element, candidates=candidates,
+                                 temperature=self.temperature)
+        symbols = list(probs)
+        p = np.array([probs[s] for s in symbols])
+        new = str(symbols[int(self.rng.choice(len(symbols), p=p / p.sum()))])
+        self._last_probability = probs[new]
+        return new
+
+    def get_new_individual(self, parents):
+        child, description = super().get_new_individual(parents)
+        if child is not None:
+            child.info["data"]["swap_probability"] = self._last_probability
+        return child, description
+

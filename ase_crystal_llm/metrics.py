@@ -1,0 +1,652 @@
+"""Sample metrics of CDVAE (Xie et al., 2022) and Gruver et al. (ICLR 2024).
+
+Every metric is a small function over a list of structures (``ase.Atoms`` or
+pymatgen ``Structure``); :mod:`ase_crystal_llm.evaluation` strings them
+together.  Definitions:
+
+* **structural validity**: every periodic interatomic distance >= 0.5 A and
+  cell volume >= 0.1 A^3;
+* **compositional validity**: SMACT charge neutrality with the Pauling
+  electronegativity test (SMACT's 2014 oxidation-state table, as CDVAE);
+  single elements and all-metal alloys are valid;
+* **coverage** recall / precision: CrystalNN structure fingerprints and Magpie
+  composition features (standardised) within 0.4 and 10 of a reference crystal;
+* **Wasserstein distances** of density and number of elements to a reference;
+* **novelty** / **uniqueness**: no pymatgen ``StructureMatcher`` match in the
+  training set / among the other samples; **diversity**: mean pairwise
+  fingerprint distance;
+* **stability**: metastable (E_hull < 0.1 eV/atom), stable (E_hull <= 0) and
+  S.U.N. (stable, unique, novel) rates over *all* samples;
+* **conditional accuracy**: reduced formula and space group (symprec 0.1 and
+  0.2) of samples generated with those conditions;
+* **IPT**: the increase in perplexity of a crystal's text under translations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+
+from . import settings
+
+MIN_DISTANCE = 0.5  # Angstrom
+MIN_VOLUME = 0.1  # Angstrom^3
+STRUCT_CUTOFF = 0.4  # CrystalNN fingerprint distance (CDVAE, MP-20)
+COMP_CUTOFF = 10.0  # standardised Magpie feature distance (CDVAE, MP-20)
+METASTABLE = 0.1  # eV/atom
+SYMPRECS = (0.1, 0.2)
+#: smact oxidation-state table used by CDVAE (smact 2.x's default).
+OXIDATION_STATES = "smact14"
+
+
+# -- conversions ---------------------------------------------------------------
+def as_structure(obj):
+    """A pymatgen ``Structure`` from ``Atoms`` or a ``Structure``."""
+    from pymatgen.core import Structure
+
+    if isinstance(obj, Structure):
+        return obj
+    if isinstance(obj, Atoms):
+        from pymatgen.core import Lattice
+
+        return Structure(Lattice(np.array(obj.cell)), obj.get_chemical_symbols(), obj.get_positions(),
+                         coords_are_cartesian=True)
+    raise TypeError(f"expected ase.Atoms or pymatgen Structure, got {type(obj).__name__}")
+
+
+def as_atoms(obj):
+    """``ase.Atoms`` from ``Atoms`` or a pymatgen ``Structure``."""
+    if isinstance(obj, Atoms):
+        return obj
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    return AseAtomsAdaptor.get_atoms(as_structure(obj))
+
+
+def reduced_formula(obj):
+    """pymatgen's reduced formula of a structure or a formula string (``None`` if unreadable)."""
+    from pymatgen.core import Composition
+
+    try:
+        if isinstance(obj, str):
+            return Composition(obj).reduced_formula
+        return Composition(as_atoms(obj).get_chemical_formula()).reduced_formula
+    except Exception:  # an unparsable formula matches nothing
+        return None
+
+
+def _mean(flags):
+    flags = list(flags)
+    return float(np.mean(flags)) if flags else None
+
+
+# -- validity ------------------------------------------------------------------
+def structure_valid(structure, min_distance=MIN_DISTANCE, min_volume=MIN_VOLUME):
+    """CDVAE's structural validity: all periodic distances >= ``min_distance``, volume >= ``min_volume``.
+
+    Distances include an atom's own periodic images, so a lattice vector
+    shorter than ``min_distance`` is invalid too.
+    """
+    from ase.neighborlist import neighbor_list
+
+    atoms = as_atoms(structure)
+    if len(atoms) == 0 or not atoms.pbc.all():
+        return False
+    if not (np.isfinite(atoms.cell.array).all() and np.isfinite(atoms.positions).all()):
+        return False
+    if abs(atoms.cell.volume) < min_volume:
+        return False
+    return len(neighbor_list("i", atoms, min_distance)) == 0
+
+
+def composition_valid(structure):
+    """CDVAE's SMACT validity: some charge-neutral oxidation-state assignment passes the Pauling test.
+
+    Single elements and alloys of metals only are valid; compositions with
+    elements unknown to SMACT are invalid.
+    """
+    settings.require("smact")
+    from pymatgen.core import Composition
+    from smact.screening import smact_validity
+
+    atoms = as_atoms(structure)
+    if len(atoms) == 0:
+        return False
+    comp = Composition(atoms.get_chemical_formula(mode="hill"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no Pauling electronegativity for He" and the like
+            return bool(smact_validity(comp, use_pauling_test=True, include_alloys=True,
+                                       oxidation_states_set=OXIDATION_STATES))
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def validity_flags(structures):
+    """Per-sample ``{"structure": [...], "composition": [...], "valid": [...]}`` booleans."""
+    struct = [structure_valid(s) for s in structures]
+    comp = [composition_valid(s) for s in structures]
+    return {"structure": struct, "composition": comp, "valid": [a and b for a, b in zip(struct, comp)]}
+
+
+def validity_rates(flags, n_total=None):
+    """Fractions of valid samples from :func:`validity_flags`; ``n_total`` counts unparsed output as invalid."""
+    n = len(flags["valid"]) if n_total is None else n_total
+    if n == 0:
+        return {"structure": None, "composition": None, "valid": None}
+    return {key: sum(values) / n for key, values in flags.items()}
+
+
+def _attempts(info):
+    value = info.get("attempts")
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 1 else None
+
+
+def emitted_validity(structures, flags=None, stats=None):
+    """Validity over everything the model emitted, not only over the returned samples.
+
+    Each returned sample records in ``info["attempts"]`` how many model outputs
+    were spent on it (1 + the failed ones before it); failed outputs count as
+    invalid.  Samples are grouped by ``info["constrained"]`` where recorded.
+
+    Parameters
+    ----------
+    structures : list
+        The returned samples.
+    flags : dict, optional
+        Their :func:`validity_flags` (computed when not given).
+    stats : dict, optional
+        Generation statistics of the run that produced exactly these samples
+        (``attempts``, ``returned``, ``gave_up``, ``parse_failures``, as in a
+        run record); its attempt count also covers requested crystals that
+        never parsed, which per-sample records miss.
+
+    Returns
+    -------
+    dict or None
+        ``{"all": {...}, "constrained": {...}, "unconstrained": {...}}`` with
+        ``emitted``, ``returned``, and the valid fractions over both; ``None``
+        when nothing records the attempts.
+    """
+    atoms = [as_atoms(s) for s in structures]
+    attempts = [_attempts(a.info) for a in atoms]
+    if all(x is None for x in attempts) and not stats:
+        return None
+    if flags is None:
+        flags = validity_flags(atoms)
+    out = {}
+    if stats and int(stats.get("attempts") or 0) > 0:
+        emitted = int(stats["attempts"])
+        out["all"] = _emitted_entry(range(len(atoms)), emitted, flags)
+        out["all"].update(source="run record", gave_up=int(stats.get("gave_up") or 0),
+                          parse_failures=int(sum((stats.get("parse_failures") or {}).values())))
+    groups = {"all": lambda info: True}
+    if any("constrained" in a.info for a in atoms):
+        groups["constrained"] = lambda info: bool(info.get("constrained"))
+        groups["unconstrained"] = lambda info: "constrained" in info and not bool(info["constrained"])
+    for name, member in groups.items():
+        idx = [i for i, a in enumerate(atoms) if member(a.info) and attempts[i] is not None]
+        if idx and name not in out:
+            out[name] = {**_emitted_entry(idx, sum(attempts[i] for i in idx), flags), "source": "samples"}
+    return out or None
+
+
+def _emitted_entry(idx, emitted, flags):
+    idx = list(idx)
+    valid = sum(flags["valid"][i] for i in idx)
+    return {
+        "emitted": emitted,
+        "returned": len(idx),
+        "valid_over_emitted": valid / emitted,
+        "structure_valid_over_emitted": sum(flags["structure"][i] for i in idx) / emitted,
+        "valid_over_returned": valid / len(idx),
+    }
+
+
+# -- fingerprints ----------------------------------------------------------------
+class Featurizer:
+    """CDVAE's fingerprints: mean CrystalNN site fingerprint ("ops") and Magpie composition features."""
+
+    def __init__(self):
+        settings.require("matminer")
+        from matminer.featurizers.composition.composite import ElementProperty
+        from matminer.featurizers.site.fingerprint import CrystalNNFingerprint
+
+        self._site = CrystalNNFingerprint.from_preset("ops")
+        self._comp = ElementProperty.from_preset("magpie", impute_nan=True)
+
+    def structure(self, structure):
+        """Mean CrystalNN fingerprint over sites, or ``None`` when CrystalNN fails."""
+        structure = as_structure(structure)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sites = [self._site.featurize(structure, i) for i in range(len(structure))]
+        except Exception:  # CDVAE counts such a crystal as having no fingerprint
+            return None
+        fp = np.mean(np.asarray(sites, dtype=float), axis=0)
+        return fp if np.isfinite(fp).all() else None
+
+    def composition(self, structure):
+        """Magpie composition features (132 values)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asarray(self._comp.featurize(as_structure(structure).composition), dtype=float)
+
+
+def _featurize_one(item):
+    featurizer = _featurize_one.featurizer = getattr(_featurize_one, "featurizer", None) or Featurizer()
+    fp = featurizer.structure(item)
+    return fp, featurizer.composition(item)
+
+
+def _pool_map(func, items, workers, progress, desc):
+    from tqdm.auto import tqdm
+
+    bar = dict(total=len(items), desc=desc, disable=not progress, leave=False)
+    if not workers or workers <= 1 or len(items) < 2 * workers:
+        return [func(x) for x in tqdm(items, **bar)]
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return list(tqdm(pool.imap(func, items, chunksize=8), **bar))
+
+
+@dataclass
+class Fingerprints:
+    """Per-crystal fingerprints and the statistics that coverage and Wasserstein metrics need.
+
+    Attributes
+    ----------
+    structure : ndarray (n, 61)
+        Mean CrystalNN fingerprints; rows of NaN where CrystalNN failed.
+    composition : ndarray (n, 132)
+        Magpie composition features.
+    density : ndarray (n,)
+        Mass density, g/cm^3.
+    n_elements : ndarray (n,)
+        Number of distinct elements.
+    """
+
+    structure: np.ndarray
+    composition: np.ndarray
+    density: np.ndarray
+    n_elements: np.ndarray
+
+    @classmethod
+    def from_structures(cls, structures, *, workers=None, progress=False, desc="fingerprints"):
+        structures = [as_structure(s) for s in structures]
+        pairs = _pool_map(_featurize_one, structures, workers, progress, desc)
+        width = 61
+        struct = np.full((len(pairs), width), np.nan)
+        for i, (fp, _) in enumerate(pairs):
+            if fp is not None:
+                struct[i] = fp
+        comp = np.array([c for _, c in pairs], dtype=float).reshape(len(pairs), -1)
+        density = np.array([float(s.density) for s in structures])
+        n_el = np.array([len(s.composition.elements) for s in structures], dtype=int)
+        return cls(struct, comp, density, n_el)
+
+    def __len__(self):
+        return len(self.density)
+
+    @property
+    def ok(self):
+        """Rows with a structure fingerprint and finite composition features."""
+        return np.isfinite(self.structure).all(axis=1) & np.isfinite(self.composition).all(axis=1)
+
+    def save(self, path):
+        np.savez_compressed(path, structure=self.structure, composition=self.composition,
+                            density=self.density, n_elements=self.n_elements)
+
+    @classmethod
+    def load(cls, path):
+        with np.load(path) as data:
+            return cls(data["structure"], data["composition"], data["density"], data["n_elements"])
+
+
+class CompositionScaler:
+    """Standardisation of Magpie features before distances (CDVAE's ``CompScaler``).
+
+    CDVAE fixed means and standard deviations once from MP data; here they are
+    fitted on the reference set in use.  Constant features keep unit scale.
+    """
+
+    def __init__(self, mean, std):
+        self.mean = np.asarray(mean, dtype=float)
+        std = np.asarray(std, dtype=float)
+        self.std = np.where(std > 1e-8, std, 1.0)
+
+    @classmethod
+    def fit(cls, features):
+        features = np.asarray(features, dtype=float)
+        features = features[np.isfinite(features).all(axis=1)]
+        return cls(features.mean(axis=0), features.std(axis=0))
+
+    def transform(self, features):
+        return (np.asarray(features, dtype=float) - self.mean) / self.std
+
+
+def coverage(samples, reference, *, n_total=None, struct_cutoff=STRUCT_CUTOFF, comp_cutoff=COMP_CUTOFF,
+             scaler=None):
+    """CDVAE coverage recall and precision.
+
+    Parameters
+    ----------
+    samples, reference : Fingerprints
+        Fingerprints of the samples and of the reference (test) crystals.
+    n_total : int, optional
+        Number of generated crystals, including those without fingerprints
+        (invalid ones); the precision denominator.  Default ``len(samples)``.
+    scaler : CompositionScaler, optional
+        Default: fitted on the reference.
+
+    Returns
+    -------
+    dict
+        ``recall``: fraction of reference crystals with a sample within both
+        cutoffs; ``precision``: fraction of samples within both cutoffs of a
+        reference crystal.
+    """
+    from scipy.spatial.distance import cdist
+
+    n_total = len(samples) if n_total is None else n_total
+    ref_ok = reference.ok
+    smp_ok = samples.ok
+    if n_total == 0 or not ref_ok.any():
+        return {"recall": None, "precision": None}
+    if not smp_ok.any():
+        return {"recall": 0.0, "precision": 0.0}
+    scaler = scaler or CompositionScaler.fit(reference.composition[ref_ok])
+    struct_d = cdist(samples.structure[smp_ok], reference.structure[ref_ok])
+    comp_d = cdist(scaler.transform(samples.composition[smp_ok]), scaler.transform(reference.composition[ref_ok]))
+    close = (struct_d <= struct_cutoff) & (comp_d <= comp_cutoff)
+    return {"recall": float(close.any(axis=0).mean()), "precision": float(close.any(axis=1).sum() / n_total)}
+
+
+def wasserstein(samples, reference):
+    """Wasserstein distances of density (g/cm^3) and number of elements to the reference."""
+    from scipy.stats import wasserstein_distance
+
+    if len(samples) == 0 or len(reference) == 0:
+        return {"density": None, "n_elements": None}
+    return {
+        "density": float(wasserstein_distance(samples.density, reference.density)),
+        "n_elements": float(wasserstein_distance(samples.n_elements, reference.n_elements)),
+    }
+
+
+def diversity(fingerprints, scaler=None):
+    """Mean pairwise distance of structure and (standardised) composition fingerprints."""
+    from scipy.spatial.distance import pdist
+
+    ok = fingerprints.ok
+    if ok.sum() < 2:
+        return {"structure": None, "composition": None}
+    comp = fingerprints.composition[ok]
+    comp = (scaler or CompositionScaler.fit(comp)).transform(comp)
+    return {"structure": float(pdist(fingerprints.structure[ok]).mean()), "composition": float(pdist(comp).mean())}
+
+
+# -- novelty and uniqueness ------------------------------------------------------
+def structure_matcher():
+    """pymatgen's ``StructureMatcher`` with its default tolerances."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    return StructureMatcher()
+
+
+def _fits(matcher, a, b):
+    try:
+        return matcher.fit(a, b)
+    except Exception:  # a degenerate structure matches nothing
+        return False
+
+
+def unique_flags(structures, matcher=None):
+    """``True`` for the first sample of each group of matching structures.
+
+    The fraction of ``True`` is the uniqueness rate (distinct structures over samples).
+    """
+    matcher = matcher or structure_matcher()
+    structures = [as_structure(s) for s in structures]
+    seen = defaultdict(list)  # reduced formula -> representatives
+    flags = []
+    for s in structures:
+        reps = seen[s.composition.reduced_formula]
+        new = not any(_fits(matcher, s, r) for r in reps)
+        if new:
+            reps.append(s)
+        flags.append(new)
+    return flags
+
+
+class NoveltyIndex:
+    """Known structures grouped by reduced formula, so novelty only compares like with like.
+
+    Parameters
+    ----------
+    structures : dict or iterable
+        ``{reduced_formula: [structure or zero-argument loader, ...]}`` or a
+        plain iterable of structures.  Loaders (e.g. parsing a CIF) run only
+        when a sample of that formula is checked.
+    """
+
+    def __init__(self, structures, matcher=None):
+        if isinstance(structures, dict):
+            self._groups = {k: list(v) for k, v in structures.items()}
+        else:
+            self._groups = defaultdict(list)
+            for s in structures:
+                s = as_structure(s)
+                self._groups[s.composition.reduced_formula].append(s)
+        self.matcher = matcher or structure_matcher()
+
+    @classmethod
+    def from_csv(cls, path, matcher=None):
+        """Index a CDVAE-style CSV (``cif`` column) without parsing every CIF."""
+        import csv
+        import gzip
+
+        from pymatgen.core import Structure
+
+        opener = gzip.open if str(path).endswith(".gz") else open
+        csv.field_size_limit(1 << 30)
+        groups = defaultdict(list)
+        with opener(path, "rt", newline="") as handle:
+            for row in csv.DictReader(handle):
+                cif = row["cif"]
+                formula = reduced_formula(row.get("pretty_formula") or "") or reduced_formula(
+                    Structure.from_str(cif, fmt="cif"))
+                groups[formula].append(_CifLoader(cif))
+        return cls(dict(groups), matcher)
+
+    def __len__(self):
+        return sum(len(v) for v in self._groups.values())
+
+    def _candidates(self, formula):
+        group = self._groups.get(formula, [])
+        for i, item in enumerate(group):
+            if callable(item):
+                group[i] = item = item()
+            if item is not None:
+                yield item
+
+    def is_novel(self, structure):
+        """``True`` when no known structure of the same reduced formula matches."""
+        structure = as_structure(structure)
+        return not any(_fits(self.matcher, structure, known)
+                       for known in self._candidates(structure.composition.reduced_formula))
+
+
+class _CifLoader:
+    def __init__(self, cif):
+        self.cif = cif
+
+    def __call__(self):
+        from pymatgen.core import Structure
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return Structure.from_str(self.cif, fmt="cif")
+        except Exception:  # an unreadable reference row cannot match anything
+            return None
+
+
+def novelty_flags(structures, known, matcher=None):
+    """``True`` for samples with no ``StructureMatcher`` match in ``known`` (a :class:`NoveltyIndex` or structures)."""
+    index = known if isinstance(known, NoveltyIndex) else NoveltyIndex(known, matcher)
+    return [index.is_novel(s) for s in structures]
+
+
+# -- stability -------------------------------------------------------------------
+def stability_rates(e_hull, *, unique=None, novel=None, threshold=METASTABLE):
+    """Metastable, stable and S.U.N. rates over *all* samples.
+
+    Parameters
+    ----------
+    e_hull : list of float or None
+        Energy above hull per sample, eV/atom; ``None`` (invalid sample, failed
+        relaxation, no hull energy) counts as a failure.
+    unique, novel : list of bool, optional
+        Per-sample flags for the S.U.N. rate.
+    """
+    n = len(e_hull)
+    if n == 0:
+        return {"metastable": None, "stable": None, "sun": None, "n": 0}
+    ok = [e is not None and math.isfinite(e) for e in e_hull]
+    meta = [o and e < threshold for o, e in zip(ok, e_hull)]
+    stable = [o and e <= 0.0 for o, e in zip(ok, e_hull)]
+    out = {"metastable": sum(meta) / n, "stable": sum(stable) / n, "n": n}
+    if unique is not None and novel is not None:
+        out["sun"] = sum(s and u and v for s, u, v in zip(stable, unique, novel)) / n
+        out["msun"] = sum(s and u and v for s, u, v in zip(meta, unique, novel)) / n
+    return out
+
+
+# -- conditional accuracy --------------------------------------------------------
+def conditions_of(info):
+    """Conditions a sample was generated with: ``info["conditions"]`` (dict or JSON) or ``condition_<key>``."""
+    conditions = info.get("conditions")
+    if isinstance(conditions, str):
+        try:
+            conditions = json.loads(conditions)
+        except ValueError:
+            conditions = None
+    conditions = dict(conditions) if isinstance(conditions, dict) else {}
+    for key, value in info.items():
+        if isinstance(key, str) and key.startswith("condition_"):
+            conditions.setdefault(key[len("condition_"):], value)
+    return conditions
+
+
+def spacegroup_number(structure, symprec=0.1):
+    """Space group number from ``SpacegroupAnalyzer``, or ``None`` when spglib fails."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        return int(SpacegroupAnalyzer(as_structure(structure), symprec=symprec).get_space_group_number())
+    except Exception:  # spglib gives up on degenerate cells
+        return None
+
+
+def conditional_accuracy(structures, symprecs=SYMPRECS):
+    """Formula and space group match rates of samples generated with those conditions.
+
+    Returns
+    -------
+    dict
+        ``{"formula": {"n": .., "match": ..}, "spacegroup": {"n": .., "match_symprec_0.1": .., ...}}``;
+        a key is absent when no sample carries that condition.
+    """
+    atoms = [as_atoms(s) for s in structures]
+    out = {}
+    asked = [(a, conditions_of(a.info).get("formula")) for a in atoms]
+    asked = [(a, f) for a, f in asked if f not in (None, "")]
+    if asked:
+        hits = [reduced_formula(a) is not None and reduced_formula(a) == reduced_formula(str(f)) for a, f in asked]
+        out["formula"] = {"n": len(asked), "match": _mean(hits)}
+    asked = [(a, conditions_of(a.info).get("spacegroup")) for a in atoms]
+    asked = [(a, int(g)) for a, g in asked if g not in (None, "")]
+    if asked:
+        entry = {"n": len(asked)}
+        for symprec in symprecs:
+            entry[f"match_symprec_{symprec}"] = _mean(spacegroup_number(a, symprec) == g for a, g in asked)
+        out["spacegroup"] = entry
+    return out
+
+
+# -- IPT -------------------------------------------------------------------------
+def answer_perplexities(model, tokenizer, prompt, answers):
+    """Perplexity of each answer given ``prompt``: exp of the mean NLL over answer tokens (+ EOS) only.
+
+    Examples are encoded exactly as in training
+    (:func:`ase_crystal_llm.training.encode_example`) and scored in one batch.
+    """
+    import torch
+
+    from .training import encode_example
+
+    encoded = [encode_example(tokenizer, prompt, answer) for answer in answers]
+    length = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(encoded), length), int(pad), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, (seq, n_prompt) in enumerate(encoded):
+        seq = torch.as_tensor(seq, dtype=torch.long)
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+        labels[row, n_prompt : len(seq)] = seq[n_prompt:]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    targets = labels[:, 1:].to(device)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
+                                            reduction="none")
+    counts = (targets != -100).sum(dim=1).clamp(min=1)
+    return torch.exp(nll.sum(dim=1) / counts).cpu().numpy()
+
+
+def ipt(model, tokenizer, template, structures, *, n_translations=20, seed=0, progress=False):
+    """Increase in perplexity under translation (the paper's symmetry metric).
+
+    For each crystal, the text of ``n_translations`` random translations is
+    scored; IPT = mean(PPL) - min(PPL), normalised by mean(PPL).
+
+    Returns
+    -------
+    dict
+        ``ipt`` and ``ipt_normalized`` (means over crystals), per-crystal
+        ``values`` (normalised) and ``mean_perplexity``.
+    """
+    from tqdm.auto import tqdm
+
+    from .text import atoms_to_text
+
+    rng = np.random.default_rng(seed)
+    prompt = template.generation_prompt(None)
+    raw, norm, mean_ppl = [], [], []
+    model.eval()
+    for atoms in tqdm([as_atoms(s) for s in structures], desc="IPT", disable=not progress, leave=False):
+        texts = [atoms_to_text(atoms, translate=True, rng=rng) for _ in range(n_translations)]
+        ppl = answer_perplexities(model, tokenizer, prompt, texts)
+        raw.append(ppl.mean() - ppl.min())
+        norm.append(raw[-1] / ppl.mean())
+        mean_ppl.append(ppl.mean())
+    if not raw:
+        return {"ipt": None, "ipt_normalized": None, "values": [], "mean_perplexity": None}
+    return {"ipt": float(np.mean(raw)), "ipt_normalized": float(np.mean(norm)),
+            "values": [float(v) for v in norm], "mean_perplexity": float(np.mean(mean_ppl)),
+            "n_structures": len(raw), "n_translations": n_translations}

@@ -1,0 +1,411 @@
+"""Streaming, crash-safe structure writers.
+
+:class:`StructureWriter` appends structures one by one to ``.extxyz``,
+``.cif`` (one multi-block file), ``.traj``, ``.db`` (ase.db) or ``.crystxt``
+(crystal text).  Every structure is made durable before the next one is
+written (one write call plus flush and fsync for text formats, one
+transaction per row for ase.db), so an interrupted run keeps every structure
+it finished and never leaves half a structure behind.
+
+Rows carry identifiers ``run_id``, ``rank`` and ``sample_index`` (from
+``atoms.info``); a writer opened with ``append=True`` reads the identifiers
+already in the file and skips structures it has, so a resumed run appends
+without duplicates.
+
+A run record (model path and weight hash, package version, seed, settings,
+statistics) is kept beside the output in ``<output>.run.json``; ase.db files
+also hold it in their metadata.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from ase.db.core import reserved_keys, word
+
+from .text import atoms_to_text, split_crystals, text_to_atoms
+
+FORMATS = {
+    ".extxyz": "extxyz",
+    ".xyz": "extxyz",
+    ".cif": "cif",
+    ".traj": "traj",
+    ".db": "db",
+    ".crystxt": "crystal-text",
+}
+ID_KEYS = ("run_id", "rank", "sample_index")
+# Long or multi-line text goes to ase.db's ``data``, not key_value_pairs.
+DATA_KEYS = ("generated_text", "prompt")
+
+
+def output_format(path):
+    """The writer format for ``path`` from its extension; a clear error otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"unsupported output extension {suffix or '(none)'!r} for {path}: use "
+                         + ", ".join(sorted(FORMATS)))
+    return FORMATS[suffix]
+
+
+def identifier(info):
+    """``(run_id, rank, sample_index)`` of a structure, or ``None`` when incomplete."""
+    if not all(k in info for k in ID_KEYS):
+        return None
+    return (str(info["run_id"]), int(info["rank"]), int(info["sample_index"]))
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def split_info(info):
+    """Split ``atoms.info`` into ase.db ``key_value_pairs`` and ``data``.
+
+    Keys follow ase.db's rules (identifier-like, not reserved, scalar values;
+    strings that read as numbers are refused by ase.db), so anything else
+    goes to ``data``.
+    """
+    kvp, data = {}, {}
+    for key, value in info.items():
+        value = _plain(value)
+        scalar = isinstance(value, (bool, int, float, str)) and not (isinstance(value, float) and not np.isfinite(value))
+        if (key in DATA_KEYS or not scalar or not word.match(key) or key in reserved_keys
+                or (isinstance(value, str) and (_reads_as_number(value) or "\n" in value))):
+            data[key] = value
+        else:
+            kvp[key] = value
+    return kvp, data
+
+
+def _reads_as_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text.strip().lower() in ("true", "false")
+
+
+def _fsync(fd):
+    fd.flush()
+    os.fsync(fd.fileno())
+
+
+# -- run records ----------------------------------------------------------------------
+
+
+def run_record_path(path):
+    return Path(str(path) + ".run.json")
+
+
+def read_run_records(path):
+    """The run records stored beside ``path`` (empty list when none)."""
+    side = run_record_path(path)
+    if not side.exists():
+        return []
+    return json.loads(side.read_text()).get("runs", [])
+
+
+def write_run_record(path, record):
+    """Add or update (same ``run_id`` and ``rank``) a run record beside ``path``, atomically."""
+    runs = [r for r in read_run_records(path)
+            if (r.get("run_id"), r.get("rank")) != (record.get("run_id"), record.get("rank"))]
+    runs.append(record)
+    _atomic_write_text(run_record_path(path), json.dumps({"runs": runs}, indent=1, default=str) + "\n")
+
+
+def _atomic_write_text(path, text):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            _fsync(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- the per-format backends --------------------------------------------------------------
+
+
+class _TextBackend:
+    """Text formats: one structure = one chunk written in a single call."""
+
+    def __init__(self, path, append):
+        self.path = Path(path)
+        self.seen = set()
+        if append and self.path.exists():
+            self._repair_and_scan()
+        self.fd = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    # Subclasses: chunks(text) -> list of (chunk, identifier or None); render(atoms) -> str.
+    def _repair_and_scan(self):
+        text = self.path.read_text(encoding="utf-8")
+        good = []
+        for chunk in self.chunks(text):
+            ident = self.parse(chunk)
+            if ident is False:  # an unreadable (half-written) tail: cut it off
+                break
+            good.append(chunk)
+            if ident is not None:
+                self.seen.add(ident)
+        kept = "".join(good)
+        if kept != text:
+            warnings.warn(f"{self.path}: dropped an incomplete structure at the end of the file")
+            _atomic_write_text(self.path, kept)
+
+    def write(self, atoms):
+        self.fd.write(self.render(atoms))
+        _fsync(self.fd)
+
+    def close(self):
+        self.fd.close()
+
+
+class _ExtxyzBackend(_TextBackend):
+    def render(self, atoms):
+        atoms = atoms.copy()
+        for key, value in list(atoms.info.items()):
+            # extxyz comment lines are single lines: newlines become " | ".
+            if isinstance(value, str) and "\n" in value:
+                atoms.info[key] = value.replace("\n", " | ")
+            elif isinstance(value, dict):
+                del atoms.info[key]
+        buf = io.StringIO()
+        from ase.io import write
+
+        write(buf, atoms, format="extxyz")
+        return buf.getvalue()
+
+    def chunks(self, text):
+        lines = text.splitlines(keepends=True)
+        out, i = [], 0
+        while i < len(lines):
+            try:
+                n = int(lines[i].strip())
+            except ValueError:
+                out.append("".join(lines[i:]))
+                break
+            out.append("".join(lines[i:i + n + 2]))
+            i += n + 2
+        return out
+
+    def parse(self, chunk):
+        from ase.io import read
+
+        try:
+            atoms = read(io.StringIO(chunk), format="extxyz")
+        except Exception:
+            return False
+        return identifier(atoms.info)
+
+
+class _CifBackend(_TextBackend):
+    def render(self, atoms):
+        buf = io.BytesIO()  # ASE's CIF writer writes bytes
+        from ase.io import write
+
+        write(buf, atoms, format="cif")
+        text = buf.getvalue().decode("utf-8")
+        ident = identifier(atoms.info)
+        name = "_".join(map(str, ident)) if ident else atoms.get_chemical_formula()
+        tags = ""
+        if ident:
+            tags = "".join(f"_crystal_llm_{k} {v}\n" for k, v in zip(ID_KEYS, ident))
+        # Unique block names and the identifiers as CIF data items.
+        return re.sub(r"^data_\S*\n", lambda m: f"data_{name}\n{tags}", text, count=1, flags=re.M) + "\n"
+
+    def chunks(self, text):
+        starts = [m.start() for m in re.finditer(r"^data_", text, flags=re.M)]
+        if not starts:
+            return [text] if text.strip() else []
+        head = [text[: starts[0]]] if starts[0] else []
+        return head + [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+
+    def parse(self, chunk):
+        from ase.io import read
+
+        if not chunk.startswith("data_"):
+            return None if not chunk.strip() else False
+        try:
+            read(io.StringIO(chunk), format="cif")
+        except Exception:
+            return False
+        found = dict(re.findall(r"^_crystal_llm_(\w+) (\S+)$", chunk, flags=re.M))
+        return identifier(found) if found else None
+
+
+class _CrystalTextBackend(_TextBackend):
+    """Crystal text has no room for identifiers: they go to ``<path>.ids``, one line each."""
+
+    def __init__(self, path, append):
+        self.ids_path = Path(str(path) + ".ids")
+        super().__init__(path, append)
+        if append and self.ids_path.exists():
+            for line in self.ids_path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 3:
+                    self.seen.add((parts[0], int(parts[1]), int(parts[2])))
+        self.ids = open(self.ids_path, "a" if append else "w", encoding="utf-8")
+
+    def render(self, atoms):
+        return atoms_to_text(atoms) + "\n\n"
+
+    def chunks(self, text):
+        return [block + "\n\n" for block in split_crystals(text)]
+
+    def parse(self, chunk):
+        try:
+            text_to_atoms(chunk)
+        except Exception:
+            return False
+        return None
+
+    def write(self, atoms):
+        super().write(atoms)
+        ident = identifier(atoms.info)
+        if ident:
+            self.ids.write(" ".join(map(str, ident)) + "\n")
+            _fsync(self.ids)
+
+    def close(self):
+        super().close()
+        self.ids.close()
+
+
+class _TrajBackend:
+    def __init__(self, path, append):
+        from ase.io import Trajectory
+
+        self.seen = set()
+        if append and Path(path).exists():
+            with Trajectory(path) as old:
+                for atoms in old:
+                    ident = identifier(atoms.info)
+                    if ident:
+                        self.seen.add(ident)
+        self.traj = Trajectory(path, "a" if append else "w")
+
+    def write(self, atoms):
+        atoms = atoms.copy()
+        atoms.info = {k: _plain(v) for k, v in atoms.info.items()}
+        self.traj.write(atoms)
+        fd = getattr(self.traj.backend, "fd", None)
+        if fd is not None and hasattr(fd, "fileno"):
+            _fsync(fd)
+
+    def close(self):
+        self.traj.close()
+
+
+class _DbBackend:
+    def __init__(self, path, append):
+        import ase.db
+
+        if not append and Path(path).exists():
+            Path(path).unlink()
+        self.db = ase.db.connect(str(path), append=True)
+        self.seen = set()
+        if append:
+            for row in self.db.select(columns=["key_value_pairs"], include_data=False):
+                ident = identifier(row.key_value_pairs)
+                if ident:
+                    self.seen.add(ident)
+
+    def write(self, atoms):
+        kvp, data = split_info(atoms.info)
+        bare = atoms.copy()
+        bare.info = {}
+        self.db.write(bare, key_value_pairs=kvp, data=data)  # one transaction
+
+    def set_metadata(self, record):
+        meta = dict(self.db.metadata)
+        runs = [r for r in meta.get("runs", [])
+                if (r.get("run_id"), r.get("rank")) != (record.get("run_id"), record.get("rank"))]
+        meta["runs"] = runs + [json.loads(json.dumps(record, default=str))]
+        self.db.metadata = meta
+
+    def close(self):
+        pass
+
+
+_BACKENDS = {
+    "extxyz": _ExtxyzBackend,
+    "cif": _CifBackend,
+    "crystal-text": _CrystalTextBackend,
+    "traj": _TrajBackend,
+    "db": _DbBackend,
+}
+
+
+class StructureWriter:
+    """Write structures to a file one at a time, durably.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file; the format follows the extension (see :data:`FORMATS`).
+    append : bool
+        Keep what the file holds and add to it, skipping structures whose
+        ``(run_id, rank, sample_index)`` is already there.  Otherwise an
+        existing file is replaced.
+
+    Examples
+    --------
+    >>> with StructureWriter("samples.extxyz") as w:       # doctest: +SKIP
+    ...     for atoms in generator.iter_generate(100):
+    ...         w.write(atoms)
+    """
+
+    def __init__(self, path, append=False):
+        self.path = Path(path)
+        self.format = output_format(self.path)
+        if not self.path.parent.exists():
+            raise FileNotFoundError(f"output folder does not exist: {self.path.parent}")
+        self.append = bool(append)
+        self._backend = _BACKENDS[self.format](self.path, self.append)
+        self.written = 0
+        self.skipped = 0
+
+    @property
+    def existing(self):
+        """Identifiers already in the file when it was opened (``append=True``)."""
+        return set(self._backend.seen)
+
+    def write(self, atoms):
+        """Write one structure; returns ``False`` when it was already in the file."""
+        ident = identifier(atoms.info)
+        if ident is not None and ident in self._backend.seen:
+            self.skipped += 1
+            return False
+        self._backend.write(atoms)
+        if ident is not None:
+            self._backend.seen.add(ident)
+        self.written += 1
+        return True
+
+    def write_run_record(self, record):
+        """Store the run record beside the output (and in ase.db metadata)."""
+        write_run_record(self.path, record)
+        if isinstance(self._backend, _DbBackend):
+            self._backend.set_metadata(record)
+
+    def close(self):
+        self._backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

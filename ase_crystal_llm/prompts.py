@@ -1,0 +1,228 @@
+"""Prompts of the multitask curriculum (Gruver et al., ICLR 2024).
+
+Two tasks share one model:
+
+* **generation**: a description of the material (optionally with condition
+  sentences: formula, formation energy, band gap, energy above hull, space
+  group) followed by an instruction; the answer is the crystal text.
+* **infill**: a crystal whose atoms of one element are replaced by ``[MASK]``;
+  the answer is that element's symbol.
+
+Every prompt, for training and for generation alike, is built here, and the
+exact wording travels with a trained model in its card
+(:meth:`PromptTemplate.to_dict`), so generation uses what training used.
+Units: energies in eV/atom, band gap in eV.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
+
+import numpy as np
+
+from .text import MASK, atoms_to_text, mask_element
+
+# Condition keys in the order they are always written.
+CONDITION_KEYS = ("formula", "formation_energy", "band_gap", "e_above_hull", "spacegroup")
+
+# atoms.info property names (docs/architecture.md) -> condition keys.
+INFO_TO_CONDITION = {
+    "pretty_formula": "formula",
+    "formation_energy_per_atom": "formation_energy",
+    "band_gap": "band_gap",
+    "e_above_hull": "e_above_hull",
+    "spacegroup_number": "spacegroup",
+}
+
+GENERATION = "generation"
+INFILL = "infill"
+
+
+def _default_sentences():
+    return {
+        "formula": "The chemical formula is {}. ",
+        "formation_energy": "The formation energy per atom is {}. ",
+        "band_gap": "The band gap is {}. ",
+        "e_above_hull": "The energy above the convex hull is {}. ",
+        "spacegroup": "The spacegroup number is {}. ",
+    }
+
+
+def format_number(value, decimals=4):
+    """A condition value as written in prompts: rounded, shortest form, no ``-0.0``."""
+    value = round(float(value), decimals) + 0.0
+    text = repr(value)
+    if "e" in text or "E" in text:  # tiny or huge: keep fixed-point notation
+        text = f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+    return text
+
+
+def _is_missing(value):
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True
+
+
+def conditions_from_info(info):
+    """Condition dict (keys of :data:`CONDITION_KEYS`) from ``atoms.info``.
+
+    Missing, ``None`` and NaN values are left out, never written as zero.
+    """
+    conditions = {}
+    for name, key in INFO_TO_CONDITION.items():
+        value = info.get(name)
+        if not _is_missing(value):
+            conditions[key] = value
+    return conditions
+
+
+@dataclass
+class PromptTemplate:
+    """The prompt strings of the paper, stored with every trained model.
+
+    Attributes
+    ----------
+    preamble, instruction : str
+        Start and end of the generation prompt; condition sentences go between.
+    sentences : dict
+        One format string per condition key, with ``{}`` for the value.
+    infill_preamble, infill_instruction : str
+        Before and after the masked crystal text in the infill prompt.
+    mask : str
+        The string replacing the masked element's symbol lines.
+    decimals : int
+        Float conditions are rounded to this many decimals.
+    """
+
+    preamble: str = "Below is a description of a bulk material. "
+    instruction: str = (
+        "Generate a description of the lengths and angles of the lattice vectors "
+        "and then the element type and coordinates for each atom within the lattice:\n"
+    )
+    sentences: dict = field(default_factory=_default_sentences)
+    infill_preamble: str = (
+        'Below is a partial description of a bulk material where one element has been '
+        'replaced with the string "[MASK]":\n'
+    )
+    infill_instruction: str = "\nGenerate an element that could replace [MASK] in the bulk material:\n"
+    mask: str = MASK
+    decimals: int = 4
+
+    # -- serialisation (the model card stores the wording) ------------------
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown prompt template fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    # -- prompts ------------------------------------------------------------
+    def condition_text(self, conditions):
+        """The condition sentences, in the fixed order, for the given values."""
+        conditions = dict(conditions or {})
+        unknown = set(conditions) - set(CONDITION_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown condition(s) {', '.join(sorted(unknown))}: use {', '.join(CONDITION_KEYS)}"
+            )
+        parts = []
+        for key in CONDITION_KEYS:
+            value = conditions.get(key)
+            if _is_missing(value):
+                continue
+            parts.append(self.sentences[key].format(self._value(key, value)))
+        return "".join(parts)
+
+    def _value(self, key, value):
+        if key == "formula":
+            return str(value).strip()
+        if key == "spacegroup":
+            number = int(value)
+            if number != float(value) or not 1 <= number <= 230:
+                raise ValueError(f"spacegroup must be an integer from 1 to 230, got {value!r}")
+            return str(number)
+        return format_number(value, self.decimals)
+
+    def generation_prompt(self, conditions=None):
+        """Prompt for generating a crystal; ends with the instruction line and ``\\n``."""
+        return self.preamble + self.condition_text(conditions) + self.instruction
+
+    def infill_prompt(self, masked_text):
+        """Prompt asking for the element hidden behind ``[MASK]`` in ``masked_text``."""
+        if self.mask not in masked_text:
+            raise ValueError(f"infill text has no {self.mask} line")
+        return self.infill_preamble + masked_text + self.infill_instruction
+
+    def sample_conditions(self, info, rng):
+        """Training-time choice of conditions for one crystal.
+
+        ``k`` is drawn uniformly from 0..4; for ``k > 0`` the formula comes
+        first, then ``k - 1`` others drawn without replacement from those
+        present (fewer when fewer are present).  ``info`` may hold either
+        ``atoms.info`` property names or condition keys.
+        """
+        present = {**conditions_from_info(info), **{k: v for k, v in info.items() if k in CONDITION_KEYS}}
+        present = {k: v for k, v in present.items() if not _is_missing(v)}
+        k = int(rng.integers(0, 5))
+        if k == 0 or not present:
+            return {}
+        chosen = []
+        if "formula" in present:
+            chosen.append("formula")
+            k -= 1
+        others = [key for key in CONDITION_KEYS if key in present and key != "formula"]
+        if k > 0 and others:
+            picks = rng.choice(len(others), size=min(k, len(others)), replace=False)
+            chosen += [others[i] for i in picks]
+        return {key: present[key] for key in CONDITION_KEYS if key in chosen}
+
+
+class Example(NamedTuple):
+    """One training example: the loss sees only ``answer`` (plus end-of-sequence)."""
+
+    task: str
+    prompt: str
+    answer: str
+
+
+def example_rng(seed, epoch, index):
+    """The random stream of one example: a pure function of (seed, epoch, index)."""
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+def make_example(atoms, template=None, *, seed=0, epoch=0, index=0, infill_fraction=1 / 3):
+    """Build the training example for structure ``index`` in ``epoch``.
+
+    The task (infill with probability ``infill_fraction``, else generation),
+    the random translation of the crystal, the conditions and the masked
+    element all come from :func:`example_rng`, so an interrupted run that
+    resumes rebuilds exactly the same examples.
+
+    Returns
+    -------
+    Example
+        ``answer`` is the crystal text (generation) or the element symbol
+        (infill), without the end-of-sequence token.
+    """
+    template = template or PromptTemplate()
+    rng = example_rng(seed, epoch, index)
+    infill = rng.random() < infill_fraction
+    text = atoms_to_text(atoms, translate=True, rng=rng)
+    if infill:
+        elements = sorted(set(atoms.get_chemical_symbols()))
+        symbol = elements[int(rng.integers(len(elements)))]
+        masked = mask_element(text, symbol, mask=template.mask)
+        return Example(INFILL, template.infill_prompt(masked), symbol)
+    conditions = template.sample_conditions(atoms.info, rng)
+    return Example(GENERATION, template.generation_prompt(conditions), text)

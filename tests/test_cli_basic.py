@@ -1,0 +1,84 @@
+"""The crystal-llm command: help, version, usage errors and convert."""
+
+import shutil
+import subprocess
+import sys
+
+import ase.io
+import pytest
+from ase.build import bulk
+
+from ase_crystal_llm import __version__
+from ase_crystal_llm.cli import main
+
+
+def crystal_llm(*args, cwd=None):
+    exe = shutil.which("crystal-llm")
+    command = [exe] if exe else [sys.executable, "-m", "ase_crystal_llm.cli"]
+    return subprocess.run(command + list(args), capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_help():
+    out = crystal_llm("--help")
+    assert out.returncode == 0
+    for command in ("train", "generate", "evaluate", "mutate", "merge", "convert"):
+        assert command in out.stdout
+
+
+def test_version():
+    out = crystal_llm("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"crystal-llm {__version__}"
+
+
+def test_unknown_option_is_one_line_exit_2():
+    out = crystal_llm("--no-such-option")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0
+    assert "unrecognized arguments: --no-such-option" in out.stderr
+
+
+def test_convert_missing_file_is_one_line_exit_2(tmp_path):
+    out = crystal_llm("convert", str(tmp_path / "missing.csv.gz"), "-o", str(tmp_path / "out.crystxt"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"crystal-llm convert: error: structure source not found: {tmp_path / 'missing.csv.gz'}"
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "out.crystxt").exists()
+
+
+def test_convert_end_to_end(tmp_path):
+    src = tmp_path / "in.extxyz"
+    ase.io.write(src, [bulk("Cu", "fcc", a=3.61, cubic=True), bulk("NaCl", "rocksalt", a=5.64, cubic=True)])
+    out = crystal_llm("convert", str(src), "-o", str(tmp_path / "out.crystxt"))
+    assert out.returncode == 0, out.stderr
+    assert "wrote 2 structures (primitive Niggli cells)" in out.stderr
+    back = ase.io.read(tmp_path / "out.crystxt", index=":")
+    assert [len(a) for a in back] == [1, 2]
+    assert (tmp_path / "out.crystxt").read_text().startswith("2.6 2.6 2.6\n60 60 60\nCu\n0.00 0.00 0.00\n\n")
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_convert_options_in_process(tmp_path, capsys):
+    src = tmp_path / "in.extxyz"
+    ase.io.write(src, [bulk("Cu", "fcc", a=3.61, cubic=True)] * 3)
+    assert main(["convert", str(src), "-o", str(tmp_path / "out.extxyz"), "--no-canonicalize", "--limit", "2"]) == 0
+    back = ase.io.read(tmp_path / "out.extxyz", index=":")
+    assert [len(a) for a in back] == [4, 4]
+    assert "wrote 2 structures (as read cells)" in capsys.readouterr().err
+
+
+def test_convert_skip_bad_reports_on_one_line(tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    src.write_text("material_id,cif\nmp-1,garbage\n")
+    assert main(["convert", str(src), "-o", str(tmp_path / "out.crystxt"), "--skip-bad"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("crystal-llm convert: warning: skipped 1 unreadable structure(s): in.csv row 1 (mp-1)")
+    assert err[1] == f"crystal-llm convert: error: no structures read from {src}"
+    assert not (tmp_path / "out.crystxt").exists()
+
+
+@pytest.mark.parametrize("name", ["out.unknownext"])
+def test_convert_unknown_output_format(tmp_path, capsys, name):
+    ase.io.write(tmp_path / "in.extxyz", bulk("Si"))
+    assert main(["convert", str(tmp_path / "in.extxyz"), "-o", str(tmp_path / name)]) == 2
+    assert "unknown or read-only output format" in capsys.readouterr().err

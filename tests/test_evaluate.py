@@ -1,0 +1,146 @@
+"""``crystal-llm evaluate`` end to end on a handful of MP-20 test crystals (CPU, M3GNet)."""
+
+import json
+import math
+
+import ase.io
+import pytest
+from ase import Atoms
+from ase.build import bulk
+
+from ase_crystal_llm import evaluation
+from ase_crystal_llm.cli import main
+
+N_REAL = 8
+
+
+@pytest.fixture(scope="module")
+def samples_file(tmp_path_factory, mp20_test_sample):
+    """8 real MP-20 test crystals + one structurally and one compositionally invalid sample."""
+    structures = [a.copy() for a in mp20_test_sample[:N_REAL]]
+    structures[0].info["condition_formula"] = structures[0].info["pretty_formula"]
+    structures[0].info["condition_spacegroup"] = structures[0].info["spacegroup_number"]
+    structures[1].info["condition_formula"] = "SiO2"
+    close = Atoms("Na2", positions=[[0, 0, 0], [0.3, 0, 0]], cell=[5, 5, 5], pbc=True)
+    nacl2 = bulk("NaCl", "rocksalt", a=5.64)
+    nacl2 += Atoms("Cl", positions=[[1.41, 1.41, 1.41]])
+    structures += [close, nacl2]
+    for i, atoms in enumerate(structures):
+        atoms.info["attempts"] = 2 if i == 2 else 1
+    path = tmp_path_factory.mktemp("samples") / "samples.extxyz"
+    ase.io.write(path, structures)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CRYSTAL_LLM_CACHE", str(tmp_path_factory.getbasetemp() / "fp-cache"))
+
+
+def _run(samples, out, *extra):
+    return main(["evaluate", str(samples), "-o", str(out), "--coverage-size", "40", "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(samples_file, tmp_path_factory, m3gnet_dir, data_dir):
+    out = tmp_path_factory.mktemp("report")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CRYSTAL_LLM_CACHE", str(tmp_path_factory.getbasetemp() / "fp-cache"))
+    try:
+        # an interrupted run: only the first 4 samples got relaxed
+        assert _run(samples_file, out, "--limit", "4") == 0
+        partial = json.loads((out / "metrics.json").read_text())
+        assert _run(samples_file, out) == 0
+    finally:
+        mp.undo()
+    return out, partial, json.loads((out / "metrics.json").read_text())
+
+
+def test_cli_writes_report(first_run):
+    out, _, result = first_run
+    for name in ("metrics.json", "report.md", "samples.csv", "relaxed.extxyz", "e_above_hull.png", "rates.png",
+                 "density.png", "n_elements.png", "relax_cache.db"):
+        assert (out / name).is_file(), name
+    assert result["samples"] == {"source": result["samples"]["source"], "n": N_REAL + 2, "n_valid": N_REAL}
+    v = result["validity"]["returned"]
+    assert v["structure"] == pytest.approx(9 / 10) and v["composition"] == pytest.approx(9 / 10)
+    assert v["valid"] == pytest.approx(8 / 10)
+    emitted = result["validity"]["emitted"]["all"]
+    assert emitted["emitted"] == 11 and emitted["valid_over_emitted"] == pytest.approx(8 / 11)
+    assert result["coverage"]["reference_size"] == 40
+    assert 0 <= result["coverage"]["recall"] <= 1 and 0 < result["coverage"]["precision"] <= 0.8
+    assert result["wasserstein"]["density"] >= 0
+    assert result["uniqueness"] == 1.0
+    assert result["novelty"] is not None
+    cond = result["conditional"]
+    assert cond["formula"] == {"n": 2, "match": 0.5}
+    assert cond["spacegroup"]["n"] == 1 and cond["spacegroup"]["match_symprec_0.1"] == 1.0
+    report = (out / "report.md").read_text()
+    assert "MP-20 only" in report or "MP-20 (plus elemental references) only" in report
+
+
+def test_known_stable_crystals_are_metastable(first_run):
+    _, _, result = first_run
+    s = result["stability"]
+    # real MP-20 crystals, relaxed with M3GNet, against a hull that contains them:
+    # nearly all within 0.1 eV/atom; the two invalid samples count as failures
+    assert s["failures"].get("invalid sample") == 2
+    assert 0.6 <= s["metastable"] <= 0.8
+    assert s["stable"] <= s["metastable"]
+    assert s["sun"] <= s["stable"]
+    assert math.isfinite(s["e_hull_median"]) and s["e_hull_median"] < 0.1
+
+
+def test_resume_reuses_relaxation_cache(first_run):
+    _, partial, result = first_run
+    assert partial["relaxation"]["computed"] == 4
+    # the full run relaxed only the samples the interrupted run had not reached
+    assert result["relaxation"]["computed"] == N_REAL - 4
+    assert result["relaxation"]["from_cache"] == 4
+
+
+def test_rerun_does_no_relaxation_work(first_run, samples_file, tmp_path):
+    out, _, result = first_run
+    again = evaluation.evaluate(samples_file, out, coverage_size=40, progress=False, plots=False)
+    assert again["relaxation"]["computed"] == 0
+    assert again["relaxation"]["from_cache"] == N_REAL
+    assert again["stability"] == result["stability"]
+
+
+def test_bad_input_gives_one_line(tmp_path, capsys, data_dir):
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("")
+    assert _run(empty, tmp_path / "r") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "empty.extxyz" in err
+
+    molecule = tmp_path / "molecule.xyz"
+    ase.io.write(molecule, Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
+    assert _run(molecule, tmp_path / "r") == 2
+    err = capsys.readouterr().err.strip()
+    assert "not periodic" in err and "\n" not in err
+
+    crystal = tmp_path / "si.extxyz"
+    ase.io.write(crystal, bulk("Si"))
+    assert _run(crystal, tmp_path / "r", "--potential", "no-such-potential") == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-potential" in err and "\n" not in err
+
+    assert _run(crystal, tmp_path / "r", "--reference", "oqmd") == 2
+    assert "unknown reference" in capsys.readouterr().err
+
+    assert _run(tmp_path / "missing.extxyz", tmp_path / "r") == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_reference_fingerprints_are_cached(data_dir, tmp_path):
+    from ase_crystal_llm import settings
+
+    path = settings.mp20_path("test", data_dir)
+    first = evaluation.reference_fingerprints(path, size=5, seed=3, cache=tmp_path, progress=False)
+    files = list(tmp_path.glob("fingerprints-*.npz"))
+    assert len(files) == 1 and len(first) == 5
+    again = evaluation.reference_fingerprints(path, size=5, seed=3, cache=tmp_path, progress=False)
+    assert (again.structure[first.ok] == first.structure[first.ok]).all()
+    evaluation.reference_fingerprints(path, size=5, seed=4, cache=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("fingerprints-*.npz"))) == 2

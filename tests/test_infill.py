@@ -1,0 +1,399 @@
+"""Element infill: swap table, exact candidate scoring, and the GA operators in a real ase_ga loop."""
+
+import string
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+
+from ase_crystal_llm import infill
+from ase_crystal_llm.infill import (
+    LLMElementMutation,
+    TemplateElementMutation,
+    element_log_likelihoods,
+    propose_elements,
+    swap_element,
+    swap_table,
+)
+from ase_crystal_llm.prompts import PromptTemplate
+from ase_crystal_llm.text import ELEMENTS, atoms_to_text, mask_element
+
+torch = pytest.importorskip("torch")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _char_tokenizer():
+    """One token per character: "N" is a token prefix of "Na" (the hard case for scoring)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _tiny_generator(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _char_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return SimpleNamespace(model=model, tokenizer=tokenizer, template=PromptTemplate())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny matrices: extra threads only spin (and the CI machine is shared).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return _tiny_generator()
+
+
+def _rocksalt():
+    return bulk("NaCl", "rocksalt", a=5.64)
+
+
+def _nitride():
+    return bulk("GaN", "wurtzite", a=3.19, c=5.19)
+
+
+# --------------------------------------------------------------------------- swap table
+
+
+def test_swap_table_hand_checked():
+    table = swap_table(0.1)
+    # Cu2+ 0.87 A and Ni2+ 0.83 A (low-spin, pymatgen's fallback); K+ 1.52 and Au+ 1.51.
+    assert "Ni" in table["Cu"] and "Cu" in table["Ni"]
+    assert "Au" in table["K"]
+    # Na+ 1.16 vs Ag+ 1.29: 0.13 A apart, in only at a wider tolerance.
+    assert "Ag" not in table["Na"]
+    assert "Ag" in swap_table(0.15)["Na"]
+    # Shared radius but different oxidation state does not count: Na+ 1.16, Ca2+ 1.14.
+    assert "Ca" not in table["Na"]
+    # N (+5: 0.27 A) pairs with Cl (+5: 0.26 A); Na's entry is a different one.
+    assert table["N"] == ("Cl",)
+    assert "Na" not in table["Cl"] and table["Na"] != table["N"]
+    # No ionic radii, no partners.
+    assert table["He"] == () and table["Ar"] == ()
+
+
+def test_swap_table_rule_holds_everywhere():
+    table = swap_table(0.1)
+    radii = infill._all_ionic_radii()
+    assert set(table) == set(ELEMENTS)
+    for element, partners in table.items():
+        assert element not in partners
+        assert len(set(partners)) == len(partners)
+        for other in partners:
+            assert element in table[other]  # the rule is symmetric
+            shared = set(radii[element]) & set(radii[other])
+            assert any(abs(radii[element][s] - radii[other][s]) <= 0.1 + 1e-9 for s in shared)
+    assert swap_table(0.1) is table  # cached
+
+
+def test_swap_table_tolerance_is_inclusive():
+    # Cu+ 0.91 and Li+ 0.90 are 0.01 apart: in at tolerance 0.01, out just below.
+    assert "Li" in swap_table(0.01)["Cu"]
+    assert "Li" not in swap_table(0.009)["Cu"]
+    with pytest.raises(ValueError, match="tolerance"):
+        swap_table(-0.1)
+
+
+# --------------------------------------------------------------------------- masking and swapping
+
+
+def _n_na_nb():
+    return Atoms("NNaNbN", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0], [0, 0.5, 0.5]],
+                 cell=[4, 4, 4], pbc=True)
+
+
+def test_mask_and_swap_n_never_touch_na():
+    atoms = _n_na_nb()
+    masked = mask_element(atoms_to_text(atoms), "N").split("\n")
+    assert masked[2::2] == ["[MASK]", "Na", "Nb", "[MASK]"]
+    child = swap_element(atoms, "N", "P")
+    assert child.get_chemical_symbols() == ["P", "Na", "Nb", "P"]
+    assert atoms.get_chemical_symbols() == ["N", "Na", "Nb", "N"]  # parent untouched
+    with pytest.raises(ValueError, match="does not occur"):
+        swap_element(atoms, "O", "S")
+
+
+def test_swap_resets_masses_and_drops_info():
+    atoms = _rocksalt()
+    atoms.set_masses([1.0, 2.0])
+    atoms.info["energy"] = -3.0
+    child = swap_element(atoms, "Na", "K")
+    assert child.get_masses()[0] == pytest.approx(39.098, abs=1e-3)
+    assert child.get_masses()[1] == 2.0
+    assert child.info == {}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_distribution_sums_to_one_and_respects_candidates(generator):
+    probs = propose_elements(generator, _rocksalt(), "Na", candidates=["K", "Li", "Rb", "K"])
+    assert list(probs) == ["K", "Li", "Rb"]
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-9)
+    assert all(p > 0 for p in probs.values())
+
+
+def test_default_candidates(generator):
+    cu = bulk("Cu", "fcc", a=3.6)
+    assert list(propose_elements(generator, cu, "Cu")) == list(swap_table()["Cu"])
+    # O has an empty swap-table entry: every other element is scored.
+    mgo = bulk("MgO", "rocksalt", a=4.2)
+    probs = propose_elements(generator, mgo, "O")
+    assert set(probs) == set(ELEMENTS) - {"O"}
+    assert sum(probs.values()) == pytest.approx(1.0)
+
+
+def test_batched_scores_equal_one_sequence_at_a_time(generator):
+    """Right padding must not change any score: compare with unpadded single passes."""
+    atoms = _nitride()
+    candidates = ["N", "Na", "Nb", "P", "As"]
+    scores = element_log_likelihoods(generator, atoms, "N", candidates)
+    tok, model = generator.tokenizer, generator.model
+    prompt = tok(generator.template.infill_prompt(mask_element(atoms_to_text(atoms), "N")))["input_ids"]
+    for symbol in candidates:
+        answer = tok(symbol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        expected = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
+        assert scores[symbol] == pytest.approx(expected, abs=1e-4)
+    # Na is two tokens here, N one: both were scored through the end token.
+    assert len(tok("Na", add_special_tokens=False)["input_ids"]) == 2
+
+
+def test_temperature(generator):
+    atoms = _rocksalt()
+    candidates = ["K", "Li", "Rb", "Cs"]
+    scores = element_log_likelihoods(generator, atoms, "Na", candidates)
+    for t in (0.5, 1.0, 2.0):
+        probs = propose_elements(generator, atoms, "Na", candidates=candidates, temperature=t)
+        # p_i / p_j = exp((l_i - l_j) / T)
+        assert np.log(probs["K"] / probs["Li"]) == pytest.approx((scores["K"] - scores["Li"]) / t, abs=1e-6)
+    greedy = propose_elements(generator, atoms, "Na", candidates=candidates, temperature=0)
+    assert greedy[max(scores, key=scores.get)] == 1.0
+    with pytest.raises(ValueError, match="temperature"):
+        propose_elements(generator, atoms, "Na", candidates=candidates, temperature=-1)
+
+
+def test_bad_requests(generator):
+    with pytest.raises(ValueError, match="does not occur"):
+        propose_elements(generator, _rocksalt(), "K")
+    with pytest.raises(ValueError, match="unknown element"):
+        propose_elements(generator, _rocksalt(), "Na", candidates=["K", "Xx"])
+    with pytest.raises(ValueError, match="no candidate"):
+        propose_elements(generator, _rocksalt(), "Na", candidates=[])
+
+
+def _train(generator, examples, steps=40):
+    """Teach the tiny model fixed infill answers (prompt and answer tokenised apart, as in training)."""
+    tok, model = generator.tokenizer, generator.model
+    rows = []
+    for atoms, element in examples:
+        prompt = tok(generator.template.infill_prompt(mask_element(atoms_to_text(atoms), element)))["input_ids"]
+        rows.append((prompt, tok(element, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]))
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)  # the loss sees only the answers
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        ids[i, :n] = torch.tensor(prompt + answer)
+        labels[i, len(prompt) : n] = torch.tensor(answer)
+        mask[i, :n] = 1
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    model.eval()
+
+
+def test_n_and_na_each_get_their_own_mass():
+    """With "N" a token prefix of "Na", only the end token tells the answers apart."""
+    generator = _tiny_generator(seed=1)
+    nitride, salt = _nitride(), _rocksalt()
+    _train(generator, [(nitride, "N"), (salt, "Na")])
+    on_nitride = propose_elements(generator, nitride, "N", candidates=["N", "Na"])
+    on_salt = propose_elements(generator, salt, "Na", candidates=["N", "Na"])
+    assert on_nitride["N"] > 0.9
+    assert on_salt["Na"] > 0.9  # prefix scoring would give N at least as much as Na
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def _parent(atoms, confid=7):
+    atoms = atoms.copy()
+    atoms.info["confid"] = confid
+    atoms.info["key_value_pairs"] = {"raw_score": -1.0}
+    atoms.info["data"] = {}
+    return atoms
+
+
+def _check_child(parent, child, description, origin):
+    assert description.count(":") == 1
+    assert child.info["data"]["parents"] == [parent.info["confid"]]
+    assert child.info["key_value_pairs"]["origin"] == origin
+    assert "raw_score" not in child.info["key_value_pairs"]
+    old, new = child.info["data"]["element_swap"]
+    before, after = np.array(parent.get_chemical_symbols()), np.array(child.get_chemical_symbols())
+    assert (after[before == old] == new).all()  # every atom of the element swapped
+    assert (after[before != old] == before[before != old]).all()  # nothing else
+    assert np.allclose(child.positions, parent.positions) and np.allclose(child.cell, parent.cell)
+    return old, new
+
+
+def test_template_mutation_contract():
+    parent = _parent(bulk("Cu", "fcc", a=3.6, cubic=True))
+    parent[1].symbol = "Ni"
+    snapshot = parent.copy()
+    op = TemplateElementMutation(rng=np.random.default_rng(0))
+    assert op.get_min_inputs() == 1
+    seen = set()
+    for _ in range(30):
+        child, description = op.get_new_individual([parent])
+        old, new = _check_child(parent, child, description, "TemplateElementMutation")
+        assert new in swap_table()[old]
+        seen.add((old, new))
+    assert {old for old, _ in seen} == {"Cu", "Ni"}  # elements picked uniformly
+    assert parent == snapshot and parent.info == snapshot.info  # not modified in place
+
+
+def test_element_pool_and_no_possible_swap():
+    op = TemplateElementMutation(element_pool=["Ni", "Au"], rng=np.random.default_rng(0))
+    child, _ = op.get_new_individual([_parent(bulk("Cu", "fcc", a=3.6))])
+    assert child.get_chemical_symbols() == ["Ni"]
+    # Argon has no ionic radius: no swap, no exception.
+    child, reason = op.get_new_individual([_parent(bulk("Ar", "fcc", a=5.3))])
+    assert child is None and reason.count(":") == 1 and "no allowed swap" in reason
+    # Na has no partner at 0.1 A: in NaCl only Cl can go (to N, Cl5+ ~ N5+).
+    child, _ = TemplateElementMutation().get_new_individual([_parent(_rocksalt())])
+    assert child.get_chemical_symbols() == ["Na", "N"]
+    with pytest.raises(ValueError, match="unknown element"):
+        TemplateElementMutation(element_pool=["Cu", "Qq"])
+
+
+def test_llm_mutation_contract(generator):
+    parent = _parent(_n_na_nb())
+    snapshot = parent.copy()
+    op = LLMElementMutation(generator, restrict_to_template=False, element_pool=["P", "As", "K"],
+                            temperature=1.0, rng=np.random.default_rng(1))
+    for _ in range(5):
+        child, description = op.get_new_individual([parent])
+        old, new = _check_child(parent, child, description, "LLMElementMutation")
+        assert new in ("P", "As", "K")
+        assert 0 < child.info["data"]["swap_probability"] <= 1
+    assert parent == snapshot
+    # Greedy: the most likely candidate of the model's distribution is taken.
+    greedy = LLMElementMutation(generator, restrict_to_template=True, temperature=0, rng=np.random.default_rng(0))
+    child, _ = greedy.get_new_individual([_parent(_nitride())])
+    old, new = child.info["data"]["element_swap"]
+    probs = propose_elements(generator, _nitride(), old)
+    assert probs[new] == max(probs.values())
+
+
+# --------------------------------------------------------------------------- a real ase_ga loop
+
+
+def test_operators_in_ase_ga_loop(generator, tmp_path):
+    """PrepareDB -> DataConnection -> Population -> OperationSelector, EMT, three generations."""
+    from ase.calculators.emt import EMT
+    from ase.data import atomic_numbers
+    from ase.filters import UnitCellFilter
+    from ase.optimize import BFGS
+    from ase_ga import set_raw_score
+    from ase_ga.data import DataConnection, PrepareDB
+    from ase_ga.offspring_creator import OperationSelector
+    from ase_ga.population import Population
+    from ase_ga.standard_comparators import RawScoreComparator
+    from ase_ga.standardmutations import StrainMutation
+    from ase_ga.utilities import CellBounds, closest_distances_generator
+
+    pool = ["Cu", "Ag", "Au", "Ni"]
+    rng = np.random.RandomState(42)  # ase_ga's Population uses the legacy API
+    db = str(tmp_path / "ga.db")
+
+    def relax(atoms):
+        atoms.calc = EMT()
+        BFGS(UnitCellFilter(atoms), logfile=None).run(fmax=0.1, steps=15)
+        set_raw_score(atoms, -atoms.get_potential_energy() / len(atoms))
+
+    prep = PrepareDB(db, stoichiometry=[29] * 4)
+    for i in range(6):
+        start = bulk("Cu", "fcc", a=3.8, cubic=True)
+        start.set_chemical_symbols(list(rng.choice(pool, size=4)))
+        prep.add_unrelaxed_candidate(start)
+
+    da = DataConnection(db)
+    while da.get_number_of_unrelaxed_candidates() > 0:
+        a = da.get_an_unrelaxed_candidate()
+        relax(a)
+        da.add_relaxed_step(a)
+
+    blmin = closest_distances_generator([atomic_numbers[e] for e in pool], ratio_of_covalent_radii=0.5)
+    bounds = CellBounds(bounds={"phi": [30, 150], "chi": [30, 150], "psi": [30, 150],
+                                "a": [2, 8], "b": [2, 8], "c": [2, 8]})
+    llm = LLMElementMutation(generator, element_pool=pool, restrict_to_template=False, rng=rng)
+    template = TemplateElementMutation(element_pool=pool, rng=rng)
+    strain = StrainMutation(blmin, cellbounds=bounds, stddev=0.3, rng=rng)
+    selector = OperationSelector([2, 1, 1], [llm, template, strain], rng=rng)
+    population = Population(da, population_size=5, comparator=RawScoreComparator(dist=1e-6), rng=rng)
+    strain.update_scaling_volume(population.pop)
+
+    for _ in range(3):  # generations
+        for _ in range(4):
+            a1, _ = population.get_two_candidates()
+            child, description = selector.get_new_individual([a1])
+            if child is None:
+                continue
+            da.add_unrelaxed_candidate(child, description=description)
+            relax(child)
+            da.add_relaxed_step(child)
+        population.update()
+        strain.update_scaling_volume(population.pop)
+
+    from ase.db import connect
+
+    ours = ("LLMElementMutation", "TemplateElementMutation")
+    rows = list(connect(db).select())
+    relaxed = [row for row in rows if row.get("relaxed") == 1]
+    ids = {row.gaid for row in relaxed}
+    assert "LLMElementMutation" in {row.origin for row in relaxed}
+    for row in relaxed:
+        if row.origin in ours:
+            assert len(row.data["parents"]) == 1 and row.data["parents"][0] in ids
+            old, new = row.data["element_swap"]
+            assert new in pool and new in row.formula
+    # The unrelaxed entry carries the description split at its one ':'.
+    for row in rows:
+        if row.get("relaxed") == 0 and row.get("origin") in ours:
+            assert row.mutation == 1 and "->" in row.description
+    assert len(population.pop) == 5

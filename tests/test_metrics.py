@@ -1,0 +1,255 @@
+"""Sample metrics on hand-made crystals with known answers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+
+from ase_crystal_llm import metrics
+
+
+def nacl(a=5.64):
+    return bulk("NaCl", "rocksalt", a=a)
+
+
+def nacl2():
+    atoms = nacl()
+    atoms += Atoms("Cl", positions=[[a / 4 for a in atoms.cell.lengths()]])
+    return atoms
+
+
+# -- validity --------------------------------------------------------------------
+def test_close_atoms_are_structurally_invalid():
+    atoms = Atoms("Na2", positions=[[0, 0, 0], [0.3, 0, 0]], cell=[5, 5, 5], pbc=True)
+    assert not metrics.structure_valid(atoms)
+    atoms.positions[1] = [0.6, 0, 0]
+    assert metrics.structure_valid(atoms)
+
+
+def test_close_periodic_images_are_invalid():
+    # 0.2 A apart only across the cell boundary
+    atoms = Atoms("Na2", scaled_positions=[[0.01, 0.5, 0.5], [0.97, 0.5, 0.5]], cell=[4, 4, 4], pbc=True)
+    assert not metrics.structure_valid(atoms)
+
+
+def test_tiny_or_open_cells_are_invalid():
+    assert not metrics.structure_valid(Atoms("Na", cell=[0.3, 0.3, 0.3], pbc=True))
+    assert not metrics.structure_valid(Atoms("Na", cell=[5, 5, 5], pbc=False))
+
+
+def test_nacl_valid_nacl2_compositionally_invalid():
+    assert metrics.structure_valid(nacl()) and metrics.composition_valid(nacl())
+    assert metrics.structure_valid(nacl2())
+    assert not metrics.composition_valid(nacl2())
+
+
+@pytest.mark.parametrize("atoms", [bulk("Si"), bulk("Cu"), bulk("CuAu", "rocksalt", a=4.0)],
+                         ids=["Si", "Cu", "CuAu-alloy"])
+def test_elements_and_alloys_are_compositionally_valid(atoms):
+    assert metrics.composition_valid(atoms)
+
+
+def test_validity_flags_and_rates_count_unparsed_output():
+    structures = [nacl(), nacl2(), Atoms("Na2", positions=[[0, 0, 0], [0.3, 0, 0]], cell=[5, 5, 5], pbc=True)]
+    flags = metrics.validity_flags(structures)
+    assert flags["structure"] == [True, True, False]
+    assert flags["composition"] == [True, False, True]
+    assert flags["valid"] == [True, False, False]
+    rates = metrics.validity_rates(flags)
+    assert rates["valid"] == pytest.approx(1 / 3)
+    assert metrics.validity_rates(flags, n_total=6)["structure"] == pytest.approx(2 / 6)
+
+
+def test_emitted_validity_uses_recorded_attempts():
+    a, b, c = nacl(), nacl(), nacl2()
+    a.info.update(attempts=3, constrained=False)
+    b.info.update(attempts=1, constrained=True)
+    c.info.update(attempts=1, constrained=True)
+    out = metrics.emitted_validity([a, b, c])
+    assert out["all"]["emitted"] == 5 and out["all"]["returned"] == 3
+    assert out["all"]["valid_over_emitted"] == pytest.approx(2 / 5)
+    assert out["all"]["valid_over_returned"] == pytest.approx(2 / 3)
+    assert out["constrained"]["valid_over_emitted"] == pytest.approx(1 / 2)
+    assert out["unconstrained"]["valid_over_emitted"] == pytest.approx(1 / 3)
+    assert metrics.emitted_validity([nacl()]) is None
+    # a run record also counts crystals that never parsed
+    stats = {"attempts": 9, "returned": 3, "gave_up": 1, "parse_failures": {"truncated": 6}}
+    out = metrics.emitted_validity([a, b, c], stats=stats)
+    assert out["all"]["emitted"] == 9 and out["all"]["valid_over_emitted"] == pytest.approx(2 / 9)
+    assert out["all"]["gave_up"] == 1 and out["all"]["parse_failures"] == 6
+    assert out["constrained"]["emitted"] == 2
+
+
+# -- uniqueness and novelty ------------------------------------------------------
+def test_uniqueness_groups_matching_structures():
+    shifted = nacl()
+    shifted.translate([0.3, 0.1, 0.2])
+    supercell = nacl().repeat((2, 1, 1))
+    flags = metrics.unique_flags([nacl(), shifted, bulk("Si"), supercell, nacl(6.5), bulk("Si", "fcc", a=3.9)])
+    # the scaled NaCl also matches (StructureMatcher scales volumes); fcc Si differs from diamond Si
+    assert flags == [True, False, True, False, False, True]
+
+
+def test_novelty_against_known_set():
+    known = [nacl(), bulk("Si")]
+    kcl = bulk("KCl", "rocksalt", a=6.3)
+    cscl = bulk("NaCl", "cesiumchloride", a=3.4)
+    flags = metrics.novelty_flags([nacl().repeat(2), kcl, cscl, bulk("Si", "fcc", a=3.9)], known)
+    assert flags == [False, True, True, True]
+
+
+def test_novelty_index_from_csv_parses_only_matching_formulas(tmp_path):
+    import csv
+
+    from pymatgen.io.cif import CifWriter
+
+    path = tmp_path / "train.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["material_id", "pretty_formula", "cif"])
+        writer.writeheader()
+        writer.writerow({"material_id": "a", "pretty_formula": "NaCl",
+                         "cif": str(CifWriter(metrics.as_structure(nacl())))})
+        writer.writerow({"material_id": "b", "pretty_formula": "Si", "cif": "not a cif"})
+    index = metrics.NoveltyIndex.from_csv(path)
+    assert len(index) == 2
+    assert not index.is_novel(nacl())
+    assert index.is_novel(bulk("KCl", "rocksalt", a=6.3))
+    assert index.is_novel(bulk("Si"))  # the unreadable row matches nothing
+
+
+# -- fingerprints, coverage, diversity -------------------------------------------
+@pytest.fixture(scope="module")
+def small_fps():
+    structures = [nacl(), bulk("KCl", "rocksalt", a=6.3), bulk("Si"), bulk("Cu"), bulk("MgO", "rocksalt", a=4.2)]
+    return metrics.Fingerprints.from_structures(structures)
+
+
+def test_fingerprints_shapes(small_fps):
+    assert small_fps.structure.shape == (5, 61) and small_fps.composition.shape == (5, 132)
+    assert small_fps.ok.all()
+    assert small_fps.n_elements.tolist() == [2, 2, 1, 1, 2]
+    assert small_fps.density[2] == pytest.approx(2.33, abs=0.05)
+
+
+def _take(fps, idx):
+    return metrics.Fingerprints(fps.structure[idx], fps.composition[idx], fps.density[idx], fps.n_elements[idx])
+
+
+def test_coverage_known_answers(small_fps):
+    ref = small_fps
+    same = metrics.coverage(ref, ref)
+    assert same == {"recall": 1.0, "precision": 1.0}
+    # two of five reference crystals, plus three invalid samples without fingerprints
+    # (unscaled composition features: only identical compositions are within 10)
+    raw = metrics.CompositionScaler(np.zeros(132), np.ones(132))
+    part = metrics.coverage(_take(ref, [0, 2]), ref, n_total=5, scaler=raw)
+    assert part["recall"] == pytest.approx(2 / 5)
+    assert part["precision"] == pytest.approx(2 / 5)
+    # standardised over this small set, NaCl also covers rock-salt KCl
+    assert metrics.coverage(_take(ref, [0]), ref)["recall"] >= 2 / 5
+    # a structure fingerprint far from everything never counts
+    far = _take(ref, [0])
+    far.structure = far.structure + 1.0
+    assert metrics.coverage(far, ref)["precision"] == 0.0
+
+
+def test_wasserstein_and_diversity(small_fps):
+    w = metrics.wasserstein(small_fps, small_fps)
+    assert w == {"density": 0.0, "n_elements": 0.0}
+    w = metrics.wasserstein(_take(small_fps, [2, 3]), small_fps)
+    assert w["n_elements"] == pytest.approx(0.6)  # {1,1} vs {2,2,1,1,2}
+    d = metrics.diversity(small_fps)
+    assert d["structure"] > 0 and d["composition"] > 0
+    assert metrics.diversity(_take(small_fps, [0, 0]))["structure"] == 0.0
+
+
+def test_fingerprints_save_load(small_fps, tmp_path):
+    small_fps.save(tmp_path / "fp.npz")
+    back = metrics.Fingerprints.load(tmp_path / "fp.npz")
+    np.testing.assert_array_equal(back.structure, small_fps.structure)
+    np.testing.assert_array_equal(back.n_elements, small_fps.n_elements)
+
+
+# -- stability and conditions ----------------------------------------------------
+def test_stability_rates_count_failures():
+    e_hull = [-0.01, 0.0, 0.05, 0.2, None, float("nan")]
+    unique = [True, False, True, True, True, True]
+    novel = [True, True, True, True, True, True]
+    out = metrics.stability_rates(e_hull, unique=unique, novel=novel)
+    assert out["metastable"] == pytest.approx(3 / 6)
+    assert out["stable"] == pytest.approx(2 / 6)
+    assert out["sun"] == pytest.approx(1 / 6)
+
+
+def test_conditional_accuracy():
+    a = nacl()
+    a.info["condition_formula"] = "Na2Cl2"
+    a.info["condition_spacegroup"] = 225
+    b = bulk("Si")
+    b.info["conditions"] = json.dumps({"formula": "SiO2", "spacegroup": 227})
+    c = bulk("Cu")  # unconditioned: not counted
+    out = metrics.conditional_accuracy([a, b, c])
+    assert out["formula"] == {"n": 2, "match": 0.5}
+    assert out["spacegroup"]["n"] == 2
+    assert out["spacegroup"]["match_symprec_0.1"] == 1.0
+    assert out["spacegroup"]["match_symprec_0.2"] == 1.0
+    rattled = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    rattled.positions[0, 0] += 0.08  # within 0.2 A of Fm-3m, not within 0.1 A
+    rattled.info["condition_spacegroup"] = 225
+    out = metrics.conditional_accuracy([rattled])
+    assert out["spacegroup"]["match_symprec_0.2"] == 1.0
+    assert out["spacegroup"]["match_symprec_0.1"] == 0.0
+    assert "formula" not in out
+    assert math.isfinite(out["spacegroup"]["n"])
+
+
+# -- IPT -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def random_lm():
+    """A randomly initialised two-layer LLaMA with the from-scratch tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ase_crystal_llm.prompts import PromptTemplate
+    from ase_crystal_llm.tokenizer import tokenizer_for_template
+
+    template = PromptTemplate()
+    tokenizer = tokenizer_for_template(template)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer, template
+
+
+def test_batched_perplexity_matches_single_forward(random_lm):
+    import torch
+
+    from ase_crystal_llm.text import atoms_to_text
+    from ase_crystal_llm.training import encode_example
+
+    model, tokenizer, template = random_lm
+    prompt = template.generation_prompt()
+    texts = [atoms_to_text(bulk("Si")), atoms_to_text(nacl().repeat((2, 1, 1)))]  # different lengths
+    batch = metrics.answer_perplexities(model, tokenizer, prompt, texts)
+    for text, value in zip(texts, batch):
+        ids, n_prompt = encode_example(tokenizer, prompt, text)
+        ids = torch.as_tensor(ids)[None]
+        labels = ids.clone()
+        labels[0, :n_prompt] = -100
+        with torch.no_grad():
+            expected = float(torch.exp(model(input_ids=ids, labels=labels).loss))
+        assert value == pytest.approx(expected, rel=1e-4)
+
+
+def test_ipt_random_model(random_lm):
+    model, tokenizer, template = random_lm
+    out = metrics.ipt(model, tokenizer, template, [nacl(), bulk("Si")], n_translations=5, seed=1)
+    assert out["n_structures"] == 2 and out["n_translations"] == 5
+    assert math.isfinite(out["ipt"]) and out["ipt"] >= 0
+    assert 0 <= out["ipt_normalized"] < 1 and len(out["values"]) == 2
+    assert out == metrics.ipt(model, tokenizer, template, [nacl(), bulk("Si")], n_translations=5, seed=1)
