@@ -28,28 +28,78 @@ def _add_train(sub):
     p.add_argument("--out", required=True, help="output model directory")
     base = p.add_mutually_exclusive_group(required=True)
     base.add_argument("--base", help="Hugging Face model id or local directory to fine-tune with LoRA")
-    base.add_argument("--from-scratch", metavar="SIZE", help="train a LLaMA-architecture model of this named size from scratch")
+    base.add_argument("--from-scratch", metavar="SIZE", help="train a LLaMA-architecture model of this named size from scratch (tiny, mini, small, base)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--max-steps", type=int, help="number of optimiser steps")
-    steps.add_argument("--epochs", type=float, help="number of passes over the training data")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per optimiser step per process")
-    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (cosine schedule with warmup)")
+    steps.add_argument("--epochs", type=float, help="number of passes over the training data (default 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch per process (default 32 from scratch, 8 LoRA)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine schedule with warmup (default 1e-3 from scratch, 5e-4 LoRA)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default min(100, 10%% of steps))")
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the base quantised (QLoRA)")
-    p.add_argument("--lora-rank", type=int, default=None)
-    p.add_argument("--lora-alpha", type=int, default=None)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--target-modules", help="comma-separated module names for LoRA (default: all attention and MLP projections)")
+    p.add_argument("--loss-averaging", choices=["per_token", "per_example"], default="per_token", help="how answer-token losses are averaged (default per_token)")
+    p.add_argument("--max-length", type=int, help="drop examples longer than this many tokens")
     p.add_argument("--eval-every", type=int, default=None, help="validation interval in steps")
+    p.add_argument("--val-limit", type=int, default=512, help="validate on the first N validation structures (default 512)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint interval in steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--limit", type=int, help="use only the first N training structures")
     p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read instead of primitive Niggli cells")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
+    p.add_argument("--no-cache", action="store_true", help="do not cache the canonicalised structures ($CRYSTAL_LLM_CACHE)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_train(args):
-    raise UsageError("train is not available yet")
+    import os
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .training import train
+
+    card = train(
+        args.data,
+        args.out,
+        val=args.val,
+        base=args.base,
+        from_scratch=args.from_scratch,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        quantize=args.quantize,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules,
+        loss_averaging=args.loss_averaging,
+        max_length=args.max_length,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        val_limit=args.val_limit,
+        seed=args.seed,
+        resume=args.resume,
+        limit=args.limit,
+        canonical=not args.no_canonicalize,
+        skip_bad=args.skip_bad,
+        cache=not args.no_cache,
+        progress=not args.no_progress,
+    )
+    if os.environ.get("RANK", "0") == "0":  # one message under torchrun / accelerate launch
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in card.final_losses.items() if isinstance(v, float))
+        print(f"model written to {args.out} ({losses})")
 
 
 def _add_generate(sub):
@@ -67,14 +117,33 @@ def _add_generate(sub):
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--max-attempts", type=int, default=None, help="samples drawn at most per requested crystal (default 5)")
+    p.add_argument("--max-atoms", type=int, default=None, help="most atoms per crystal (default 30)")
     p.add_argument("--symmetrize", type=float, metavar="SYMPREC", help="snap samples to their space group at this tolerance")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: keep OUTPUT and add only the crystals it lacks")
+    p.add_argument("--plain", action="store_true", help="decode with model.generate instead of the fast sampler")
 
 
 def _run_generate(args):
-    raise UsageError("generate is not available yet")
+    from .generation import generate_to_file
+
+    if args.n < 1:
+        raise UsageError(f"-n must be at least 1, got {args.n}")
+    summary = generate_to_file(
+        args.output, args.n, model=args.model, base=args.base, device=args.device,
+        formula=args.formula.split(",") if args.formula and "," in args.formula else args.formula,
+        spacegroup=args.spacegroup, e_above_hull=args.e_above_hull, band_gap=args.band_gap,
+        formation_energy=args.formation_energy,
+        elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
+        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+        max_attempts=args.max_attempts, max_atoms=args.max_atoms, symmetrize=args.symmetrize,
+        seed=args.seed, resume=args.resume, fast=not args.plain, progress=True,
+    )
+    if summary is not None:
+        print(summary, file=sys.stderr)
 
 
 def _add_evaluate(sub):
@@ -118,18 +187,60 @@ def _run_evaluate(args):
 
 def _add_mutate(sub):
     p = sub.add_parser("mutate", help="LLM-guided (or template) element substitution of structures")
-    p.add_argument("input", help="parent structures (any format ase.io reads)")
-    p.add_argument("-n", type=int, required=True, help="number of children")
-    p.add_argument("-o", "--output", required=True, help="output file")
+    p.add_argument("input", help="parent structures: CSV(.gz) with a cif column, ase.db, or any ase.io file/glob")
+    p.add_argument("-n", type=int, required=True, help="number of children (parents are used in turn)")
+    p.add_argument("-o", "--output", required=True, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
     p.add_argument("--model", help="model directory (default: the shipped model)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the model's proposal (default 1.0)")
     p.add_argument("--baseline", action="store_true", help="use the template (ionic radius) swap instead of the model")
+    p.add_argument("--any-element", action="store_true",
+                   help="let the model choose among all elements, not only the template swap-table entry")
+    p.add_argument("--tolerance", type=float, default=0.1, help="ionic radius tolerance of the swap table, A (default 0.1)")
     p.add_argument("--relax", metavar="POTENTIAL", help="relax each child with this potential (e.g. m3gnet)")
+    p.add_argument("--device", help="torch device for the model and potential (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int)
 
 
 def _run_mutate(args):
-    raise UsageError("mutate is not available yet")
+    import numpy as np
+
+    from .datasets import read_structures
+    from .infill import LLMElementMutation, TemplateElementMutation, mutate_structures
+    from .outputs import StructureWriter, output_format
+
+    if args.n < 1:
+        raise UsageError(f"-n must be at least 1, got {args.n}")
+    if args.baseline and (args.temperature is not None or args.model or args.any_element):
+        raise UsageError("--baseline uses no model: drop --temperature, --model and --any-element")
+    output_format(args.output)  # a bad extension fails before any work
+    parents = read_structures(args.input, canonical=False)
+    if not parents:
+        raise UsageError(f"no structures in {args.input}")
+    rng = np.random.default_rng(args.seed)
+    if args.baseline:
+        operator = TemplateElementMutation(tolerance=args.tolerance, rng=rng)
+    else:
+        from .generation import CrystalGenerator
+
+        generator = CrystalGenerator.from_pretrained(args.model, device=args.device, base=args.base)
+        temperature = 1.0 if args.temperature is None else args.temperature
+        operator = LLMElementMutation(generator, temperature=temperature, tolerance=args.tolerance,
+                                      restrict_to_template=not args.any_element, rng=rng)
+    calculator = None
+    if args.relax:
+        from .calculators import get_calculator, relax
+
+        calculator = get_calculator(args.relax, device=args.device)
+    failed = 0
+    with StructureWriter(args.output) as writer:  # each child is on disk before the next
+        for child in mutate_structures(parents, args.n, operator):
+            if calculator is not None:
+                child = relax(child, calculator)
+                failed += bool(child.info.get("relax_failed"))
+            writer.write(child)
+    note = f" ({failed} relaxations failed, written unrelaxed)" if failed else ""
+    print(f"wrote {args.n} children of {len(parents)} parents to {args.output}{note}", file=sys.stderr)
 
 
 def _add_merge(sub):
@@ -140,7 +251,10 @@ def _add_merge(sub):
 
 
 def _run_merge(args):
-    raise UsageError("merge is not available yet")
+    from .training import merge_adapter
+
+    merge_adapter(args.model, args.output, base=args.base)
+    print(f"merged model written to {args.output}")
 
 
 def _add_convert(sub):

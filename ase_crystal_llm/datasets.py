@@ -151,8 +151,10 @@ def _parse_cif(text):
     from pymatgen.io.cif import CifParser
 
     with warnings.catch_warnings():
-        # Routine notes about snapping coordinates to ideal values are not problems.
+        # Routine notes (coordinates snapped to ideal values, noble gases without
+        # electronegativity when sites are sorted) are not problems of the data.
         warnings.filterwarnings("ignore", message=r"(?s).*rounded to ideal values")
+        warnings.filterwarnings("ignore", message="No Pauling electronegativity")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pymatgen\.io\.cif")
         parser = CifParser.from_str(text)
         return parser.parse_structures(primitive=False, on_error="raise")
@@ -200,7 +202,7 @@ def canonicalize(atoms, *, tolerance=0.25):
         atoms.get_scaled_positions(wrap=False),
     )
     with warnings.catch_warnings():
-        # pymatgen sorts sites by electronegativity and warns for noble gases.
+        # pymatgen sorts by electronegativity and warns for noble gases.
         warnings.filterwarnings("ignore", message="No Pauling electronegativity")
         primitive = structure.get_primitive_structure(tolerance=tolerance)
     if len(primitive) == len(structure):

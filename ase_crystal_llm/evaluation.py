@@ -16,6 +16,7 @@ by the split file's sha256, the subsample size and seed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -108,7 +109,11 @@ def read_samples(source, limit=None):
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    structures = read_structures(source, canonical=False, limit=limit)
+    return check_structures(read_structures(source, canonical=False, limit=limit), source)
+
+
+def check_structures(structures, source="input"):
+    """Refuse an empty list and structures that are not 3D-periodic crystals."""
     if not structures:
         raise ValueError(f"no structures in {source}")
     for i, atoms in enumerate(structures):
@@ -149,7 +154,7 @@ def _load_language_model(path):
     except ImportError:  # generation module not available: plain transformers load
         CrystalGenerator = None
     if CrystalGenerator is not None:
-        gen = CrystalGenerator.from_pretrained(path, device="cpu")
+        gen = CrystalGenerator.from_pretrained(path)  # its default device: cuda when available
         return gen.model, gen.tokenizer, gen.template
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,6 +162,17 @@ def _load_language_model(path):
 
     card = ModelCard.from_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), card.template
+
+
+def model_ipt(model, crystals, *, size=IPT_SIZE, seed=0, progress=False):
+    """IPT of a model directory on the first ``size`` crystals of a split (canonical cells, as in training)."""
+    from .datasets import read_structures
+
+    if size < 1:
+        raise ValueError(f"IPT needs at least one crystal, got size {size}")
+    lm, tokenizer, template = _load_language_model(model)
+    structures = read_structures(crystals, limit=size)
+    return {**metrics.ipt(lm, tokenizer, template, structures, seed=seed, progress=progress), "model": str(model)}
 
 
 # -- the pipeline -------------------------------------------------------------------
@@ -179,7 +195,9 @@ def _e_hull_all(relaxed, hull):
             errors.append(f"relaxation failed: {atoms.info.get('relax_error', 'unknown')}")
             continue
         try:
-            value = float(hull.e_above_hull(atoms))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # pymatgen's per-entry oxidation-state guesses
+                value = float(hull.e_above_hull(atoms))
             if not math.isfinite(value):
                 raise ValueError("non-finite energy above hull")
             values.append(value)
@@ -232,115 +250,136 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
     if reference not in REFERENCES:
         raise ValueError(f"unknown reference {reference!r}: use {', '.join(REFERENCES)}")
     out_dir = Path(out_dir)
-    timings = {}
-    clock = time.perf_counter()
-
-    if isinstance(samples, (str, os.PathLike)):
-        source = str(samples)
-        structures = read_samples(samples, limit)
-    else:
-        source = "<structures>"
-        structures = list(samples)[:limit] if limit else list(samples)
-        if not structures:
-            raise ValueError("no structures to evaluate")
-    test_path, train_path = settings.mp20_path("test", data_dir), settings.mp20_path("train", data_dir)
-    if any(metrics.structure_valid(a) for a in structures):
-        _check_potential(potential)  # before the slow steps
-    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = _Timer()
+    with timer("load"):
+        if isinstance(samples, (str, os.PathLike)):
+            source = str(samples)
+            structures = read_samples(samples, limit)
+        else:
+            source = "<structures>"
+            structures = check_structures([metrics.as_atoms(a) for a in samples][:limit], "the structures given")
+        test_path, train_path = settings.mp20_path("test", data_dir), settings.mp20_path("train", data_dir)
+        if any(metrics.structure_valid(a) for a in structures):
+            _check_potential(potential)  # before the slow steps
+        out_dir.mkdir(parents=True, exist_ok=True)
     n = len(structures)
-
-    # validity
-    flags = metrics.validity_flags(structures)
-    valid_idx = [i for i, ok in enumerate(flags["valid"]) if ok]
-    valid = [structures[i] for i in valid_idx]
     result = {
-        "samples": {"source": source, "n": n, "n_valid": len(valid)},
+        "samples": {"source": source, "n": n},
         "settings": {"reference": reference, "potential": potential if isinstance(potential, str) else
                      type(potential).__name__, "fmax": fmax, "steps": steps,
                      "coverage_reference_size": coverage_size, "seed": seed,
                      "struct_cutoff": metrics.STRUCT_CUTOFF, "comp_cutoff": metrics.COMP_CUTOFF,
                      "metastable_threshold": metrics.METASTABLE},
-        "validity": {"returned": metrics.validity_rates(flags),
-                     "emitted": metrics.emitted_validity(structures, flags, run_stats(source, n, limit))},
     }
-    timings["validity"] = time.perf_counter() - clock
-
-    # coverage, distributions, diversity against the test split
-    clock = time.perf_counter()
-    ref = reference_fingerprints(test_path, size=coverage_size, seed=seed, cache=cache, workers=workers,
-                                 progress=progress)
-    fps = metrics.Fingerprints.from_structures(valid, workers=workers, progress=progress,
-                                               desc="sample fingerprints")
-    scaler = metrics.CompositionScaler.fit(ref.composition[ref.ok])
-    result["coverage"] = {**metrics.coverage(fps, ref, n_total=n, scaler=scaler), "reference_size": len(ref)}
-    result["wasserstein"] = metrics.wasserstein(fps, ref)
-    result["diversity"] = metrics.diversity(fps, scaler)
-    timings["coverage"] = time.perf_counter() - clock
-
-    # uniqueness and novelty of the valid samples
-    clock = time.perf_counter()
-    unique_valid = metrics.unique_flags(valid)
-    index = metrics.NoveltyIndex.from_csv(train_path)
-    novel_valid = [index.is_novel(s) for s in _bar(valid, progress, "novelty")]
-    unique, novel = [False] * n, [False] * n
-    for j, i in enumerate(valid_idx):
-        unique[i], novel[i] = unique_valid[j], novel_valid[j]
-    result["uniqueness"] = _rate(unique_valid)
-    result["novelty"] = _rate(novel_valid)
-    result["unique_and_novel"] = _rate([u and v for u, v in zip(unique_valid, novel_valid)])
-    timings["novelty"] = time.perf_counter() - clock
-
-    # relaxation (cached, resumable) and energy above hull
-    clock = time.perf_counter()
-    cache_path = out_dir / "relax_cache.db"
-    before = _cache_rows(cache_path)
-    relaxed_valid = calculators.relax_many(valid, potential, fmax=fmax, steps=steps, workers=workers,
-                                           cache=cache_path, progress=progress) if valid else []
-    computed = _cache_rows(cache_path) - before
-    timings["relaxation"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    ref_hull = hull_module.ReferenceHull.from_mp20(data_dir) if relaxed_valid else None
-    e_valid, err_valid = _e_hull_all(relaxed_valid, ref_hull) if relaxed_valid else ([], [])
-    e_hull, errors = [None] * n, ["invalid sample"] * n
-    for j, i in enumerate(valid_idx):
-        e_hull[i], errors[i] = e_valid[j], err_valid[j]
-        relaxed_valid[j].info["sample_index"] = i
-        if e_valid[j] is not None:
-            relaxed_valid[j].info["e_above_hull"] = e_valid[j]
-    result["relaxation"] = {
-        "attempted": len(valid),
-        "failed": sum(bool(a.info.get("relax_failed")) for a in relaxed_valid),
-        "not_converged": sum(a.info.get("relax_converged") is False for a in relaxed_valid),
-        "computed": computed,
-        "from_cache": len(valid) - computed,
-    }
-    result["stability"] = metrics.stability_rates(e_hull, unique=unique, novel=novel)
-    result["stability"]["failures"] = _count_reasons(errors)
-    finite = [e for e in e_hull if e is not None]
-    result["stability"]["e_hull_median"] = float(np.median(finite)) if finite else None
-    timings["hull"] = time.perf_counter() - clock
-
+    with timer("validity"):
+        flags = metrics.validity_flags(structures)
+        valid_idx = [i for i, ok in enumerate(flags["valid"]) if ok]
+        valid = [structures[i] for i in valid_idx]
+        result["samples"]["n_valid"] = len(valid)
+        result["validity"] = {"returned": metrics.validity_rates(flags),
+                              "emitted": metrics.emitted_validity(structures, flags, run_stats(source, n, limit))}
+    with timer("coverage"):
+        ref = reference_fingerprints(test_path, size=coverage_size, seed=seed, cache=cache, workers=workers,
+                                     progress=progress)
+        fps = metrics.Fingerprints.from_structures(valid, workers=workers, progress=progress,
+                                                   desc="sample fingerprints")
+        result.update(_distribution_metrics(fps, ref, n))
+    with timer("novelty"):
+        unique, novel = _spread(valid_idx, n, *_uniqueness_novelty(valid, train_path, progress))
+        result["uniqueness"] = _rate([unique[i] for i in valid_idx])
+        result["novelty"] = _rate([novel[i] for i in valid_idx])
+        result["unique_and_novel"] = _rate([unique[i] and novel[i] for i in valid_idx])
+    with timer("relaxation"):
+        cache_path = out_dir / "relax_cache.db"
+        before = _cache_rows(cache_path)
+        relaxed = calculators.relax_many(valid, potential, fmax=fmax, steps=steps, workers=workers,
+                                         cache=cache_path, progress=progress) if valid else []
+        computed = _cache_rows(cache_path) - before
+    with timer("hull"):
+        ref_hull = hull_module.ReferenceHull.from_mp20(data_dir) if relaxed else None
+        e_valid, err_valid = _e_hull_all(relaxed, ref_hull)
+        e_hull, errors = _spread(valid_idx, n, e_valid, err_valid, fill=(None, "invalid sample"))
+        for atoms, i in zip(relaxed, valid_idx):
+            atoms.info["input_index"] = i
+            if e_hull[i] is not None:
+                atoms.info["e_above_hull"] = e_hull[i]
+        result["relaxation"] = _relaxation_summary(relaxed, computed)
+        result["stability"] = {**metrics.stability_rates(e_hull, unique=unique, novel=novel),
+                               "failures": _count_reasons(errors),
+                               "e_hull_median": _median([e for e in e_hull if e is not None])}
     result["conditional"] = metrics.conditional_accuracy(structures)
-
+    result["ipt"] = None
     if model is not None:
-        clock = time.perf_counter()
-        from .datasets import read_structures
-
-        lm, tokenizer, template = _load_language_model(model)
-        crystals = read_structures(test_path, limit=ipt_size)
-        result["ipt"] = {**metrics.ipt(lm, tokenizer, template, crystals, seed=seed, progress=progress),
-                         "model": str(model)}
-        timings["ipt"] = time.perf_counter() - clock
-    else:
-        result["ipt"] = None
-    result["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+        with timer("ipt"):
+            result["ipt"] = model_ipt(model, test_path, size=ipt_size, seed=seed, progress=progress)
+    result["timings_s"] = timer.rounded()
 
     _write_samples_csv(out_dir / "samples.csv", structures, flags, unique, novel, e_hull, errors)
-    _write_relaxed(out_dir / "relaxed.extxyz", relaxed_valid)
+    _write_relaxed(out_dir / "relaxed.extxyz", relaxed)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     figures = _plots(out_dir, result, e_hull, fps, ref) if plots else []
     (out_dir / "report.md").write_text(report_markdown(result, figures))
     return result
+
+
+class _Timer:
+    """Wall time of named stages: ``with timer("name"): ...``."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def rounded(self):
+        return {k: round(v, 2) for k, v in self.seconds.items()}
+
+
+def _spread(indices, n, *columns, fill=None):
+    """Per-valid-sample columns laid out over all ``n`` samples (``fill`` elsewhere, default False)."""
+    fill = fill if fill is not None else (False,) * len(columns)
+    out = []
+    for column, default in zip(columns, fill):
+        full = [default] * n
+        for value, i in zip(column, indices):
+            full[i] = value
+        out.append(full)
+    return out
+
+
+def _distribution_metrics(fps, ref, n):
+    scaler = metrics.CompositionScaler.fit(ref.composition[ref.ok])
+    return {
+        "coverage": {**metrics.coverage(fps, ref, n_total=n, scaler=scaler), "reference_size": len(ref)},
+        "wasserstein": metrics.wasserstein(fps, ref),
+        "diversity": metrics.diversity(fps, scaler),
+    }
+
+
+def _uniqueness_novelty(valid, train_path, progress):
+    unique = metrics.unique_flags(valid)
+    index = metrics.NoveltyIndex.from_csv(train_path)
+    novel = [index.is_novel(s) for s in _bar(valid, progress, "novelty")]
+    return unique, novel
+
+
+def _relaxation_summary(relaxed, computed):
+    return {
+        "attempted": len(relaxed),
+        "failed": sum(bool(a.info.get("relax_failed")) for a in relaxed),
+        "not_converged": sum(a.info.get("relax_converged") is False for a in relaxed),
+        "computed": computed,
+        "from_cache": len(relaxed) - computed,
+    }
+
+
+def _median(values):
+    return float(np.median(values)) if values else None
 
 
 def _bar(items, progress, desc):

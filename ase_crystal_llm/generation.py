@@ -91,6 +91,14 @@ class _BufferLayer(DynamicLayer):
             self.values = self.vbuf[:, :, :self.length]
 
 
+def _cache_kwarg(model):
+    """``cache`` (transformers >= 5.x) or the older ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _buffer_cache(model, capacity):
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     return Cache(layers=[_BufferLayer(capacity) for _ in range(n_layers)])
@@ -124,7 +132,7 @@ def _left_pad(tokenizer, prompts, device):
 
 @torch.inference_mode()
 def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, temperature=0.0, top_p=1.0,
-                generator=None, compact_fraction=0.25):
+                generator=None, compact_fraction=0.25, min_new_tokens=0):
     """Sample one continuation per prompt with the lean decoding loop.
 
     Parameters
@@ -142,6 +150,9 @@ def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, tempera
     compact_fraction : float
         Drop finished rows from the batch (and KV cache) once this fraction
         of the live rows has finished.
+    min_new_tokens : int
+        End-of-sequence is forbidden before this many tokens (benchmarks
+        force a length; the grammar must then allow enough atoms).
 
     Returns
     -------
@@ -156,8 +167,9 @@ def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, tempera
     padded = bool((attn == 0).any())
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = _buffer_cache(model, ids.shape[1] + max_new_tokens)
+    key = _cache_kwarg(model)
     out = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **{key: cache})
     logits = out.logits[:, -1].float()[rows]
     cache.batch_select_indices(rows)  # share the prefix: one copy per row
     attn = attn[rows]
@@ -171,7 +183,10 @@ def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, tempera
     done = torch.zeros(n, dtype=torch.bool, device=device)
     processor.reset(n)
     for step in range(max_new_tokens):
-        chosen = _choose(processor.mask(logits), temperature, top_p, generator)
+        scores = processor.mask(logits)
+        if step < min_new_tokens:
+            scores[:, eos] = float("-inf")
+        chosen = _choose(scores, temperature, top_p, generator)
         processor.advance(chosen)
         is_eos = torch.isin(chosen, eos)
         for b, (tok, stop) in enumerate(zip(chosen.tolist(), is_eos.tolist())):
@@ -196,7 +211,7 @@ def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, tempera
         if padded:
             attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
         out = model(input_ids=chosen[:, None], attention_mask=attn if padded else None,
-                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+                    position_ids=next_pos[:, None], use_cache=True, **{key: cache})
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     return tokens, ended
@@ -204,18 +219,19 @@ def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, tempera
 
 @torch.inference_mode()
 def plain_sample(model, tokenizer, prompts, processor, *, max_new_tokens, temperature=0.0, top_p=1.0,
-                 generator=None):
+                 generator=None, min_new_tokens=0):
     """The same sampling through ``model.generate`` (the reference-style path).
 
-    The grammar runs first, then temperature and nucleus filtering, as in
+    ``processor=None`` samples without the grammar, as the reference code
+    does.  The grammar runs first, then temperature and nucleus filtering, as in
     :func:`fast_sample`.  ``generate`` has no generator argument, so sampling
     uses torch's global random state (seeded from ``generator`` when given).
     """
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     device = next(model.parameters()).device
     ids, attn = _left_pad(tokenizer, prompts, device)
-    processors = [processor]
+    processors = [processor] if processor is not None else []
     sample = bool(temperature)
     if sample:
         processors.append(TemperatureLogitsWarper(temperature))
@@ -223,13 +239,14 @@ def plain_sample(model, tokenizer, prompts, processor, *, max_new_tokens, temper
             processors.append(TopPLogitsWarper(top_p))
         if generator is not None:
             torch.manual_seed(int(generator.initial_seed()))
-    eos = sorted(processor.grammar.eos_ids)
+    eos = sorted(processor.grammar.eos_ids) if processor is not None else [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    out = model.generate(
-        input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
-        logits_processor=LogitsProcessorList(processors), eos_token_id=eos, pad_token_id=pad,
-        temperature=1.0, top_p=1.0, top_k=0,
-    )
+    # A fresh config: the model's saved sampling defaults must not add warpers.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos,
+                              pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
+                              min_new_tokens=min_new_tokens or None)
+    out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
+                         logits_processor=LogitsProcessorList(processors))
     tokens, ended = [], []
     for row in out[:, ids.shape[1]:].tolist():
         stop = next((i for i, t in enumerate(row) if t in eos), None)
@@ -313,6 +330,20 @@ def condition_sets(n, **conditions):
     return [sets[i % k] for i in range(n)]
 
 
+def _check_elements(elements):
+    bad = [e for e in elements or () if not is_element(e)]
+    if bad:
+        raise ValueError(f"unknown element symbol(s) in elements: {', '.join(map(repr, bad))}")
+
+
+def _check_request(n, kwargs):
+    """Argument errors that need no model, raised before one is loaded."""
+    _check_elements(kwargs.get("elements"))
+    keys = {k: kwargs.get(k) for k in CONDITION_KEYS}
+    for c in {id(c): c for c in condition_sets(max(int(n), 1), **keys)}.values():
+        _check_conditions(c)
+
+
 def _check_conditions(conditions):
     formula = conditions.get("formula")
     if formula is not None:
@@ -359,16 +390,6 @@ def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _sha256(path):
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _seed_stream(seed, *keys):
     return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -409,7 +430,7 @@ class CrystalGenerator:
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path=None, device=None, base=None, dtype=None):
+    def from_pretrained(cls, path=None, device=None, base=None, quantize=None):
         """Load a model directory written by ``crystal-llm train``.
 
         Parameters
@@ -422,8 +443,8 @@ class CrystalGenerator:
         base : str, optional
             Location of the base model of an adapter, overriding the card
             (for an adapter moved to another machine).
-        dtype : torch.dtype, optional
-            Default: bfloat16 on GPU, float32 on CPU.
+        quantize : {"4bit", "8bit"}, optional
+            Load an adapter's base quantised (bitsandbytes).
         """
         if path is None:
             path = settings.DEFAULT_MODEL_DIR
@@ -435,42 +456,14 @@ class CrystalGenerator:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory not found: {path}")
-        if not (path / "crystal_llm.json").is_file():
-            raise FileNotFoundError(f"{path} is not a crystal-llm model directory (no crystal_llm.json)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from .training import load_trained
 
-        from .modelcard import ModelCard
-
-        card = ModelCard.from_pretrained(path)
-        card.verify_weights(path)
-        device = torch.device(device or _default_device())
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if (path / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            base_id = base or _card_get(card, "base_model")
-            if not base_id:
-                raise ValueError(f"{path} holds an adapter but its card names no base model: pass base=")
-            try:
-                base_model = AutoModelForCausalLM.from_pretrained(str(base_id), dtype=dtype)
-            except OSError as err:
-                raise FileNotFoundError(
-                    f"base model {base_id!r} of adapter {path} not found offline: pass base= (--base) "
-                    "with its local directory"
-                ) from err
-            if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
-                base_model.resize_token_embeddings(len(tokenizer))
-            model = PeftModel.from_pretrained(base_model, str(path))
-            # Merged weights decode faster; quantised bases cannot merge.
-            try:
-                model = model.merge_and_unload()
-            except Exception:  # noqa: BLE001 - keep the unmerged adapter
-                pass
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        model.to(device).eval()
+        # The card's weight hashes are checked before anything is loaded.
+        model, tokenizer, card = load_trained(path, base=base, device=device or _default_device(),
+                                              quantize=quantize)
+        if hasattr(model, "merge_and_unload") and not quantize:
+            model = model.merge_and_unload()  # merged LoRA weights decode faster
+        model.eval()
         return cls(model, tokenizer, card, model_dir=path)
 
     @property
@@ -479,12 +472,14 @@ class CrystalGenerator:
 
     def weights_sha256(self):
         """Hashes of the weight files as recorded in the card (computed when absent)."""
-        recorded = _card_get(self.card, "weights_sha256") or _card_get(self.card, "weight_sha256")
+        recorded = _card_get(self.card, "weights")
         if recorded:
             return dict(recorded)
         if self.model_dir is None:
             return {}
-        return {p.name: _sha256(p) for p in sorted(self.model_dir.glob("*.safetensors"))}
+        from .modelcard import sha256_file, weight_files
+
+        return {name: sha256_file(self.model_dir / name) for name in weight_files(self.model_dir)}
 
     # -- sampling settings -----------------------------------------------------------------
     def _sampling_defaults(self):
@@ -593,15 +588,26 @@ class CrystalGenerator:
             raise ValueError(f"got {len(indices)} indices for {n} crystals")
         sampler = fast_sample if fast else plain_sample
 
-        stats = self.stats = GenerationStats(requested=n, seed=seed)
-        params = {"temperature": temperature, "top_p": top_p}
+        self.stats = GenerationStats(requested=n, seed=seed)
+        job = dict(conditions=conditions, prompts=prompts, grammar=grammar, max_new=max_new, sampler=sampler,
+                   params={"temperature": temperature, "top_p": top_p}, batch_size=batch_size, seed=seed,
+                   max_attempts=max_attempts, max_atoms=max_atoms, symmetrize=symmetrize, elements=elements,
+                   run_id=run_id, rank=rank, indices=indices)
+        # Arguments are checked above, when called; sampling starts on iteration.
+        return self._run(n, **job)
+
+    def _run(self, n, *, conditions, prompts, grammar, max_new, sampler, params, batch_size, seed,
+             max_attempts, max_atoms, symmetrize, elements, run_id, rank, indices):
+        stats = self.stats
+        temperature, top_p = params["temperature"], params["top_p"]
         attempts = [0] * n
         pending = deque(range(n))
         start = time.perf_counter()
         n_batch = 0
         while pending:
             slots = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
-            gen = torch.Generator(device=self.device).manual_seed(_seed_stream(seed, rank, n_batch))
+            # Distinct streams per rank and per resumed part (first index) of a run.
+            gen = torch.Generator(device=self.device).manual_seed(_seed_stream(seed, rank, indices[0], n_batch))
             n_batch += 1
             texts, ended = sampler(self.model, self.tokenizer, [prompts[id(conditions[s])] for s in slots],
                                    grammar.processor(), max_new_tokens=max_new, temperature=temperature,
@@ -688,3 +694,136 @@ def _symmetrize(atoms, symprec):
     atoms.wrap()
     if not math.isfinite(atoms.cell.volume):
         atoms.info["symmetrize_error"] = "degenerate cell"
+
+
+# -- the command-line workflow -------------------------------------------------------------
+
+
+def _distributed():
+    """accelerate's process state under ``accelerate launch`` (several processes), else ``None``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _broadcast(state, values):
+    if state is None:
+        return values
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list(list(values), from_process=0)
+
+
+def _part_path(output, rank, world):
+    if world == 1:
+        return output
+    return output.with_name(f"{output.stem}.part{rank}{output.suffix}")
+
+
+def _summary(output, records):
+    stats = [r.get("stats", {}) for r in records]
+    attempts = sum(s.get("attempts", 0) for s in stats)
+    returned = sum(s.get("returned", 0) for s in stats)
+    failures = sum(sum(s.get("parse_failures", {}).values()) for s in stats)
+    gave_up = sum(s.get("gave_up", 0) for s in stats)
+    seconds = sum(s.get("seconds", 0.0) for s in stats) / max(1, len({r.get("rank") for r in records}))
+    rate = failures / attempts if attempts else 0.0
+    speed = returned / seconds if seconds else 0.0
+    return (f"wrote {returned} crystals to {output}: parse failures {rate:.1%} of {attempts} samples"
+            + (f", {gave_up} requested crystals gave up after max_attempts" if gave_up else "")
+            + f"; {seconds:.1f} s, {speed:.2f} crystals/s")
+
+
+def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None, resume=False, fast=True,
+                     progress=False, max_attempts=None, max_atoms=None, generator=None, **kwargs):
+    """Sample ``n`` crystals into ``output`` as they come (the ``crystal-llm generate`` workflow).
+
+    Every structure is durable once written, so an interrupted run keeps what
+    it finished; ``resume=True`` adds only the crystals the output lacks
+    (same run id and seed, taken from ``<output>.run.json``).  Under
+    ``accelerate launch`` the crystals are split over the processes (each
+    with its own random stream) and gathered into ``output`` at the end.
+
+    Returns
+    -------
+    str or None
+        A one-line summary (on the main process).
+    """
+    from .outputs import (StructureWriter, merge_outputs, output_format, read_run_records,
+                          run_record_path)
+
+    output = Path(output)
+    output_format(output)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {output.parent}")
+    state = _distributed()
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    main = rank == 0
+    if device is None and state is not None:
+        device = state.device
+    max_attempts = DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts
+    max_atoms = DEFAULT_MAX_ATOMS if max_atoms is None else max_atoms
+    run_settings = {"n": int(n), **{k: v for k, v in kwargs.items() if v is not None},
+                    "max_attempts": max_attempts, "max_atoms": max_atoms, "fast": fast}
+
+    existing, run_id = set(), None
+    if main:
+        parts = [_part_path(output, r, world) for r in range(world)] if world > 1 else []
+        if resume:
+            records = read_run_records(output) + [r for p in parts for r in read_run_records(p)]
+            if not records:
+                raise FileNotFoundError(f"cannot resume: no run record {run_record_path(output)}")
+            previous = records[-1]
+            changed = sorted(k for k in set(run_settings) | set(previous.get("settings", {}))
+                             if k not in ("fast", "batch_size")
+                             and run_settings.get(k) != previous.get("settings", {}).get(k))
+            if changed:
+                raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
+            run_id, seed = previous["run_id"], previous["seed"]
+            merge_outputs([p for p in parts if p.exists()], output)
+            if output.exists():
+                with StructureWriter(output, append=True) as w:
+                    existing = {i for r, i in w.existing if r == run_id}
+        else:
+            seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+            run_id = uuid.uuid4().hex[:12]
+            for path in [output, run_record_path(output), Path(str(output) + ".ids"), *parts]:
+                path.unlink(missing_ok=True)
+    run_id, seed, existing = _broadcast(state, [run_id, seed, existing])
+
+    _check_request(n, kwargs)  # before the (slow) model load
+    gen = generator or CrystalGenerator.from_pretrained(model, device=device, base=base)
+    todo = [i for i in range(rank, int(n), world) if i not in existing]
+    part = _part_path(output, rank, world)
+    stream = gen.iter_generate(len(todo), indices=todo, run_id=run_id, rank=rank, seed=seed,
+                               max_attempts=max_attempts, max_atoms=max_atoms, fast=fast, **kwargs)
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="crystal", desc="generate", disable=not todo)
+    status, session = "interrupted", uuid.uuid4().hex[:8]
+    with StructureWriter(part, append=resume or world == 1 and output.exists()) as writer:
+        try:
+            for atoms in stream:
+                writer.write(atoms)
+                if bar is not None:
+                    bar.update(1)
+            status = "complete"
+        finally:
+            if bar is not None:
+                bar.close()
+            record = gen.run_record(**run_settings)
+            record.update(run_id=run_id, rank=rank, session=session, world_size=world, seed=seed,
+                          status=status, output=str(output))
+            writer.write_run_record(record)
+    if state is not None:
+        state.wait_for_everyone()
+    if not main:
+        return None
+    if world > 1:
+        merge_outputs([_part_path(output, r, world) for r in range(world)], output)
+    records = [r for r in read_run_records(output) if r.get("run_id") == run_id]
+    return _summary(output, records)

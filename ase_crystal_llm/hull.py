@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -119,11 +120,12 @@ class ReferenceHull:
             mu = {e.composition.elements[0].symbol: e.energy_per_atom for e in elemental_references}
         rows = []
         for entry in entries:
+            entry_id = getattr(entry, "entry_id", None) or getattr(entry, "name", None)
             missing = [el.symbol for el in entry.composition.elements if el.symbol not in mu]
             if missing:
-                raise ValueError(f"no elemental reference for {', '.join(missing)} (entry {entry.entry_id})")
-            eform = (entry.energy - sum(mu[el.symbol] * n for el, n in entry.composition.items()))
-            rows.append((entry.entry_id, entry.composition, eform / entry.composition.num_atoms))
+                raise ValueError(f"no elemental reference for {', '.join(missing)} (entry {entry_id})")
+            eform = entry.energy - sum(mu[el.symbol] * n for el, n in entry.composition.items())
+            rows.append((entry_id, entry.composition, eform / entry.composition.num_atoms))
         return cls(rows, mu, **kwargs)
 
     # ------------------------------------------------------------------ queries
@@ -306,7 +308,10 @@ def mp2020_correct(atoms, total_energy):
     )
     compat = _compatibility()
     try:
-        processed = compat.process_entry(entry, on_error="raise")
+        with warnings.catch_warnings():
+            # intermetallics: pymatgen (as MP) puts the anion correction on the most electronegative atom
+            warnings.filterwarnings("ignore", message="Failed to guess oxidation states")
+            processed = compat.process_entry(entry, on_error="raise")
     except CompatibilityError as err:
         raise ValueError(f"MP2020 correction failed for {structure.composition.reduced_formula}: {err}") from err
     if processed is None:

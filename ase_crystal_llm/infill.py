@@ -34,6 +34,8 @@ __all__ = [
     "swap_element",
     "TemplateElementMutation",
     "element_log_likelihoods",
+    "infill_prompt",
+    "mutate_structures",
     "propose_elements",
     "swap_table",
     "template_candidates",
@@ -138,9 +140,21 @@ def _encode(tokenizer, text, special):
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _infill_prompt(generator, atoms, element):
+def infill_prompt(generator, atoms, element):
+    """The infill prompt for ``atoms`` with every ``element`` atom masked.
+
+    The crystal is written in its canonical cell (primitive, Niggli-reduced),
+    the convention the model was trained on; a structure that cannot be
+    canonicalized (not periodic in 3D) is written as given.
+    """
+    from .datasets import canonicalize
+
     if element not in set(atoms.get_chemical_symbols()):
         raise ValueError(f"element {element} does not occur in {atoms.get_chemical_formula()}")
+    try:
+        atoms = canonicalize(atoms)
+    except ValueError:
+        pass
     return generator.template.infill_prompt(mask_element(atoms_to_text(atoms), element))
 
 
@@ -192,7 +206,7 @@ def element_log_likelihoods(generator, atoms, element, candidates=None):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
     # Prompt and answer are tokenised separately and concatenated, as in training.
-    prompt = _encode(tokenizer, _infill_prompt(generator, atoms, element), True)
+    prompt = _encode(tokenizer, infill_prompt(generator, atoms, element), True)
     answers = [_encode(tokenizer, symbol, False) + [eos] for symbol in candidates]
     width = max(len(a) for a in answers)
     ids = torch.full((len(answers), len(prompt) + width), pad, dtype=torch.long)
@@ -291,23 +305,35 @@ def swap_element(atoms, old, new):
     return child
 
 
+def _element_groups(element_pool):
+    """``element_pool`` as ASE's element mutations take it: one list, or a list of lists."""
+    if element_pool is None:
+        return None
+    pool = list(element_pool)
+    groups = [pool] if not pool or isinstance(pool[0], str) else [list(g) for g in pool]
+    for group in groups:
+        if not group:
+            raise ValueError("element_pool has an empty group")
+        for symbol in group:
+            if not isinstance(symbol, str):
+                raise ValueError(f"element_pool must hold symbols or lists of symbols, got {symbol!r}")
+            _check_element(symbol)
+    return tuple(tuple(dict.fromkeys(g)) for g in groups)
+
+
 class _ElementSwapMutation(OffspringCreator):
     """Shared mechanics: pick an element of the parent, pick its replacement, swap all.
 
     Subclasses implement :meth:`candidates` (allowed replacements of one
-    element) and :meth:`choose` (draw one of them).
+    element) and :meth:`choose` (draw one of them; returns the symbol and a
+    dict of extra ``info['data']`` for the child).
     """
 
     def __init__(self, element_pool=None, rng=np.random, verbose=False):
         super().__init__(verbose=verbose, rng=rng)
         self.min_inputs = 1
-        if element_pool is not None:
-            element_pool = tuple(dict.fromkeys(element_pool))
-            for symbol in element_pool:
-                _check_element(symbol)
-            if not element_pool:
-                raise ValueError("element_pool is empty")
         self.element_pool = element_pool
+        self.groups = _element_groups(element_pool)
 
     def candidates(self, element):
         raise NotImplementedError
@@ -315,10 +341,15 @@ class _ElementSwapMutation(OffspringCreator):
     def choose(self, atoms, element, candidates):
         raise NotImplementedError
 
-    def _in_pool(self, symbols):
-        if self.element_pool is None:
-            return tuple(symbols)
-        return tuple(s for s in symbols if s in self.element_pool)
+    def group(self, element):
+        """Elements that may replace ``element`` under the pool (``None``: any)."""
+        if self.groups is None:
+            return None
+        return next((g for g in self.groups if element in g), ())
+
+    def _in_group(self, element, symbols):
+        group = self.group(element)
+        return tuple(symbols) if group is None else tuple(s for s in symbols if s in group)
 
     def get_new_individual(self, parents):
         """Return ``(child, description)``, or ``(None, reason)`` when no swap exists."""
@@ -331,11 +362,12 @@ class _ElementSwapMutation(OffspringCreator):
 
         # Uniform over the parent's elements that can be replaced at all.
         element = str(self.rng.choice(sorted(options, key=atomic_numbers.get)))
-        new = self.choose(parent, element, options[element])
+        new, data = self.choose(parent, element, options[element])
 
         child = self.initialize_individual(parent, swap_element(parent, element, new))
         child.info["data"]["parents"] = [parent.info["confid"]] if "confid" in parent.info else []
         child.info["data"]["element_swap"] = [element, new]
+        child.info["data"].update(data)
         description = f"mutation: {self.descriptor} {element}->{new}"
         if self.verbose:
             print(description)
@@ -356,12 +388,14 @@ class TemplateElementMutation(_ElementSwapMutation):
 
     Parameters
     ----------
-    element_pool : sequence of str, optional
-        Only these elements may be swapped in (e.g. the chemical space of a
-        GA search).  Default: any element.
+    element_pool : list of str, or list of lists of str, optional
+        The chemical space, as for ASE's ``RandomElementMutation``: only
+        elements of the pool are swapped, and only for elements of the same
+        group (``[["Ca", "Sr"], ["Ti", "Zr"]]`` keeps A and B sites apart).
+        Default: any element for any element.
     tolerance : float
         Ionic radius tolerance of the swap table, Angstrom.
-    rng : numpy.random.Generator or numpy.random
+    rng : numpy.random, RandomState or Generator
         Source of randomness (ASE GA convention).
     verbose : bool
         Print each mutation.
@@ -374,10 +408,10 @@ class TemplateElementMutation(_ElementSwapMutation):
         self.descriptor = "TemplateElementMutation"
 
     def candidates(self, element):
-        return self._in_pool(self.table.get(element, ()))
+        return self._in_group(element, self.table.get(element, ()))
 
     def choose(self, atoms, element, candidates):
-        return str(self.rng.choice(list(candidates)))
+        return str(self.rng.choice(list(candidates))), {}
 
 
 class LLMElementMutation(_ElementSwapMutation):
@@ -394,18 +428,18 @@ class LLMElementMutation(_ElementSwapMutation):
     ----------
     generator : CrystalGenerator
         The infill model (``.model``, ``.tokenizer``, ``.template``).
-    element_pool : sequence of str, optional
-        Only these elements may be swapped in.  Default: any element.
+    element_pool : list of str, or list of lists of str, optional
+        The chemical space (see :class:`TemplateElementMutation`).
     temperature : float
-        Softmax temperature of the proposal (paper: 0.7 to 1.0 trade
-        stability against diversity; 0 is greedy).
+        Softmax temperature of the proposal: lower is more conservative,
+        higher more diverse, 0 is greedy.
     restrict_to_template : bool
-        Score only the template swap-table entry of the element (intersected
-        with ``element_pool``), as in the paper; otherwise score the whole
-        pool (or every element).
+        Score only the template swap-table entry of the element (within its
+        ``element_pool`` group); otherwise score the whole group (or every
+        element).
     tolerance : float
         Ionic radius tolerance of the swap table used for the restriction.
-    rng : numpy.random.Generator or numpy.random
+    rng : numpy.random, RandomState or Generator
         Source of randomness (ASE GA convention).
     verbose : bool
         Print each mutation.
@@ -422,8 +456,9 @@ class LLMElementMutation(_ElementSwapMutation):
 
     def candidates(self, element):
         if self.restrict_to_template:
-            return self._in_pool(self.table.get(element, ()))
-        return self.element_pool if self.element_pool is not None else ELEMENTS
+            return self._in_group(element, self.table.get(element, ()))
+        group = self.group(element)
+        return ELEMENTS if group is None else group
 
     def choose(self, atoms, element, candidates):
         probs = propose_elements(self.generator, atoms, element, candidates=candidates,
@@ -431,12 +466,66 @@ class LLMElementMutation(_ElementSwapMutation):
         symbols = list(probs)
         p = np.array([probs[s] for s in symbols])
         new = str(symbols[int(self.rng.choice(len(symbols), p=p / p.sum()))])
-        self._last_probability = probs[new]
-        return new
+        return new, {"swap_probability": probs[new]}
 
-    def get_new_individual(self, parents):
-        child, description = super().get_new_individual(parents)
-        if child is not None:
-            child.info["data"]["swap_probability"] = self._last_probability
-        return child, description
 
+# --------------------------------------------------------------------------
+# Many children outside a GA (the ``crystal-llm mutate`` engine)
+
+
+def _child_info(child, parent, index):
+    """Flat, file-format-safe provenance of one child (no nested GA dicts)."""
+    old, new = child.info["data"]["element_swap"]
+    info = {
+        "parent_index": int(index),
+        "parent_formula": parent.get_chemical_formula(mode="metal"),
+        "mutation": f"{old}->{new}",
+        "origin": child.info["key_value_pairs"]["origin"],
+    }
+    if "material_id" in parent.info:
+        info["parent_material_id"] = parent.info["material_id"]
+    if "swap_probability" in child.info["data"]:
+        info["swap_probability"] = float(child.info["data"]["swap_probability"])
+    return info
+
+
+def mutate_structures(parents, n, operator):
+    """Yield ``n`` children of ``parents``, one mutation each, parents taken in turn.
+
+    A parent the operator cannot mutate (no allowed swap) leaves the rotation
+    with a warning; when none is left a ``ValueError`` says so.  Children carry
+    flat ``info``: ``parent_index``, ``parent_formula``, ``parent_material_id``
+    (when the parent has one), ``mutation`` (``"Na->K"``), ``origin`` and, for
+    the model, ``swap_probability``.
+
+    Parameters
+    ----------
+    parents : sequence of ase.Atoms
+    n : int
+        Number of children.
+    operator : TemplateElementMutation or LLMElementMutation
+        Any operator whose children record ``info['data']['element_swap']``.
+    """
+    parents = list(parents)
+    if int(n) != n or n < 0:
+        raise ValueError(f"number of children must be a non-negative integer, got {n!r}")
+    if n and not parents:
+        raise ValueError("no parent structures to mutate")
+    active = list(range(len(parents)))
+    made = turn = 0
+    while made < n:
+        if not active:
+            raise ValueError(
+                f"no parent allows a swap with {operator.descriptor} (made {made} of {n} children); "
+                "widen the tolerance or the element pool"
+            )
+        index = active[turn % len(active)]
+        child, reason = operator.get_new_individual([parents[index]])
+        if child is None:
+            warnings.warn(f"parent {index}: {reason.split(':', 1)[1].strip()}", stacklevel=2)
+            active.remove(index)
+            continue
+        turn += 1
+        child.info = _child_info(child, parents[index], index)
+        made += 1
+        yield child

@@ -463,7 +463,8 @@ class NoveltyIndex:
         opener = gzip.open if str(path).endswith(".gz") else open
         csv.field_size_limit(1 << 30)
         groups = defaultdict(list)
-        with opener(path, "rt", newline="") as handle:
+        with opener(path, "rt", newline="") as handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pymatgen: "no Pauling electronegativity for He"
             for row in csv.DictReader(handle):
                 cif = row["cif"]
                 formula = reduced_formula(row.get("pretty_formula") or "") or reduced_formula(

@@ -8,9 +8,9 @@ transaction per row for ase.db), so an interrupted run keeps every structure
 it finished and never leaves half a structure behind.
 
 Rows carry identifiers ``run_id``, ``rank`` and ``sample_index`` (from
-``atoms.info``); a writer opened with ``append=True`` reads the identifiers
-already in the file and skips structures it has, so a resumed run appends
-without duplicates.
+``atoms.info``); a writer opened with ``append=True`` reads the
+``(run_id, sample_index)`` pairs already in the file and skips structures it
+has, so a resumed run appends without duplicates.
 
 A run record (model path and weight hash, package version, seed, settings,
 statistics) is kept beside the output in ``<output>.run.json``; ase.db files
@@ -43,6 +43,7 @@ FORMATS = {
 ID_KEYS = ("run_id", "rank", "sample_index")
 # Long or multi-line text goes to ase.db's ``data``, not key_value_pairs.
 DATA_KEYS = ("generated_text", "prompt")
+CIF_END = "#end_of_structure\n\n"
 
 
 def output_format(path):
@@ -55,10 +56,14 @@ def output_format(path):
 
 
 def identifier(info):
-    """``(run_id, rank, sample_index)`` of a structure, or ``None`` when incomplete."""
-    if not all(k in info for k in ID_KEYS):
+    """``(run_id, sample_index)`` of a structure, or ``None`` when it has none.
+
+    ``sample_index`` numbers the crystals of a whole run (over all ranks), so
+    the pair identifies a structure; ``rank`` is stored for the record.
+    """
+    if "run_id" not in info or "sample_index" not in info:
         return None
-    return (str(info["run_id"]), int(info["rank"]), int(info["sample_index"]))
+    return (str(info["run_id"]), int(info["sample_index"]))
 
 
 def _plain(value):
@@ -114,10 +119,13 @@ def read_run_records(path):
     return json.loads(side.read_text()).get("runs", [])
 
 
+def _record_key(record):
+    return record.get("run_id"), record.get("rank"), record.get("session")
+
+
 def write_run_record(path, record):
-    """Add or update (same ``run_id`` and ``rank``) a run record beside ``path``, atomically."""
-    runs = [r for r in read_run_records(path)
-            if (r.get("run_id"), r.get("rank")) != (record.get("run_id"), record.get("rank"))]
+    """Add or update (same ``run_id``, ``rank`` and ``session``) a run record beside ``path``, atomically."""
+    runs = [r for r in read_run_records(path) if _record_key(r) != _record_key(record)]
     runs.append(record)
     _atomic_write_text(run_record_path(path), json.dumps({"runs": runs}, indent=1, default=str) + "\n")
 
@@ -159,6 +167,7 @@ class _TextBackend:
             good.append(chunk)
             if ident is not None:
                 self.seen.add(ident)
+        self.n_kept = len(good)
         kept = "".join(good)
         if kept != text:
             warnings.warn(f"{self.path}: dropped an incomplete structure at the end of the file")
@@ -203,6 +212,9 @@ class _ExtxyzBackend(_TextBackend):
     def parse(self, chunk):
         from ase.io import read
 
+        lines = chunk.splitlines(keepends=True)
+        if not chunk.endswith("\n") or not lines[0].strip().isdigit() or len(lines) != int(lines[0]) + 2:
+            return False  # cut short, even if what is there would parse
         try:
             atoms = read(io.StringIO(chunk), format="extxyz")
         except Exception:
@@ -219,11 +231,11 @@ class _CifBackend(_TextBackend):
         text = buf.getvalue().decode("utf-8")
         ident = identifier(atoms.info)
         name = "_".join(map(str, ident)) if ident else atoms.get_chemical_formula()
-        tags = ""
-        if ident:
-            tags = "".join(f"_crystal_llm_{k} {v}\n" for k, v in zip(ID_KEYS, ident))
+        tags = "".join(f"_crystal_llm_{k} {atoms.info[k]}\n" for k in ID_KEYS if k in atoms.info)
         # Unique block names and the identifiers as CIF data items.
-        return re.sub(r"^data_\S*\n", lambda m: f"data_{name}\n{tags}", text, count=1, flags=re.M) + "\n"
+        text = re.sub(r"^data_\S*\n", lambda m: f"data_{name}\n{tags}", text, count=1, flags=re.M)
+        # The end marker (a CIF comment) tells a complete block from one cut short.
+        return text + CIF_END
 
     def chunks(self, text):
         starts = [m.start() for m in re.finditer(r"^data_", text, flags=re.M)]
@@ -237,6 +249,8 @@ class _CifBackend(_TextBackend):
 
         if not chunk.startswith("data_"):
             return None if not chunk.strip() else False
+        if not chunk.endswith(CIF_END):
+            return False
         try:
             read(io.StringIO(chunk), format="cif")
         except Exception:
@@ -250,21 +264,31 @@ class _CrystalTextBackend(_TextBackend):
 
     def __init__(self, path, append):
         self.ids_path = Path(str(path) + ".ids")
+        self.n_kept = 0
         super().__init__(path, append)
         if append and self.ids_path.exists():
-            for line in self.ids_path.read_text().splitlines():
+            # One line per structure ("- - -" without identifiers): keep the
+            # lines of the structures that survived in the text file.
+            lines = self.ids_path.read_text().splitlines()[: self.n_kept]
+            _atomic_write_text(self.ids_path, "".join(line + "\n" for line in lines))
+            for line in lines:
                 parts = line.split()
-                if len(parts) == 3:
-                    self.seen.add((parts[0], int(parts[1]), int(parts[2])))
+                if len(parts) == 3 and parts[0] != "-":
+                    self.seen.add((parts[0], int(parts[2])))
         self.ids = open(self.ids_path, "a" if append else "w", encoding="utf-8")
 
     def render(self, atoms):
         return atoms_to_text(atoms) + "\n\n"
 
     def chunks(self, text):
-        return [block + "\n\n" for block in split_crystals(text)]
+        blocks = [block + "\n\n" for block in split_crystals(text)]
+        if blocks and not text.endswith("\n\n"):
+            blocks[-1] = blocks[-1][:-2]  # no separator yet: cut short
+        return blocks
 
     def parse(self, chunk):
+        if not chunk.endswith("\n\n"):
+            return False
         try:
             text_to_atoms(chunk)
         except Exception:
@@ -273,10 +297,12 @@ class _CrystalTextBackend(_TextBackend):
 
     def write(self, atoms):
         super().write(atoms)
-        ident = identifier(atoms.info)
-        if ident:
-            self.ids.write(" ".join(map(str, ident)) + "\n")
-            _fsync(self.ids)
+        if identifier(atoms.info):
+            line = " ".join(str(atoms.info.get(k, 0)) for k in ID_KEYS)
+        else:
+            line = "- - -"
+        self.ids.write(line + "\n")
+        _fsync(self.ids)
 
     def close(self):
         super().close()
@@ -330,8 +356,7 @@ class _DbBackend:
 
     def set_metadata(self, record):
         meta = dict(self.db.metadata)
-        runs = [r for r in meta.get("runs", [])
-                if (r.get("run_id"), r.get("rank")) != (record.get("run_id"), record.get("rank"))]
+        runs = [r for r in meta.get("runs", []) if _record_key(r) != _record_key(record)]
         meta["runs"] = runs + [json.loads(json.dumps(record, default=str))]
         self.db.metadata = meta
 
@@ -409,3 +434,45 @@ class StructureWriter:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def merge_outputs(parts, path):
+    """Append the structures of per-process part files to ``path``, then delete the parts.
+
+    Text formats are concatenated as written (identifiers and all); ``.traj``
+    and ``.db`` rows are copied with their info, key-value pairs and data.
+    Run records of the parts move into ``path``'s record file.
+    """
+    fmt = output_format(path)
+    path = Path(path)
+    for part in map(Path, parts):
+        if not part.exists():
+            continue
+        if fmt in ("extxyz", "cif", "crystal-text"):
+            with open(path, "ab") as out, open(part, "rb") as src:
+                out.write(src.read())
+                _fsync(out)
+            ids = Path(str(part) + ".ids")
+            if ids.exists():
+                with open(str(path) + ".ids", "ab") as out:
+                    out.write(ids.read_bytes())
+                    _fsync(out)
+                ids.unlink()
+        elif fmt == "traj":
+            from ase.io import Trajectory
+
+            with Trajectory(part) as src, StructureWriter(path, append=True) as w:
+                for atoms in src:
+                    w.write(atoms)
+        else:
+            import ase.db
+
+            with ase.db.connect(str(part)) as src, ase.db.connect(str(path), append=True) as dst:
+                for row in src.select():
+                    dst.write(row.toatoms(), key_value_pairs=row.key_value_pairs, data=row.get("data", {}))
+        for record in read_run_records(part):
+            write_run_record(path, record)
+            if fmt == "db":
+                _DbBackend(path, append=True).set_metadata(record)
+        run_record_path(part).unlink(missing_ok=True)
+        part.unlink()

@@ -18,7 +18,9 @@ Parsing rule for trailing text: a crystal ends at the end of the text or at the
 first blank line.  Whatever follows a blank line is ignored (model output often
 carries such garbage after a complete crystal; multi-crystal files use the
 blank line as separator).  Every non-blank line before it must belong to the
-crystal, so a half-written atom is an error, never silently dropped.
+crystal, so a half-written atom is an error, never silently dropped.  Line
+numbers in error messages count the crystal's lines, from its first non-blank
+line.
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 _CHARS = tuple(c for c in string.printable if c not in "\r\x0b\x0c")
 
 _WORD = re.compile(r"[A-Za-z]+")
-# An element-like piece of a word: capital plus optional lowercase letter, not
-# followed by another lowercase letter (so "Below" and "The" stay words).
-_SYMBOL_PATTERN = r"[A-Z][a-z]?(?![a-z])"
+# An element symbol not followed by a lowercase letter (so "Below" and "The"
+# stay words); two-letter symbols first so that "Na" is not "N" + "a".
+_SYMBOL_PATTERN = "(?:" + "|".join(sorted(ELEMENTS, key=lambda s: (-len(s), s))) + ")(?![a-z])"
 
 
 def corpus_words(texts):
@@ -60,7 +60,7 @@ def _pattern(words):
     if known:
         # A word carries its leading space: prompts cost half the tokens.
         alternatives.append(rf" ?\b(?:{known})\b")
-    alternatives += [_SYMBOL_PATTERN, r"."]
+    alternatives += [_SYMBOL_PATTERN, r"[\s\S]"]  # last: any single character
     return "|".join(alternatives)
 
 

@@ -608,8 +608,11 @@ class _Trainer:
         self.val_structures, self.val_record = val_structures, val_record
         self.callbacks = list(callbacks or ())
         self.progress = progress
-        mixed = precision or "no"
-        self.acc = Accelerator(mixed_precision=mixed, cpu=None)
+        import torch
+
+        # cpu=True on a CPU-only host makes torchrun / ``accelerate launch --multi_gpu``
+        # start gloo data parallelism (accelerate picks MULTI_CPU only when asked).
+        self.acc = Accelerator(mixed_precision=precision or "no", cpu=not torch.cuda.is_available())
         self.checkpoints = _Checkpoints(self.out, keep_checkpoints)
         self.resume_dir = self._find_resume() if resume else None
         self._epoch_cache = {}
@@ -778,7 +781,9 @@ class _Trainer:
         import torch.nn.functional as F
 
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Right padding under causal attention: no real token attends to padding,
+        # so the attention mask is left out (with it, CPU attention is ~10x slower).
+        logits = self.model(input_ids=batch["input_ids"]).logits
         labels = batch["labels"]
         logits = logits[:, :-1].float()
         targets = labels[:, 1:]
@@ -928,7 +933,9 @@ class _Trainer:
         else:
             hyper["trainable_parameters"] = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
             targets = model.peft_config["default"].target_modules
-            hyper["target_modules"] = sorted(targets) if isinstance(targets, (set, list)) else targets
+            if isinstance(targets, (set, list, tuple)):  # "all-linear" resolves to full module paths
+                targets = sorted({name.split(".")[-1] for name in targets})
+            hyper["target_modules"] = targets
         return ModelCard(
             kind="full" if cfg.from_scratch else "lora",
             base_model=f"from-scratch:{cfg.from_scratch}" if cfg.from_scratch else cfg.base,

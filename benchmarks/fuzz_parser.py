@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ import numpy as np
 from ase import Atoms
 
 from ase_crystal_llm import settings
+from ase_crystal_llm import text as text_module
 from ase_crystal_llm.datasets import iter_structures
 from ase_crystal_llm.text import ELEMENTS, MAX_ATOMS, MIN_VOLUME, CrystalTextError, atoms_to_text, text_to_atoms
 
@@ -248,6 +250,7 @@ def run(n, seed, n_seeds):
         "rng_seed": seed,
         "seed_crystals": len(seeds),
         "seed_source": "MP-20 test split (canonical cells, random translation)",
+        "text_py_sha256": hashlib.sha256(Path(text_module.__file__).read_bytes()).hexdigest(),
         "seconds": round(seconds, 1),
         "inputs_per_second": round(n / seconds),
         "outcomes": dict(counts),

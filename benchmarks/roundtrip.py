@@ -52,7 +52,10 @@ def hardware():
                 model = line.split(":", 1)[1].strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+    from importlib.metadata import version
+
+    packages = {name: version(name) for name in ("ase", "pymatgen", "numpy")}
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), **packages}
 
 
 def check(original, parsed):
@@ -140,6 +143,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "roundtrip.json"))
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()
     splits = {}
     for split in args.splits:
         splits[split] = run_split(split, args)
@@ -168,7 +172,11 @@ def main(argv=None):
         "limit_per_split": args.limit,
         "total": total,
         "splits": splits,
-        "note": "single process, run under nice on a shared machine; per_second counts structures",
+        "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
+        "note": (
+            "single process, run under nice on a machine shared with other jobs (see load_average): "
+            "speeds are lower bounds; per_second counts structures"
+        ),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

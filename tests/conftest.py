@@ -41,3 +41,36 @@ def mp20_test_sample(data_dir):
     from ase_crystal_llm.datasets import read_structures
 
     return read_structures(data_dir / "mp_20" / "test.csv.gz", limit=200)
+
+
+@pytest.fixture(scope="session")
+def mp20_train_64(data_dir):
+    """The first 64 MP-20 training structures (canonical cells)."""
+    from ase_crystal_llm.datasets import read_structures
+
+    return read_structures(data_dir / "mp_20" / "train.csv.gz", limit=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, mp20_train_64):
+    """A ``tiny`` from-scratch model trained on 64 MP-20 crystals for 60 steps.
+
+    A real model directory (weights, tokenizer, ``crystal_llm.json``,
+    ``training_log.json``) for generation and infill tests; it knows the text
+    format only roughly.  One torch thread: far faster than two on a busy CPU.
+    """
+    import torch
+
+    from ase_crystal_llm.training import train
+
+    out = tmp_path_factory.mktemp("tiny_model") / "model"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(
+            mp20_train_64, out, from_scratch="tiny", max_steps=60, batch_size=8, lr=3e-3,
+            save_every=60, seed=0, cache=False, progress=False,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return out

@@ -59,6 +59,15 @@ def small_crystals():
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small graphs on a shared 2-core machine: one thread is much faster than two."""
+    from ase_crystal_llm.calculators import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def m3gnet(m3gnet_dir):
     return get_calculator(str(m3gnet_dir))
@@ -94,9 +103,9 @@ def test_m3gnet_correction_is_instance_local(m3gnet, m3gnet_dir):
 
 def test_batched_and_serial_paths_agree(m3gnet):
     structures = small_crystals()
-    serial = relax_many(structures, m3gnet, backend="serial", fmax=0.05)
-    batched = relax_many(structures, m3gnet, backend="batched", batch_size=2, fmax=0.05)  # refills the batch
-    single = relax(structures[0], m3gnet, fmax=0.05)
+    serial = relax_many(structures, m3gnet, backend="serial")
+    batched = relax_many(structures, m3gnet, backend="batched", batch_size=2)  # refills the batch
+    single = relax(structures[0], m3gnet)
     for s, b in zip(serial, batched):
         assert not s.info.get("relax_failed") and not b.info.get("relax_failed")
         assert s.info["relax_converged"] and b.info["relax_converged"]
@@ -148,7 +157,8 @@ def test_relax_returns_new_atoms_with_records():
 
     reference = atoms.copy()
     reference.calc = EMT()
-    FIRE(FrechetCellFilter(reference), logfile=None).run(fmax=0.02, steps=300)
+    with calculators._small_matrix_threads():
+        FIRE(FrechetCellFilter(reference), logfile=None).run(fmax=0.02, steps=300)
     assert relaxed.info["energy"] == pytest.approx(reference.get_potential_energy(), abs=1e-8)
 
 
@@ -231,9 +241,10 @@ def test_structure_hash_is_stable_under_wrapping():
     assert structure_hash(atoms) != structure_hash(other)
 
 
+@pytest.mark.slow
 def test_worker_processes_match_one_process(m3gnet):
     structures = small_crystals()[:2]
     one = relax_many(structures, "m3gnet", workers=1)
-    two = relax_many(structures, "m3gnet", workers=2, batch_size=1)
+    two = relax_many(structures, "m3gnet", workers=2, batch_size=1, threads=1)
     for a, b in zip(one, two):
         assert abs(a.info["energy"] - b.info["energy"]) / len(a) < 0.005

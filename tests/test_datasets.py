@@ -144,6 +144,14 @@ def test_limit_and_streaming(tmp_path):
         read_structures(path, limit=-1)
 
 
+def test_row_with_wrong_number_of_fields(tmp_path):
+    path = write_csv(tmp_path / "short.csv", [nacl_row("mp-1")])
+    with open(path, "a") as handle:
+        handle.write("mp-2,-1.0\n")
+    with pytest.raises(DatasetError, match=r"short.csv row 2 \(mp-2\): wrong number of fields"):
+        read_structures(path)
+
+
 def test_csv_without_cif_column(tmp_path):
     path = tmp_path / "nocif.csv"
     path.write_text("material_id,band_gap\nmp-1,1.0\n")

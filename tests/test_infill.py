@@ -175,7 +175,7 @@ def test_batched_scores_equal_one_sequence_at_a_time(generator):
     candidates = ["N", "Na", "Nb", "P", "As"]
     scores = element_log_likelihoods(generator, atoms, "N", candidates)
     tok, model = generator.tokenizer, generator.model
-    prompt = tok(generator.template.infill_prompt(mask_element(atoms_to_text(atoms), "N")))["input_ids"]
+    prompt = tok(infill.infill_prompt(generator, atoms, "N"))["input_ids"]
     for symbol in candidates:
         answer = tok(symbol, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = torch.tensor([prompt + answer])
@@ -185,6 +185,15 @@ def test_batched_scores_equal_one_sequence_at_a_time(generator):
         assert scores[symbol] == pytest.approx(expected, abs=1e-4)
     # Na is two tokens here, N one: both were scored through the end token.
     assert len(tok("Na", add_special_tokens=False)["input_ids"]) == 2
+
+
+def test_prompt_uses_the_canonical_cell(generator):
+    conventional = bulk("NaCl", "rocksalt", a=5.64, cubic=True)  # 8 atoms; primitive has 2
+    prompt = infill.infill_prompt(generator, conventional, "Na")
+    lines = prompt.split("\n")
+    assert "4.0 4.0 4.0" in lines and "60 60 60" in lines
+    assert lines.count("[MASK]") == 1 and lines.count("Cl") == 1  # 2 atoms, not 8
+    assert prompt.endswith("in the bulk material:\n")
 
 
 def test_temperature(generator):
@@ -215,7 +224,7 @@ def _train(generator, examples, steps=40):
     tok, model = generator.tokenizer, generator.model
     rows = []
     for atoms, element in examples:
-        prompt = tok(generator.template.infill_prompt(mask_element(atoms_to_text(atoms), element)))["input_ids"]
+        prompt = tok(infill.infill_prompt(generator, atoms, element))["input_ids"]
         rows.append((prompt, tok(element, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]))
     width = max(len(p) + len(a) for p, a in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id)
@@ -288,9 +297,12 @@ def test_template_mutation_contract():
 
 
 def test_element_pool_and_no_possible_swap():
-    op = TemplateElementMutation(element_pool=["Ni", "Au"], rng=np.random.default_rng(0))
+    op = TemplateElementMutation(element_pool=["Cu", "Ni", "Au"], rng=np.random.default_rng(0))
     child, _ = op.get_new_individual([_parent(bulk("Cu", "fcc", a=3.6))])
-    assert child.get_chemical_symbols() == ["Ni"]
+    assert child.get_chemical_symbols() == ["Ni"]  # Au is in the pool but not Cu's look-alike
+    # As in ASE's element mutations, elements outside the pool are never swapped.
+    child, reason = TemplateElementMutation(element_pool=["Ni", "Au"]).get_new_individual([_parent(bulk("Cu", "fcc", a=3.6))])
+    assert child is None and "no allowed swap" in reason
     # Argon has no ionic radius: no swap, no exception.
     child, reason = op.get_new_individual([_parent(bulk("Ar", "fcc", a=5.3))])
     assert child is None and reason.count(":") == 1 and "no allowed swap" in reason
@@ -299,18 +311,24 @@ def test_element_pool_and_no_possible_swap():
     assert child.get_chemical_symbols() == ["Na", "N"]
     with pytest.raises(ValueError, match="unknown element"):
         TemplateElementMutation(element_pool=["Cu", "Qq"])
+    with pytest.raises(ValueError, match="empty group"):
+        TemplateElementMutation(element_pool=[["Cu"], []])
 
 
 def test_llm_mutation_contract(generator):
     parent = _parent(_n_na_nb())
     snapshot = parent.copy()
-    op = LLMElementMutation(generator, restrict_to_template=False, element_pool=["P", "As", "K"],
+    groups = [["N", "P", "As"], ["Na", "K", "Rb"]]  # Nb is in no group: never swapped
+    op = LLMElementMutation(generator, restrict_to_template=False, element_pool=groups,
                             temperature=1.0, rng=np.random.default_rng(1))
-    for _ in range(5):
+    swapped = set()
+    for _ in range(8):
         child, description = op.get_new_individual([parent])
         old, new = _check_child(parent, child, description, "LLMElementMutation")
-        assert new in ("P", "As", "K")
+        assert any(old in g and new in g for g in groups)
         assert 0 < child.info["data"]["swap_probability"] <= 1
+        swapped.add(old)
+    assert swapped == {"N", "Na"}
     assert parent == snapshot
     # Greedy: the most likely candidate of the model's distribution is taken.
     greedy = LLMElementMutation(generator, restrict_to_template=True, temperature=0, rng=np.random.default_rng(0))
@@ -397,3 +415,131 @@ def test_operators_in_ase_ga_loop(generator, tmp_path):
         if row.get("relaxed") == 0 and row.get("origin") in ours:
             assert row.mutation == 1 and "->" in row.description
     assert len(population.pop) == 5
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parents_file(tmp_path):
+    from ase.io import write
+
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cu[0].symbol = "Ni"
+    argon = bulk("Ar", "fcc", a=5.3)  # no allowed swap: leaves the rotation
+    path = tmp_path / "parents.extxyz"
+    write(path, [cu, argon, _rocksalt()])
+    return path
+
+
+def test_cli_mutate_baseline(tmp_path):
+    from ase.io import read
+
+    from ase_crystal_llm.cli import main
+
+    out = tmp_path / "children.extxyz"
+    with pytest.warns(UserWarning, match="parent 1: .*no allowed swap"):
+        assert main(["mutate", str(_parents_file(tmp_path)), "-n", "5", "--baseline", "--seed", "0", "-o", str(out)]) == 0
+    children = read(out, ":")
+    assert len(children) == 5
+    assert [c.info["parent_index"] for c in children] == [0, 2, 0, 2, 0]
+    for child in children:
+        old, new = child.info["mutation"].split("->")
+        assert new in swap_table()[old] and child.info["origin"] == "TemplateElementMutation"
+    assert children[1].get_chemical_symbols() == ["Na", "N"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["-n", "0", "--baseline"], "-n must be at least 1"),
+        (["-n", "2", "--baseline", "--temperature", "0.5"], "--baseline uses no model"),
+        (["-n", "2", "--baseline", "--tolerance", "-1"], "tolerance"),
+    ],
+)
+def test_cli_mutate_errors_are_one_line(tmp_path, capsys, extra, message):
+    from ase_crystal_llm.cli import main
+
+    out = tmp_path / "children.extxyz"
+    assert main(["mutate", str(_parents_file(tmp_path)), *extra, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_cli_mutate_missing_input(tmp_path, capsys):
+    from ase_crystal_llm.cli import main
+
+    assert main(["mutate", str(tmp_path / "nope.extxyz"), "-n", "1", "--baseline", "-o", str(tmp_path / "x.extxyz")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- with a trained model
+
+
+def test_generator_delegates_to_exact_scoring(tiny_model_dir):
+    from ase_crystal_llm.generation import CrystalGenerator
+
+    gen = CrystalGenerator.from_pretrained(tiny_model_dir, device="cpu")
+    salt = _rocksalt()
+    probs = gen.propose_elements(salt, "Cl", candidates=["F", "Br", "I", "N"], temperature=0.7)
+    assert list(probs) == ["F", "Br", "I", "N"]
+    assert sum(probs.values()) == pytest.approx(1.0)
+    assert probs == pytest.approx(propose_elements(gen, salt, "Cl", candidates=["F", "Br", "I", "N"], temperature=0.7))
+
+
+def test_cli_mutate_with_model(tiny_model_dir, tmp_path):
+    from ase.db import connect
+
+    from ase_crystal_llm.cli import main
+
+    out = tmp_path / "children.db"
+    with pytest.warns(UserWarning, match="parent 1"):
+        code = main(["mutate", str(_parents_file(tmp_path)), "-n", "3", "--model", str(tiny_model_dir),
+                     "--temperature", "0.7", "--device", "cpu", "--seed", "1", "-o", str(out)])
+    assert code == 0
+    rows = list(connect(out).select())
+    assert len(rows) == 3
+    for row in rows:
+        assert row.origin == "LLMElementMutation" and 0 < row.swap_probability <= 1
+        old, new = row.mutation.split("->")
+        assert new in swap_table()[old]
+
+
+def test_cli_mutate_relax(m3gnet_dir, tmp_path):
+    from ase.io import read
+
+    from ase_crystal_llm.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        code = main(["mutate", str(_parents_file(tmp_path)), "-n", "1", "--baseline", "--relax", "m3gnet",
+                     "--seed", "0", "-o", str(tmp_path / "relaxed.extxyz")])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    (child,) = read(tmp_path / "relaxed.extxyz", ":")
+    assert child.info["energy_scale"] == "mp_raw" and "mutation" in child.info
+    assert child.get_potential_energy() < 0  # extxyz hands the relaxed energy to a calculator
+
+
+def test_ga_search_example_runs(m3gnet_dir, tiny_model_dir, tmp_path, capsys):
+    """docs/examples/ga_search.py end to end, shrunk: M3GNet relaxations, -E_hull scores."""
+    import runpy
+    from pathlib import Path
+
+    from ase.db import connect
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "ga_search.py"
+    main = runpy.run_path(str(example))["main"]
+    threads = torch.get_num_threads()
+    try:
+        main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "run"), "--population", "3",
+              "--generations", "1", "--children", "2", "--seed", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "generation 1: best" in capsys.readouterr().out
+    rows = [row for row in connect(tmp_path / "run" / "ga.db").select(relaxed=1)]
+    assert len(rows) >= 3
+    for row in rows:
+        assert row.raw_score == pytest.approx(-row.e_above_hull)
+        assert row.toatoms().get_chemical_symbols().count("O") == 3 and row.natoms == 5

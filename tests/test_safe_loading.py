@@ -175,7 +175,7 @@ def test_pickled_weights_never_run(tiny_full_model, tmp_path):
     model = _copy(tiny_full_model, tmp_path / "model")
     marker = tmp_path / "pickle-ran"
     (model / "model.safetensors").unlink()
-    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"lm_head.weight": _Payload(marker)}))
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"lm_head.weight": _Payload(marker)}, protocol=2))
     _record(model)
     with pytest.raises(Exception):
         CrystalGenerator.from_pretrained(model, device="cpu")

@@ -1,5 +1,7 @@
 """The crystal text format: round trips, rounding rules, bad input, masking."""
 
+import re
+
 import numpy as np
 import pytest
 from ase import Atoms
@@ -222,7 +224,7 @@ def test_non_finite_numbers(bad):
 @pytest.mark.parametrize("symbol", ["Ln", "Gro", "Mande", "X", "na", "NA", "[MASK]"])
 def test_unknown_element_symbol(symbol):
     text = f"5.6 5.6 5.6\n90 90 90\nNa\n0 0 0\n{symbol}\n0.5 0.5 0.5"
-    with pytest.raises(CrystalTextError, match=rf"line 5: unknown element symbol '{__import__('re').escape(symbol)}'"):
+    with pytest.raises(CrystalTextError, match=f"line 5: unknown element symbol '{re.escape(symbol)}'"):
         text_to_atoms(text)
 
 

@@ -1,0 +1,157 @@
+"""CPU generation throughput: our fast sampler against plain ``model.generate``.
+
+    python benchmarks/generation_cpu.py                 # default model, or a random "small" one
+    python benchmarks/generation_cpu.py --model DIR     # any model directory
+
+Both paths sample under the same crystal grammar, temperature and top-p, on
+the same model in the same process, threads pinned to ``--threads`` (2 by
+default: the target machine has 2 cores).  For each batch size it reports
+samples/s (every attempt), crystals/s (parsed), tokens/s, and the speed-up at
+each path's best batch size.  The first measurement is ``--n`` parsed crystals
+through ``CrystalGenerator.generate`` including start-up (imports, model
+load), timed from process start.
+
+Model: the default model when the package ships one; otherwise ``--model``;
+otherwise a randomly initialised LLaMA of the from-scratch ``small`` size with
+the project tokenizer (random weights: the parse rate is low and lengths vary,
+which the result file says).  Results: ``benchmarks/results/generation_cpu.json``.
+"""
+
+import time
+
+T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from ase_crystal_llm import settings  # noqa: E402
+from ase_crystal_llm.generation import CrystalGenerator, fast_sample, plain_sample  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_name():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load(model_dir, size, seed=0):
+    if model_dir is None and (settings.DEFAULT_MODEL_DIR / "crystal_llm.json").is_file():
+        model_dir = settings.DEFAULT_MODEL_DIR
+    if model_dir is not None:
+        return CrystalGenerator.from_pretrained(model_dir, device="cpu"), f"model directory {model_dir}"
+    from transformers import LlamaForCausalLM
+
+    from ase_crystal_llm.prompts import PromptTemplate
+    from ase_crystal_llm.tokenizer import tokenizer_for_template
+    from ase_crystal_llm.training import scratch_config
+
+    torch.manual_seed(seed)
+    tok = tokenizer_for_template(PromptTemplate())
+    model = LlamaForCausalLM(scratch_config(size, tok)).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    return CrystalGenerator(model, tok), f"randomly initialised from-scratch '{size}' LLaMA ({n_params:,} parameters)"
+
+
+def run_path(gen, sampler, batch, n_rows, max_atoms, temperature, top_p, seed):
+    """Sample ``n_rows`` rows in batches; returns samples/s, crystals/s, tokens/s."""
+    from ase_crystal_llm.text import CrystalTextError, text_to_atoms
+
+    grammar = gen.grammar(None, max_atoms)
+    prompt = gen.template.generation_prompt({})
+    limit = gen.max_new_tokens(max_atoms)
+    done = parsed = tokens = 0
+    start = time.perf_counter()
+    k = 0
+    while done < n_rows:
+        rows = min(batch, n_rows - done)
+        g = torch.Generator().manual_seed(seed + k)
+        k += 1
+        ids, ended = sampler(gen.model, gen.tokenizer, [prompt] * rows, grammar.processor(), max_new_tokens=limit,
+                             temperature=temperature, top_p=top_p, generator=g)
+        for row, stop in zip(ids, ended):
+            tokens += len(row) + int(stop)
+            try:
+                text_to_atoms(gen.tokenizer.decode(row, skip_special_tokens=True), max_atoms=max_atoms)
+                parsed += int(stop)
+            except CrystalTextError:
+                pass
+        done += rows
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": done / seconds, "crystals_per_s": parsed / seconds, "tokens_per_s": tokens / seconds,
+            "seconds": seconds, "samples": done, "parsed": parsed, "tokens": tokens}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model directory (default: the shipped model, else a random one)")
+    ap.add_argument("--size", default="small", help="from-scratch size of the random model (default small)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n", type=int, default=100, help="crystals of the start-up run (default 100)")
+    ap.add_argument("--rows", type=int, default=64, help="samples per path and batch size (default 64)")
+    ap.add_argument("--batch-sizes", default="8,16,32,64")
+    ap.add_argument("--max-atoms", type=int, default=20, help="MP-20 has at most 20 atoms per cell")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per setting")
+    ap.add_argument("--out", default=str(RESULTS / "generation_cpu.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+
+    gen, model_desc = load(args.model, args.size)
+    t_loaded = time.perf_counter() - T0
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    # Start-up run: N parsed crystals (random weights parse rarely: attempts are capped).
+    gen.generate(args.n, seed=0, max_atoms=args.max_atoms, batch_size=max(batches), max_attempts=20,
+                 temperature=args.temperature, top_p=args.top_p)
+    startup = {"crystals": gen.stats.returned, "requested": args.n, "attempts": gen.stats.attempts,
+               "seconds_including_startup": time.perf_counter() - T0, "load_seconds": t_loaded,
+               "raw_parse_rate": gen.stats.raw_parse_rate, "batch_size": max(batches)}
+    print(f"start-up run: {startup}", flush=True)
+
+    sweep = {"fast": {}, "plain": {}}
+    for batch in batches:
+        for name, sampler in (("fast", fast_sample), ("plain", plain_sample)):
+            runs = [run_path(gen, sampler, batch, args.rows, args.max_atoms, args.temperature, args.top_p, seed=r)
+                    for r in range(args.repeats)]
+            best = max(runs, key=lambda r: r["samples_per_s"])
+            sweep[name][batch] = best
+            print(f"{name:5s} batch {batch:3d}: {best['samples_per_s']:.2f} samples/s, "
+                  f"{best['crystals_per_s']:.2f} crystals/s, {best['tokens_per_s']:.0f} tokens/s", flush=True)
+    best = {name: max(res.items(), key=lambda kv: kv[1]["samples_per_s"]) for name, res in sweep.items()}
+    speedup = best["fast"][1]["samples_per_s"] / best["plain"][1]["samples_per_s"]
+    result = {
+        "benchmark": "generation_cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__},
+        "model": model_desc,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "startup_run": startup,
+        "sweep": {name: {str(b): r for b, r in res.items()} for name, res in sweep.items()},
+        "best": {name: {"batch_size": b, **r} for name, (b, r) in best.items()},
+        "speedup_best_vs_best_samples_per_s": speedup,
+        "targets": {"speedup>=2": speedup >= 2,
+                    "100 crystals < 60 s incl. start-up": startup["crystals"] >= args.n
+                    and startup["seconds_including_startup"] < 60},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"speed-up (best batch each): {speedup:.2f}x; written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

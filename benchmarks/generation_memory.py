@@ -1,0 +1,133 @@
+"""Peak memory of streaming generation: N = 10,000 against N = 1,000.
+
+Generation streams every finished batch to its output file, so memory must
+not grow with the number of crystals requested.  Each N runs in a fresh
+process (``crystal-llm generate`` through :func:`ase_crystal_llm.cli.main`,
+or the library's ``iter_generate`` + ``StructureWriter`` with ``--library``);
+the process reports its peak resident set size (``VmHWM``) and its RSS
+right after loading the model.  Target: peak(10,000) within 20% of
+peak(1,000).
+
+Usage::
+
+    python benchmarks/generation_memory.py --model DIR [--sizes 1000 10000] [--batch-size 64]
+
+Writes ``benchmarks/results/generation_memory.json`` (hardware, date, peaks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "generation_memory.json"
+TARGET = 1.20
+
+
+def _status_kib(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(args):
+    """Generate N crystals into a file; print the memory figures as JSON."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ase_crystal_llm.generation import CrystalGenerator
+
+    out = Path(args.workdir) / f"samples_{args.child}.{args.format}"
+    start = time.perf_counter()
+    if args.library:
+        from ase_crystal_llm.outputs import StructureWriter
+
+        gen = CrystalGenerator.from_pretrained(args.model, device="cpu")
+        after_load = _status_kib("VmRSS")
+        with StructureWriter(out) as writer:
+            for atoms in gen.iter_generate(args.child, seed=0, batch_size=args.batch_size):
+                writer.write(atoms)
+        written = writer.written
+    else:
+        from ase.io import iread
+
+        from ase_crystal_llm import cli
+
+        CrystalGenerator.from_pretrained(args.model, device="cpu")  # warm imports, for the after-load figure
+        after_load = _status_kib("VmRSS")
+        status = cli.main(["generate", "-n", str(args.child), "-o", str(out), "--model", args.model,
+                           "--device", "cpu", "--seed", "0", "--batch-size", str(args.batch_size)])
+        if status:
+            raise SystemExit(f"crystal-llm generate failed with status {status}")
+        written = sum(1 for _ in iread(str(out), index=":"))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"n": args.child, "written": written, "seconds": round(seconds, 1),
+                      "rss_after_load_mib": round(after_load / 1024, 1),
+                      "peak_rss_mib": round(_status_kib("VmHWM") / 1024, 1)}))
+
+
+def hardware():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown"
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a (tiny) model directory written by 'crystal-llm train'")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--format", default="extxyz", help="output extension (extxyz, db, traj, cif, crystxt)")
+    p.add_argument("--library", action="store_true", help="call iter_generate + StructureWriter, not the CLI")
+    p.add_argument("-o", "--output", type=Path, default=RESULTS)
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        return child(args)
+
+    runs = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for n in args.sizes:
+            cmd = [sys.executable, __file__, "--child", str(n), "--workdir", workdir, "--model", args.model,
+                   "--batch-size", str(args.batch_size), "--format", args.format]
+            cmd += ["--library"] if args.library else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"N={n} failed:\n{proc.stderr[-3000:]}")
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), flush=True)
+    small, large = runs[0], runs[-1]
+    ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
+    result = {
+        "benchmark": "generation_memory",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        "model": str(args.model),
+        "path": "library (iter_generate + StructureWriter)" if args.library else "crystal-llm generate (cli.main)",
+        "output_format": args.format,
+        "batch_size": args.batch_size,
+        "runs": runs,
+        "peak_ratio": round(ratio, 3),
+        "target_ratio": TARGET,
+        "passed": ratio <= TARGET,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"peak_ratio": result["peak_ratio"], "passed": result["passed"]}))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

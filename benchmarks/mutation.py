@@ -1,0 +1,231 @@
+"""Element mutation as a search step: the paper's Figure 7 experiment (Gruver et al., 2024).
+
+Each of N MP-20 test structures gets one element mutation, and each child is
+relaxed with M3GNet and scored by its energy above the MP-20 hull:
+
+* ``template``: the ionic-radius template swap (paper, Appendix C);
+* ``llm@T``: the model's infill proposal at temperature T
+  (``LLMElementMutation``, restricted to the template candidates unless
+  ``--any-element``).
+
+For each method the script reports the stable rate (E_hull <= 0 eV/atom), the
+metastable rate (E_hull <= 0.1 eV/atom), both per parent (a parent without an
+allowed swap counts as a miss) and per child, and the diversity of the stable
+children: distinct compositions and distinct element swaps.  Children already
+on the MP-20 hull come out near 0 eV/atom, so ``novel_stable`` also counts the
+stable children whose composition is not an MP-20 formula.
+
+Relaxations are batched and cached (``relax_many``), so an interrupted run
+resumes, and children shared by several methods are relaxed once.
+
+Usage::
+
+    nice python benchmarks/mutation.py --model path/to/model -n 30
+    nice python benchmarks/mutation.py --model path/to/model -n 3000 --temperatures 0.5 0.7 1.0 1.5 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ase_crystal_llm import settings
+from ase_crystal_llm.calculators import relax_many, structure_hash
+from ase_crystal_llm.datasets import read_structures
+from ase_crystal_llm.hull import ReferenceHull
+from ase_crystal_llm.infill import LLMElementMutation, TemplateElementMutation
+
+STABLE = 0.0  # eV/atom
+METASTABLE = 0.1  # eV/atom
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def hardware():
+    """CPU model and core count (lscpu), and the GPU when one is used."""
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    info = {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+    import torch
+
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def mutate_all(parents, operator):
+    """One child per parent (None where the operator finds no allowed swap)."""
+    children = []
+    for index, parent in enumerate(parents):
+        child, _ = operator.get_new_individual([parent])
+        if child is not None:
+            old, new = child.info["data"]["element_swap"]
+            child.info = {"parent_index": index, "swap": f"{old}->{new}"}
+        children.append(child)
+    return children
+
+
+def summarize(children, e_hull, known_formulas):
+    """Stable / metastable rates and diversity of the stable children of one method."""
+    n = len(children)
+    made = [i for i, c in enumerate(children) if c is not None]
+    scored = [i for i in made if e_hull[i] is not None]
+    stable = [i for i in scored if e_hull[i] <= STABLE]
+    metastable = [i for i in scored if e_hull[i] <= METASTABLE]
+    formulas = {i: reduced_formula(children[i].get_chemical_formula()) for i in made}
+    return {
+        "parents": n,
+        "children": len(made),
+        "no_swap": n - len(made),
+        "relax_failed": len(made) - len(scored),
+        "stable": len(stable),
+        "metastable": len(metastable),
+        "stable_rate": len(stable) / n if n else 0.0,
+        "metastable_rate": len(metastable) / n if n else 0.0,
+        "stable_rate_per_child": len(stable) / len(made) if made else 0.0,
+        "metastable_rate_per_child": len(metastable) / len(made) if made else 0.0,
+        "stable_unique_compositions": len({formulas[i] for i in stable}),
+        "stable_unique_swaps": len({children[i].info["swap"] for i in stable}),
+        "novel_stable": sum(formulas[i] not in known_formulas for i in stable),
+        "median_e_above_hull": float(np.median([e_hull[i] for i in scored])) if scored else None,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="crystal-llm model directory (default: the shipped model)")
+    parser.add_argument("-n", type=int, default=30, help="number of MP-20 test structures (paper: 3000)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0, 1.5])
+    parser.add_argument("--any-element", action="store_true", help="let the model choose among all elements")
+    parser.add_argument("--tolerance", type=float, default=0.1, help="template ionic radius tolerance, A")
+    parser.add_argument("--potential", default="m3gnet")
+    parser.add_argument("--fmax", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--device", help="torch device for the model and the potential")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output", default=str(RESULTS / "mutation.json"))
+    parser.add_argument("--cache", default=str(RESULTS / "mutation_relax_cache.db"),
+                        help="ase.db of finished relaxations (resume); '' for none")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from ase_crystal_llm.generation import CrystalGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    generator = CrystalGenerator.from_pretrained(args.model, device=args.device)
+    parents = read_structures(settings.mp20_path("test"), limit=args.n)
+    hull = ReferenceHull.from_mp20()
+    known = _known_formulas()
+    setup_s = time.perf_counter() - t0
+
+    methods = {"template": TemplateElementMutation(tolerance=args.tolerance,
+                                                   rng=np.random.default_rng([args.seed, 0]))}
+    for k, temperature in enumerate(args.temperatures, start=1):
+        methods[f"llm@{temperature:g}"] = LLMElementMutation(
+            generator, temperature=temperature, tolerance=args.tolerance,
+            restrict_to_template=not args.any_element, rng=np.random.default_rng([args.seed, k]))
+
+    t1 = time.perf_counter()
+    children = {}
+    mutate_s = {}
+    for name, operator in methods.items():
+        start = time.perf_counter()
+        children[name] = mutate_all(parents, operator)
+        mutate_s[name] = time.perf_counter() - start
+
+    # Relax every distinct child once.
+    unique = {}
+    for kids in children.values():
+        for child in kids:
+            if child is not None:
+                unique.setdefault(structure_hash(child), child)
+    keys = list(unique)
+    t2 = time.perf_counter()
+    relaxed = relax_many([unique[k] for k in keys], args.potential, fmax=args.fmax, steps=args.steps,
+                         cache=args.cache or None, device=args.device)
+    relax_s = time.perf_counter() - t2
+    e_by_key = {}
+    for key, atoms in zip(keys, relaxed):
+        e_by_key[key] = None if atoms.info.get("relax_failed") else float(hull.e_above_hull(atoms))
+
+    results = {}
+    for name, kids in children.items():
+        e_hull = [None if c is None else e_by_key[structure_hash(c)] for c in kids]
+        results[name] = summarize(kids, e_hull, known)
+        results[name]["mutation_seconds"] = round(mutate_s[name], 2)
+
+    record = {
+        "benchmark": "mutation (paper Figure 7)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        "model": str(generator.model_dir),
+        "model_weights_sha256": generator.weights_sha256(),
+        "model_kind": getattr(generator.card, "kind", None),
+        "model_base": getattr(generator.card, "base_model", None),
+        "potential": args.potential,
+        "structures": f"first {len(parents)} MP-20 test structures (canonical cells)",
+        "thresholds_eV_per_atom": {"stable": STABLE, "metastable": METASTABLE},
+        "restrict_to_template": not args.any_element,
+        "tolerance": args.tolerance,
+        "seed": args.seed,
+        "torch_threads": torch.get_num_threads(),
+        "distinct_children_relaxed": len(keys),
+        "seconds": {"setup": round(setup_s, 1), "mutation": round(t2 - t1, 1), "relaxation": round(relax_s, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
+        "methods": results,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out)
+
+    print(f"{'method':<12} {'children':>8} {'stable':>8} {'metastable':>10} {'uniq.comp':>9}")
+    for name, r in results.items():
+        print(f"{name:<12} {r['children']:>8} {r['stable_rate']:>8.1%} {r['metastable_rate']:>10.1%} "
+              f"{r['stable_unique_compositions']:>9}")
+    print(f"results: {out}", file=sys.stderr)
+
+
+def reduced_formula(formula):
+    """One spelling per composition: reduced, alphabetical (pymatgen)."""
+    from pymatgen.core import Composition
+
+    return Composition(formula).reduced_composition.alphabetical_formula.replace(" ", "")
+
+
+def _known_formulas():
+    """Reduced formulas of every MP-20 row (the CSV's pretty_formula column), read without CIF parsing."""
+    import csv
+    import gzip
+
+    known = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen's notes on noble-gas electronegativities
+        for split in ("train", "val", "test"):
+            with gzip.open(settings.mp20_path(split), "rt", newline="") as fh:
+                known.update(reduced_formula(row["pretty_formula"]) for row in csv.DictReader(fh))
+    return known
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""CrystalGenerator: sampling, re-sampling bounds, constraints, info, seeds, the fast path, the CLI.
+
+Models here are tiny random LLaMAs (a few thousand weights).  ``ScriptedLM``
+adds a large bias that makes it write a given text after the prompt, so tests
+can ask for a model that writes a valid crystal, garbage, or a fake element.
+"""
+
+import json
+import warnings
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ase_crystal_llm import cli
+from ase_crystal_llm.generation import (
+    CrystalGenerator,
+    condition_sets,
+    failure_reason,
+    fast_sample,
+    generate_to_file,
+    plain_sample,
+    seen_in_training,
+)
+from ase_crystal_llm.prompts import PromptTemplate
+from ase_crystal_llm.text import ELEMENTS
+from ase_crystal_llm.tokenizer import tokenizer_for_template
+
+NACL = "4.0 4.0 4.0\n60 60 60\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50"
+
+
+class ScriptedLM(LlamaForCausalLM):
+    """A tiny LLaMA pushed to write ``script`` after its prompt (all rows share one prompt)."""
+
+    script = None
+    strength = 0.0
+    prompt_len = 0
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              **kwargs)
+        if self.script is None:
+            return out
+        steps = out.logits.shape[1]
+        if position_ids is None:
+            raise AssertionError("the decoding paths must pass position_ids")
+        if input_ids.shape[1] > 1:  # prefill: the prompt ends here
+            self.prompt_len = int(position_ids[0, -1]) + 1
+        pos = position_ids[:, -steps:]
+        idx = (pos + 1 - self.prompt_len).clamp(0, len(self.script) - 1)
+        bias = F.one_hot(self.script.to(idx.device)[idx], out.logits.shape[-1]).to(out.logits.dtype)
+        out.logits = out.logits + self.strength * bias
+        return out
+
+
+def tiny_config(tok, layers=2, hidden=32):
+    return LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on a shared, loaded machine: threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer_for_template(PromptTemplate())
+
+
+@pytest.fixture(scope="module")
+def random_gen(tok):
+    torch.manual_seed(0)
+    return CrystalGenerator(LlamaForCausalLM(tiny_config(tok)).eval(), tok)
+
+
+def script_ids(tok, text):
+    """Token ids writing ``text`` one character per token (also fake symbols such as "Ln")."""
+    return tok.convert_tokens_to_ids(list(text)) + [tok.eos_token_id]
+
+
+def scripted(tok, text, strength=30.0, seed=0):
+    torch.manual_seed(seed)
+    model = ScriptedLM(tiny_config(tok)).eval()
+    model.script = torch.tensor(script_ids(tok, text))
+    model.strength = strength
+    return CrystalGenerator(model, tok)
+
+
+# -- the fast path against model.generate ------------------------------------------------
+
+
+@pytest.mark.parametrize("elements", [None, ["Li", "Fe", "P", "O"]])
+def test_fast_path_equals_generate_greedy(random_gen, elements):
+    gen = random_gen
+    t = gen.template
+    prompts = [t.generation_prompt({}), t.generation_prompt({"formula": "NaCl"}),
+               t.generation_prompt({"formula": "LiFePO4", "band_gap": 1.5}), t.generation_prompt({})]
+    grammar = gen.grammar(elements, max_atoms=4)
+    limit = gen.max_new_tokens(4)
+    fast, fast_end = fast_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
+    plain, plain_end = plain_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
+    assert fast == plain
+    assert fast_end == plain_end
+    assert all(fast_end)  # the grammar bounds the length: every row ends with EOS
+    for ids in fast:
+        assert grammar.accepts(gen.tokenizer.decode(ids))
+
+
+def test_fast_path_drops_finished_rows_without_changing_others(tok):
+    # Rows of different lengths: the short ones finish early and are dropped.
+    gen = scripted(tok, NACL)
+    prompts = [gen.template.generation_prompt({})] * 5
+    g = gen.grammar(None, 3)
+    a, _ = fast_sample(gen.model, tok, prompts, g.processor(), max_new_tokens=gen.max_new_tokens(3),
+                       compact_fraction=0.01)
+    b, _ = plain_sample(gen.model, tok, prompts, g.processor(), max_new_tokens=gen.max_new_tokens(3))
+    assert a == b
+    assert tok.decode(a[0]) == NACL
+
+
+# -- returned structures ---------------------------------------------------------------------
+
+
+def test_generate_returns_periodic_atoms_with_info(tok):
+    gen = scripted(tok, NACL)
+    out = gen.generate(3, formula="NaCl", seed=0, temperature=0.7, top_p=0.9, batch_size=2)
+    assert len(out) == 3
+    for i, atoms in enumerate(out):
+        assert atoms.pbc.all() and len(atoms) == 2
+        assert sorted(atoms.get_chemical_symbols()) == ["Cl", "Na"]
+        info = atoms.info
+        assert info["condition_formula"] == "NaCl"
+        assert info["generated_text"] == NACL
+        assert info["temperature"] == 0.7 and info["top_p"] == 0.9
+        assert info["attempts"] == 1 and info["sample_index"] == i and info["seed"] == 0
+        assert info["rank"] == 0 and info["run_id"]
+        np.testing.assert_allclose(atoms.cell.cellpar(), [4, 4, 4, 60, 60, 60])
+    s = gen.stats
+    assert s.requested == 3 and s.returned == 3 and s.attempts == 3
+    assert s.raw_parse_rate == 1.0 and s.final_parse_rate == 1.0
+    assert s.tokens_generated == 3 * len(script_ids(tok, NACL))
+    assert s.seconds > 0
+
+
+def test_card_sampling_defaults_are_used(tok):
+    gen = scripted(tok, NACL)
+    gen.card = {"sampling": {"temperature": 0.5, "top_p": 0.8}}
+    atoms = gen.generate(1, seed=0)[0]
+    assert (atoms.info["temperature"], atoms.info["top_p"]) == (0.5, 0.8)
+    gen.card = None
+    atoms = gen.generate(1, seed=0)[0]
+    assert (atoms.info["temperature"], atoms.info["top_p"]) == (0.7, 0.9)
+
+
+def test_garbage_model_stops_after_max_attempts(tok):
+    # Always a zero-length cell: parses never succeed; the run must end and report.
+    gen = scripted(tok, "0.0 0.0 0.0\n90 90 90\nNa\n0.00 0.00 0.00")
+    with pytest.warns(UserWarning, match="did not parse within max_attempts=3"):
+        out = gen.generate(4, seed=0, max_attempts=3, batch_size=3)
+    assert out == []
+    s = gen.stats
+    assert s.attempts == 12 and s.gave_up == 4 and s.returned == 0
+    assert s.parse_failures == {"degenerate cell": 12}
+    assert s.raw_parse_rate == 0.0 and s.final_parse_rate == 0.0
+
+
+def test_fake_symbol_impossible_with_constraint(tok):
+    text = NACL.replace("Cl", "Ln")
+    gen = scripted(tok, text)
+    # Unconstrained, the model writes the fake element ...
+    ids = tok([gen.template.generation_prompt({})], return_tensors="pt")["input_ids"]
+    raw = gen.model.generate(ids, max_new_tokens=60, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert "\nLn\n" in tok.decode(raw[0, ids.shape[1]:], skip_special_tokens=True)
+    # ... under the grammar it cannot.
+    out = gen.generate(6, seed=1, temperature=1.0, top_p=1.0)
+    assert len(out) == 6
+    for atoms in out:
+        assert "Ln" not in atoms.info["generated_text"]
+        assert set(atoms.get_chemical_symbols()) <= set(ELEMENTS)
+
+
+def test_elements_respected_in_every_sample(tok):
+    gen = scripted(tok, NACL)  # pushed towards Na and Cl, which are not allowed
+    out = gen.generate(6, elements=["Li", "O"], seed=2, temperature=1.0)
+    assert out
+    for atoms in out:
+        assert set(atoms.get_chemical_symbols()) <= {"Li", "O"}
+        assert atoms.info["condition_elements"] == "Li,O"
+
+
+def test_elements_must_be_real(random_gen):
+    with pytest.raises(ValueError, match="unknown element"):
+        random_gen.generate(1, elements=["Ln"])
+
+
+def test_seed_reproducibility_on_cpu(tok):
+    gen = scripted(tok, NACL, strength=4.0)  # weak push: samples vary with the seed
+
+    def run(seed):
+        out = gen.generate(6, seed=seed, temperature=1.0, top_p=1.0, batch_size=4, max_attempts=2)
+        stats = gen.stats.as_dict()
+        return [a.info["generated_text"] for a in out], {k: v for k, v in stats.items() if "second" not in k}
+
+    first, again, other = run(5), run(5), run(6)
+    assert first == again
+    assert first[0] != other[0]
+
+
+def test_plain_path_same_structures_as_fast_when_greedy(random_gen):
+    a = random_gen.generate(3, seed=0, temperature=0, max_atoms=3, max_attempts=1, fast=True)
+    b = random_gen.generate(3, seed=0, temperature=0, max_atoms=3, max_attempts=1, fast=False)
+    assert [x.info["generated_text"] for x in a] == [x.info["generated_text"] for x in b]
+
+
+def test_symmetrize_snaps_to_space_group(tok):
+    gen = scripted(tok, "4.0 4.0 4.0\n60 60 60\nNa\n0.00 0.00 0.00\nCl\n0.49 0.50 0.51")
+    atoms = gen.generate(1, seed=0, symmetrize=0.1)[0]
+    assert atoms.info["spacegroup_number"] == 225 and atoms.info["symprec"] == 0.1
+    frac = atoms.get_scaled_positions()
+    np.testing.assert_allclose(frac[1] - frac[0], [0.5, 0.5, 0.5], atol=1e-6)
+
+
+# -- conditions -----------------------------------------------------------------------------
+
+
+def test_condition_lists_cycle_and_share_batches(random_gen):
+    sets = condition_sets(5, formula=["NaCl", "KCl"], spacegroup=225)
+    assert [s["formula"] for s in sets] == ["NaCl", "KCl", "NaCl", "KCl", "NaCl"]
+    assert all(s["spacegroup"] == 225 for s in sets)
+    with pytest.raises(ValueError, match="same length"):
+        condition_sets(2, formula=["NaCl", "KCl"], band_gap=[1.0])
+    out = random_gen.generate(4, formula=["NaCl", "KCl"], seed=0, temperature=0, max_atoms=2, max_attempts=1)
+    for atoms in out:
+        assert atoms.info["condition_formula"] == ["NaCl", "KCl"][atoms.info["sample_index"] % 2]
+
+
+def test_unseen_condition_combination_warns(random_gen):
+    assert seen_in_training([]) and seen_in_training(["formula", "band_gap"])
+    assert not seen_in_training(["spacegroup"])
+    assert not seen_in_training(["formula", "formation_energy", "band_gap", "e_above_hull", "spacegroup"])
+    assert seen_in_training(["spacegroup"], {"condition_combinations": [["spacegroup"]]})
+    with pytest.warns(UserWarning, match="never seen in training"):
+        random_gen.generate(1, spacegroup=225, seed=0, max_atoms=2, max_attempts=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"formula": "NaXy"}, "invalid formula"),
+    ({"formula": "NaCl", "spacegroup": 231}, "spacegroup"),
+    ({"temperature": -1}, "temperature"),
+    ({"max_attempts": 0}, "max_attempts"),
+])
+def test_bad_arguments_are_clear_errors(random_gen, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        random_gen.generate(1, **kwargs)
+
+
+def test_failure_reason_buckets():
+    assert failure_reason("line 3: unknown element symbol 'Ln'") == "unknown element symbol"
+    assert failure_reason("degenerate cell: volume 0 A^3 is below 0.1 A^3") == "degenerate cell"
+    assert failure_reason("impossible lattice angles: [1, 2, 3]") == "impossible lattice angles"
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    """A tiny full-weights model directory with a card (what 'crystal-llm train' writes)."""
+    from ase_crystal_llm.modelcard import ModelCard
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    card = ModelCard(kind="full", base_model="from-scratch:test", sampling={"temperature": 0.8, "top_p": 0.95})
+    card.record_weights(path)
+    card.save_pretrained(path)
+    return path
+
+
+def test_from_pretrained_loads_model_dir(model_dir):
+    gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
+    assert gen.card.kind == "full" and gen.template.generation_prompt({}).endswith("\n")
+    assert gen.model.device.type == "cpu" and len(gen.tokenizer) == gen.model.config.vocab_size
+    gen.generate(2, seed=0, max_atoms=2, max_attempts=1)
+    assert gen.stats.attempts == 2
+    assert gen._sampling_defaults() == (0.8, 0.95)
+    assert set(gen.weights_sha256()) == {"model.safetensors"}
+
+
+def test_from_pretrained_rejects_changed_weights(model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    with open(copy / "model.safetensors", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="sha256"):
+        CrystalGenerator.from_pretrained(copy)
+
+
+def test_default_model_missing_is_clear(monkeypatch, tmp_path):
+    from ase_crystal_llm import settings
+
+    monkeypatch.setattr(settings, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="no default model is shipped"):
+        CrystalGenerator.from_pretrained()
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        CrystalGenerator.from_pretrained(tmp_path / "missing")
+
+
+def test_propose_elements_delegates(monkeypatch, random_gen):
+    from ase_crystal_llm import infill
+
+    seen = {}
+
+    def fake(gen, atoms, element, candidates=None, temperature=1.0):
+        seen.update(gen=gen, element=element, candidates=candidates, temperature=temperature)
+        return {"K": 1.0}
+
+    monkeypatch.setattr(infill, "propose_elements", fake)
+    assert random_gen.propose_elements("atoms", "Na", candidates=["K"], temperature=0.5) == {"K": 1.0}
+    assert seen == {"gen": random_gen, "element": "Na", "candidates": ["K"], "temperature": 0.5}
+
+
+# -- writing runs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", ["extxyz", "cif", "traj", "db", "crystxt"])
+def test_generate_to_file_round_trips(tok, tmp_path, ext):
+    gen = scripted(tok, NACL)
+    out = tmp_path / f"samples.{ext}"
+    summary = generate_to_file(out, 3, generator=gen, seed=0, formula="NaCl", batch_size=2)
+    assert summary.startswith(f"wrote 3 crystals to {out}")
+    back = ase.io.read(out, ":")
+    assert len(back) == 3
+    assert all(sorted(a.get_chemical_symbols()) == ["Cl", "Na"] for a in back)
+    record = json.loads((tmp_path / f"samples.{ext}.run.json").read_text())["runs"][0]
+    assert record["seed"] == 0 and record["status"] == "complete" and record["stats"]["returned"] == 3
+    assert record["settings"]["formula"] == "NaCl" and record["package_version"]
+
+
+def test_db_output_has_valid_key_value_pairs(tok, tmp_path):
+    import ase.db
+
+    gen = scripted(tok, NACL)
+    out = tmp_path / "s.db"
+    generate_to_file(out, 2, generator=gen, seed=0, formula="NaCl", spacegroup=225, symmetrize=0.1)
+    db = ase.db.connect(out)
+    rows = list(db.select())
+    assert len(rows) == 2
+    kvp = rows[0].key_value_pairs
+    assert kvp["condition_formula"] == "NaCl" and kvp["condition_spacegroup"] == 225
+    assert kvp["spacegroup_number"] == 225 and kvp["sample_index"] in (0, 1)
+    assert rows[0].data["generated_text"].startswith("4.0 4.0 4.0\n")
+    assert db.metadata["runs"][0]["seed"] == 0
+    assert len(list(db.select(condition_formula="NaCl"))) == 2
+
+
+def test_resume_adds_only_missing_crystals(tok, tmp_path):
+    gen = scripted(tok, NACL)
+    out = tmp_path / "s.extxyz"
+    generate_to_file(out, 2, generator=gen, seed=3)
+    # An interrupted run of 5 had written 2: resume finishes it without duplicates.
+    record = json.loads((tmp_path / "s.extxyz.run.json").read_text())["runs"][0]
+    record["settings"]["n"] = 5
+    (tmp_path / "s.extxyz.run.json").write_text(json.dumps({"runs": [record]}))
+    summary = generate_to_file(out, 5, generator=gen, resume=True)
+    back = ase.io.read(out, ":")
+    assert sorted(int(a.info["sample_index"]) for a in back) == [0, 1, 2, 3, 4]
+    assert {a.info["run_id"] for a in back} == {record["run_id"]}
+    assert "wrote 5 crystals" in summary
+    with pytest.raises(ValueError, match="different settings"):
+        generate_to_file(out, 5, generator=gen, resume=True, formula="NaCl")
+
+
+def test_interrupted_run_keeps_finished_structures(tok, tmp_path, monkeypatch):
+    gen = scripted(tok, NACL)
+    out = tmp_path / "s.extxyz"
+    original = gen.iter_generate
+
+    def interrupted(*args, **kwargs):
+        for k, atoms in enumerate(original(*args, **kwargs)):
+            if k == 3:
+                raise KeyboardInterrupt
+            yield atoms
+
+    monkeypatch.setattr(gen, "iter_generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_to_file(out, 6, generator=gen, seed=0, batch_size=2)
+    assert len(ase.io.read(out, ":")) == 3
+    record = json.loads((tmp_path / "s.extxyz.run.json").read_text())["runs"][0]
+    assert record["status"] == "interrupted"
+
+
+def test_cli_generate(model_dir, tmp_path, capsys):
+    out = tmp_path / "cli.extxyz"
+    code = cli.main(["generate", "-n", "2", "--model", str(model_dir), "-o", str(out), "--seed", "1",
+                     "--max-atoms", "2", "--max-attempts", "1", "--elements", "Na,Cl"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "parse failures" in err and "crystals/s" in err
+    record = json.loads((tmp_path / "cli.extxyz.run.json").read_text())["runs"][0]
+    assert record["model"] == str(model_dir) and record["weights_sha256"]["model.safetensors"]
+    assert record["settings"]["elements"] == ["Na", "Cl"] and record["seed"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-n", "2", "-o", "x.mp4"], "unsupported output extension"),
+    (["-n", "0", "-o", "x.extxyz"], "-n must be at least 1"),
+    (["-n", "1", "-o", "x.extxyz", "--elements", "Na,Xx"], "unknown element"),
+])
+def test_cli_generate_errors_are_one_line(model_dir, tmp_path, capsys, argv, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["generate", "--model", str(model_dir), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+
+
+def test_no_warning_for_seen_conditions(random_gen):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        random_gen.generate(1, formula="NaCl", band_gap=1.0, seed=0, max_atoms=2, max_attempts=1)
+    assert not [w for w in caught if "never seen" in str(w.message)]

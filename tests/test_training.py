@@ -1,0 +1,329 @@
+"""Training: labels, batching, from-scratch, LoRA, QLoRA on CPU, exact resume, data parallel, CLI errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ase_crystal_llm.cli import main
+from ase_crystal_llm.modelcard import CARD_NAME, ModelCard, ModelCardError
+from ase_crystal_llm.prompts import PromptTemplate, make_example
+from ase_crystal_llm.tokenizer import tokenizer_for_template
+from ase_crystal_llm.training import (
+    IGNORE_INDEX,
+    LOG_NAME,
+    SIZES,
+    EpochData,
+    collate,
+    encode_example,
+    load_trained,
+    merge_adapter,
+    train,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two OpenMP threads on a busy 2-core machine are ~20x slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer_for_template(PromptTemplate())
+
+
+@pytest.fixture(scope="module")
+def crystals(mp20_train_64):
+    return mp20_train_64[:24]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tok):
+    """A randomly initialised tiny LlamaForCausalLM saved like a hub model."""
+    from transformers import LlamaForCausalLM
+
+    from ase_crystal_llm.training import scratch_config
+
+    path = tmp_path_factory.mktemp("tiny-base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(scratch_config("tiny", tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def losses(model_dir):
+    return [s["loss"] for s in json.loads((model_dir / LOG_NAME).read_text())["steps"]]
+
+
+# -- labels and batches -----------------------------------------------------------------------
+
+
+def test_labels_mask_exactly_the_prompt(tok, crystals):
+    t = PromptTemplate()
+    examples = [make_example(a, t, seed=0, epoch=0, index=i) for i, a in enumerate(crystals[:6])]
+    encoded = [encode_example(tok, e.prompt, e.answer) for e in examples]
+    batch = collate(encoded, pad_id=tok.eos_token_id)  # EOS doubling as padding
+    for row, ((ids, n_prompt), ex) in enumerate(zip(encoded, examples)):
+        labels = batch["labels"][row]
+        assert tok.decode(ids[:n_prompt], skip_special_tokens=True) == ex.prompt
+        assert tok.decode(ids[n_prompt:], skip_special_tokens=True) == ex.answer
+        assert (labels[:n_prompt] == IGNORE_INDEX).all()
+        assert labels[n_prompt : len(ids)].tolist() == ids[n_prompt:].tolist()
+        assert labels[len(ids) - 1] == tok.eos_token_id  # EOS kept although it is the pad id
+        assert (labels[len(ids) :] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][row].sum() == len(ids)
+
+
+def test_epoch_batches_are_deterministic_and_length_bucketed(tok, crystals):
+    structures = crystals * 8  # 192 examples
+    kwargs = dict(batch_size=8, infill_fraction=1 / 3, max_length=None)
+    a = EpochData(structures, tok, PromptTemplate(), seed=1, epoch=0, **kwargs)
+    b = EpochData(structures, tok, PromptTemplate(), seed=1, epoch=0, **kwargs)
+    c = EpochData(structures, tok, PromptTemplate(), seed=1, epoch=1, **kwargs)
+    assert [x.tolist() for x in a.batches] == [x.tolist() for x in b.batches]
+    assert all((x == y).all() for x, y in zip(a.ids, b.ids))
+    assert [x.tolist() for x in a.batches] != [x.tolist() for x in c.batches]
+    assert sorted(np.concatenate(a.batches).tolist()) == list(range(len(structures)))
+    padded = sum(len(batch) * a.lengths[batch].max() for batch in a.batches)
+    assert a.lengths.sum() / padded > 0.9  # bucketing keeps padding small
+
+
+# -- from scratch -----------------------------------------------------------------------------
+
+
+def test_tiny_from_scratch_lowers_loss(tiny_model_dir):
+    curve = losses(tiny_model_dir)
+    assert len(curve) == 60
+    assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 1.0
+    card = ModelCard.from_pretrained(tiny_model_dir)
+    assert card.kind == "full" and card.base_model == "from-scratch:tiny"
+    assert card.loss_averaging == "per_token" and card.cell_convention == "primitive-niggli"
+    assert card.training_data["n_structures"] == 64 and len(card.training_data["sha256"]) == 64
+    assert 50_000 <= card.hyperparameters["parameters"] <= 200_000
+    assert card.final_losses["train_loss"] == curve[-1]
+    assert card.template == PromptTemplate() and card.sampling == {"temperature": 0.7, "top_p": 0.9}
+    assert set(card.weights) == {"model.safetensors"}
+    card.verify_weights(tiny_model_dir)
+    model, tokenizer, card2 = load_trained(tiny_model_dir)
+    prompt = tokenizer(card.template.generation_prompt(), return_tensors="pt")
+    assert model(**prompt).logits.shape[-1] == model.config.vocab_size
+    for name in ("tokenizer.json", "config.json", "checkpoints"):
+        assert (tiny_model_dir / name).exists()
+
+
+def test_per_example_loss_and_validation(tmp_path, crystals):
+    out = tmp_path / "m"
+    card = train(crystals[:16], out, val=crystals[16:], from_scratch="tiny", max_steps=4, batch_size=8,
+                 loss_averaging="per_example", eval_every=2, progress=False)  # fmt: skip
+    log = json.loads((out / LOG_NAME).read_text())
+    assert [e["step"] for e in log["eval"]] == [2, 4]
+    assert card.loss_averaging == "per_example"
+    assert card.final_losses["val_loss"] == log["eval"][-1]["val_loss"]
+    assert card.validation_data["n_structures"] == 8
+    for entry in log["steps"]:
+        assert entry["tokens_per_s"] > 0 and entry["lr"] >= 0 and np.isfinite(entry["loss"])
+
+
+# -- LoRA and QLoRA ---------------------------------------------------------------------------
+
+
+def test_lora_trains_reloads_and_merges(tmp_path, tiny_base, crystals):
+    out = tmp_path / "adapter"
+    card = train(crystals, out, base=str(tiny_base), max_steps=6, batch_size=4, lr=5e-3, progress=False)
+    assert card.kind == "lora" and card.base_model == str(tiny_base.resolve())
+    assert card.hyperparameters["lora_rank"] == 8 and card.hyperparameters["lora_alpha"] == 32
+    assert set(card.hyperparameters["target_modules"]) >= {"q_proj", "v_proj", "down_proj"}
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert not (out / "model.safetensors").exists()
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # B moved off zero
+
+    model, tokenizer, _ = load_trained(out)
+    x = tokenizer(card.template.generation_prompt(), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        adapted = model(input_ids=x).logits
+        with model.disable_adapter():
+            plain = model(input_ids=x).logits
+    assert not torch.allclose(adapted, plain)
+
+    # the base moved to another machine: override its location
+    moved = tmp_path / "moved-base"
+    shutil.copytree(tiny_base, moved)
+    model2, _, _ = load_trained(out, base=str(moved))
+    with torch.no_grad():
+        assert torch.allclose(model2(input_ids=x).logits, adapted, atol=1e-5)
+
+    merged_dir = tmp_path / "merged"
+    merged_card = merge_adapter(out, merged_dir, base=str(moved))
+    assert merged_card.kind == "full" and (merged_dir / "model.safetensors").is_file()
+    merged, _, _ = load_trained(merged_dir)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=x).logits, adapted, atol=1e-4)
+
+
+def test_qlora_4bit_on_cpu(tmp_path, tiny_base, crystals):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        card = train(crystals[:8], out, base=str(tiny_base), quantize="4bit", max_steps=3, batch_size=4,
+                     progress=False)  # fmt: skip
+    assert any("CPU" in str(w.message) for w in caught)
+    assert card.quantization == "4bit" and card.kind == "lora"
+    assert all(np.isfinite(losses(out)))
+    model, _, _ = load_trained(out, quantize="4bit")
+    assert "4bit" in type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__.lower()
+
+
+# -- checkpoints and resume -------------------------------------------------------------------
+
+
+class Kill(Exception):
+    pass
+
+
+def _kill_at(step):
+    def callback(done, entry):
+        if done == step:
+            raise Kill
+
+    return callback
+
+
+def test_kill_and_resume_reproduces_the_loss_curve(tmp_path, crystals):
+    kwargs = dict(from_scratch="tiny", max_steps=8, batch_size=4, save_every=3, seed=5, progress=False)
+    full = tmp_path / "full"
+    train(crystals, full, **kwargs)
+    part = tmp_path / "part"
+    with pytest.raises(Kill):
+        train(crystals, part, callbacks=[_kill_at(5)], **kwargs)
+    assert not (part / CARD_NAME).exists()  # killed: no final model
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-0000003"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(crystals, part, **kwargs)
+    train(crystals, part, resume=True, **kwargs)
+    assert np.allclose(losses(part), losses(full), rtol=1e-5, atol=1e-6)
+    a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # checkpoint states load without pickle
+    ckpt = part / "checkpoints" / "step-0000008"
+    for name in ("optimizer.pt", "scheduler.pt", "rng-0.pt"):
+        torch.load(ckpt / name, weights_only=True)
+
+
+def test_resume_rejects_another_configuration(tmp_path, crystals):
+    out = tmp_path / "m"
+    train(crystals[:8], out, from_scratch="tiny", max_steps=2, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="another configuration.*lr"):
+        train(crystals[:8], out, from_scratch="tiny", max_steps=2, batch_size=4, lr=1e-2, resume=True,
+              progress=False)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(crystals[:8], tmp_path / "new", from_scratch="tiny", max_steps=2, resume=True, progress=False)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="unknown from-scratch size 'huge'"):
+        train([], "/nonexistent", from_scratch="huge")
+    with pytest.raises(ValueError, match="exactly one"):
+        train([], "/nonexistent")
+    with pytest.raises(ValueError, match="empty"):
+        train([], "/tmp/never-written-crystal-llm", from_scratch="tiny")
+    assert set(SIZES) >= {"tiny", "small"}
+
+
+def test_modelcard_detects_missing_and_corrupt_weights(tiny_model_dir, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    card = ModelCard.from_pretrained(copy)
+    with open(copy / "model.safetensors", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelCardError, match="sha256"):
+        card.verify_weights(copy)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(ModelCardError, match="missing"):
+        card.verify_weights(copy)
+    (copy / CARD_NAME).write_text('{"format_version": 99}')
+    with pytest.raises(ModelCardError, match="version"):
+        ModelCard.from_pretrained(copy)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory, crystals):
+    path = tmp_path_factory.mktemp("data") / "train.extxyz"
+    ase.io.write(path, crystals[:16])
+    return path
+
+
+def _one_line_error(capsys, argv, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_cli_bad_input_is_one_line_exit_2(capsys, tmp_path, train_file):
+    out = str(tmp_path / "out")
+    _one_line_error(capsys, ["train", "--data", str(train_file), "--out", out, "--base", "meta-llama/NoSuchModel-7b"],
+                    "offline", "local")  # fmt: skip
+    _one_line_error(capsys, ["train", "--data", str(tmp_path / "missing.csv"), "--out", out, "--from-scratch", "tiny"],
+                    "not found")  # fmt: skip
+    empty = tmp_path / "empty.csv"
+    empty.write_text("material_id,cif\n")
+    _one_line_error(capsys, ["train", "--data", str(empty), "--out", out, "--from-scratch", "tiny"], "empty")
+    _one_line_error(capsys, ["train", "--data", str(train_file), "--out", out, "--from-scratch", "giant"], "giant")
+    _one_line_error(capsys, ["merge", str(tmp_path), "-o", out], "no model card")
+
+
+def test_cli_train_resume_and_mismatch(capsys, tmp_path, train_file):
+    out = str(tmp_path / "out")
+    args = ["train", "--data", str(train_file), "--out", out, "--from-scratch", "tiny", "--max-steps", "2",
+            "--batch-size", "4", "--no-progress", "--no-cache"]  # fmt: skip
+    assert main(args) == 0
+    assert "model written to" in capsys.readouterr().out
+    _one_line_error(capsys, args, "--resume")
+    _one_line_error(capsys, args + ["--resume", "--lr", "0.1"], "another configuration")
+    assert main(args + ["--resume"]) == 0
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel(tmp_path, train_file):
+    """accelerate launch: 2 CPU processes (gloo) train data-parallel with no code change."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        # --multi_gpu selects accelerate's torchrun launcher; on a CPU-only host training uses gloo
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "-m", "ase_crystal_llm.cli", "train", "--data", str(train_file), "--out", str(out),
+        "--from-scratch", "tiny", "--max-steps", "3", "--batch-size", "4", "--no-progress", "--no-cache",
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    card = ModelCard.from_pretrained(out)
+    assert card.hyperparameters["world_size"] == 2
+    assert card.hyperparameters["global_batch_size"] == 8
+    log = json.loads((out / LOG_NAME).read_text())
+    assert len(log["steps"]) == 3 and all(np.isfinite(s["loss"]) for s in log["steps"])
+    card.verify_weights(out)
+    # 2 processes x 1 micro-batch == 1 process x 2 accumulated micro-batches: same batches, same loss
+    single = tmp_path / "single"
+    train(str(train_file), single, from_scratch="tiny", max_steps=3, batch_size=4, grad_accum=2, cache=False,
+          progress=False)  # fmt: skip
+    assert np.allclose(losses(out), losses(single), rtol=1e-4)
