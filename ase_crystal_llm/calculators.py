@@ -198,24 +198,52 @@ def check_m3gnet_aggregation(potential):
 
 
 def _destination_conv_class():
-    """matgl's M3GNetGraphConv, summing node messages into the destination atom."""
+    """matgl's M3GNetGraphConv, summing node messages into the destination atom.
+
+    The first layer of each gated MLP sees ``[v_src, v_dst, e]``; it is split
+    into per-atom projections gathered onto the bonds plus the bond part,
+    the same sum in a third of the multiply-adds (bonds outnumber atoms ~40x).
+    """
+    import torch
     from matgl.layers._graph_convolution import M3GNetGraphConv
     from matgl.utils.maths import scatter_add
 
     global _DestinationConv
     if _DestinationConv is None:
 
+        def gated_bond_mlp(mlp, node_feat, src, dst, bond_feat):
+            first, gate = mlp.layers[0], mlp.gates[0]
+            d = node_feat.shape[1]
+            weight = torch.cat([first.weight, gate.weight])
+            per_atom = node_feat @ torch.cat([weight[:, :d], weight[:, d : 2 * d]]).T
+            half = weight.shape[0]
+            hidden = per_atom[src, :half] + per_atom[dst, half:] + bond_feat @ weight[:, 2 * d :].T
+            if first.bias is not None:
+                hidden = hidden + torch.cat([first.bias, gate.bias])
+            x, g = hidden.split([first.out_features, gate.out_features], dim=1)
+            for layer in mlp.layers[1:]:
+                x = layer(x)
+            for layer in mlp.gates[1:]:
+                g = layer(g)
+            return x * g
+
         class DestinationAggregatingM3GNetGraphConv(M3GNetGraphConv):
             """Node update of the original M3GNet: messages of bond i->j go to atom j."""
 
-            def node_update_(self, edge_index, edge_feat, node_feat, rbf, u_per_edge, num_nodes):
-                import torch
-
-                src, dst = edge_index[0], edge_index[1]
-                parts = [node_feat[src], node_feat[dst], edge_feat]
+            def edge_update_(self, edge_index, edge_feat, node_feat, rbf, u_per_edge):
                 if self.include_state:
-                    parts.append(u_per_edge)
-                message = self.node_update_func(torch.hstack(parts)) * self.node_weight_func(rbf)
+                    return super().edge_update_(edge_index, edge_feat, node_feat, rbf, u_per_edge)
+                message = gated_bond_mlp(self.edge_update_func, node_feat, edge_index[0], edge_index[1], edge_feat)
+                return message * self.edge_weight_func(rbf)
+
+            def node_update_(self, edge_index, edge_feat, node_feat, rbf, u_per_edge, num_nodes):
+                src, dst = edge_index[0], edge_index[1]
+                if self.include_state:
+                    inputs = torch.hstack([node_feat[src], node_feat[dst], edge_feat, u_per_edge])
+                    message = self.node_update_func(inputs)
+                else:
+                    message = gated_bond_mlp(self.node_update_func, node_feat, src, dst, edge_feat)
+                message = message * self.node_weight_func(rbf)
                 return scatter_add(message, dst, dim_size=num_nodes, dim=0)
 
         _DestinationConv = DestinationAggregatingM3GNetGraphConv
@@ -420,8 +448,8 @@ def relax_many(
     ----------
     structures : iterable of ase.Atoms
     potential : str or Calculator
-        As for :func:`get_calculator`; with ``workers > 1`` it must be a name or a
-        directory (each process loads its own copy).
+        As for :func:`get_calculator`.  With ``workers > 1`` each process loads
+        its own copy of a named potential; a calculator object is pickled to them.
     fmax, steps : float, int
         As for :func:`relax`.
     workers : int, optional
@@ -459,8 +487,6 @@ def relax_many(
     workers = 1 if workers is None else int(workers)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if workers > 1 and isinstance(potential, Calculator):
-        raise ValueError("workers > 1 needs the potential as a name or directory, not a calculator object")
 
     calculator = get_calculator(potential, device=device)
     name, scale = potential_info(calculator)
@@ -494,7 +520,8 @@ def relax_many(
         with torch_threads(threads):
             _relax_indices(structures, todo, calculator, settings_, finished)
     else:
-        _relax_in_processes(structures, todo, str(potential), device, workers, threads, settings_, finished)
+        spec = potential if isinstance(potential, Calculator) else str(potential)
+        _relax_in_processes(structures, todo, spec, device, workers, threads, settings_, finished)
     if bar is not None:
         bar.close()
     return results
@@ -813,6 +840,7 @@ def _relax_in_processes(structures, todo, spec, device, workers, threads, opts, 
     """Chunks of structures in worker processes; results saved as they arrive."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     chunk = max(1, min(opts["batch_size"], -(-len(todo) // workers)))
@@ -821,19 +849,23 @@ def _relax_in_processes(structures, todo, spec, device, workers, threads, opts, 
         workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(spec, device, threads)
     ) as pool:
         futures = [pool.submit(_worker_relax, [(i, key, structures[i]) for i, key in piece], opts) for piece in pieces]
-        for future in as_completed(futures):
-            for index, key, relaxed in future.result():
-                finished(index, key, relaxed)
+        try:
+            for future in as_completed(futures):
+                for index, key, relaxed in future.result():
+                    finished(index, key, relaxed)  # cached at once: a crash later loses nothing
+        except BrokenProcessPool as err:
+            raise RuntimeError(f"a relaxation worker died ({err}); finished structures are in the cache") from err
 
 
 _WORKER = {}
 
 
 def _worker_init(spec, device, threads):
-    import torch
+    import sys
 
-    torch.set_num_threads(threads)
     _WORKER["calculator"] = get_calculator(spec, device=device)
+    if "torch" in sys.modules:  # only torch potentials need it; EMT & co. stay light
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def _worker_relax(items, opts):

@@ -165,14 +165,17 @@ def _load_language_model(path):
 
 
 def model_ipt(model, crystals, *, size=IPT_SIZE, seed=0, progress=False):
-    """IPT of a model directory on the first ``size`` crystals of a split (canonical cells, as in training)."""
+    """IPT of a model on the first ``size`` crystals of a split (canonical cells, as in training).
+
+    ``model`` is a model directory or a ``(model, tokenizer, template)`` triple.
+    """
     from .datasets import read_structures
 
     if size < 1:
         raise ValueError(f"IPT needs at least one crystal, got size {size}")
-    lm, tokenizer, template = _load_language_model(model)
+    lm, tokenizer, template = model if isinstance(model, tuple) else _load_language_model(model)
     structures = read_structures(crystals, limit=size)
-    return {**metrics.ipt(lm, tokenizer, template, structures, seed=seed, progress=progress), "model": str(model)}
+    return metrics.ipt(lm, tokenizer, template, structures, seed=seed, progress=progress)
 
 
 # -- the pipeline -------------------------------------------------------------------
@@ -249,6 +252,8 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
 
     if reference not in REFERENCES:
         raise ValueError(f"unknown reference {reference!r}: use {', '.join(REFERENCES)}")
+    if model is not None and ipt_size < 1:
+        raise ValueError(f"IPT needs at least one crystal, got ipt_size {ipt_size}")
     out_dir = Path(out_dir)
     timer = _Timer()
     with timer("load"):
@@ -261,6 +266,7 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
         test_path, train_path = settings.mp20_path("test", data_dir), settings.mp20_path("train", data_dir)
         if any(metrics.structure_valid(a) for a in structures):
             _check_potential(potential)  # before the slow steps
+        language_model = _load_language_model(model) if model is not None else None  # bad weights fail here
         out_dir.mkdir(parents=True, exist_ok=True)
     n = len(structures)
     result = {
@@ -311,14 +317,15 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
     result["ipt"] = None
     if model is not None:
         with timer("ipt"):
-            result["ipt"] = model_ipt(model, test_path, size=ipt_size, seed=seed, progress=progress)
+            result["ipt"] = model_ipt(language_model, test_path, size=ipt_size, seed=seed, progress=progress)
+            result["ipt"]["model"] = str(model)
     result["timings_s"] = timer.rounded()
 
     _write_samples_csv(out_dir / "samples.csv", structures, flags, unique, novel, e_hull, errors)
     _write_relaxed(out_dir / "relaxed.extxyz", relaxed)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    _write_atomic(out_dir / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     figures = _plots(out_dir, result, e_hull, fps, ref) if plots else []
-    (out_dir / "report.md").write_text(report_markdown(result, figures))
+    _write_atomic(out_dir / "report.md", report_markdown(result, figures))
     return result
 
 
@@ -418,6 +425,13 @@ def _json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def _write_atomic(path, text):
+    """Whole or not at all: an interrupted run never leaves half a report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write_samples_csv(path, structures, flags, unique, novel, e_hull, errors):
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as handle:
@@ -458,7 +472,9 @@ def _plots(out_dir, result, e_hull, fps, ref):
 
     def save(fig, name):
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
+        tmp = out_dir / (name + ".tmp")
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, out_dir / name)
         plt.close(fig)
         figures.append(name)
 

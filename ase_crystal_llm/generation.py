@@ -95,7 +95,8 @@ def _cache_kwarg(model):
     """``cache`` (transformers >= 5.x) or the older ``past_key_values``."""
     import inspect
 
-    params = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

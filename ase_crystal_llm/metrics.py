@@ -40,6 +40,8 @@ MIN_VOLUME = 0.1  # Angstrom^3
 STRUCT_CUTOFF = 0.4  # CrystalNN fingerprint distance (CDVAE, MP-20)
 COMP_CUTOFF = 10.0  # standardised Magpie feature distance (CDVAE, MP-20)
 METASTABLE = 0.1  # eV/atom
+STRUCT_FP_SIZE = 61  # CrystalNN "ops" site fingerprint
+COMP_FP_SIZE = 132  # Magpie ElementProperty
 SYMPRECS = (0.1, 0.2)
 #: smact oxidation-state table used by CDVAE (smact 2.x's default).
 OXIDATION_STATES = "smact14"
@@ -244,10 +246,14 @@ class Featurizer:
             return np.asarray(self._comp.featurize(as_structure(structure).composition), dtype=float)
 
 
+_FEATURIZER = None  # one per process (worker processes build their own)
+
+
 def _featurize_one(item):
-    featurizer = _featurize_one.featurizer = getattr(_featurize_one, "featurizer", None) or Featurizer()
-    fp = featurizer.structure(item)
-    return fp, featurizer.composition(item)
+    global _FEATURIZER
+    if _FEATURIZER is None:
+        _FEATURIZER = Featurizer()
+    return _FEATURIZER.structure(item), _FEATURIZER.composition(item)
 
 
 def _pool_map(func, items, workers, progress, desc):
@@ -287,12 +293,11 @@ class Fingerprints:
     def from_structures(cls, structures, *, workers=None, progress=False, desc="fingerprints"):
         structures = [as_structure(s) for s in structures]
         pairs = _pool_map(_featurize_one, structures, workers, progress, desc)
-        width = 61
-        struct = np.full((len(pairs), width), np.nan)
+        struct = np.full((len(pairs), STRUCT_FP_SIZE), np.nan)
         for i, (fp, _) in enumerate(pairs):
             if fp is not None:
                 struct[i] = fp
-        comp = np.array([c for _, c in pairs], dtype=float).reshape(len(pairs), -1)
+        comp = np.array([c for _, c in pairs], dtype=float).reshape(len(pairs), COMP_FP_SIZE)
         density = np.array([float(s.density) for s in structures])
         n_el = np.array([len(s.composition.elements) for s in structures], dtype=int)
         return cls(struct, comp, density, n_el)

@@ -106,7 +106,7 @@ def build_tokenizer(texts=(), *, extra_words=()):
         pad_token=PAD,
         unk_token=UNK,
         clean_up_tokenization_spaces=False,
-        model_max_length=4096,
+        model_max_length=2048,  # training.MAX_POSITIONS
     )
     fast.padding_side = "right"
     return fast

@@ -63,8 +63,6 @@ CASES = [
     Case("evaluate", "unknown-potential", ("evaluate", "{good}", "-o", "{out}/rep", "--potential", "nonsense", *EVAL),
          ("unknown potential", "nonsense")),
     Case("evaluate", "unknown-option-value", ("evaluate", "{good}", "-o", "{out}/rep", "--fmax", "-1", *EVAL), ("fmax",)),
-    Case("evaluate", "model-weight-missing", ("evaluate", "{good}", "-o", "{out}/rep", "--model", "{model_no_weights}", *EVAL),
-         ("missing", "model.safetensors"), needs_model=True),
     Case("evaluate", "model-weight-corrupt", ("evaluate", "{good}", "-o", "{out}/rep", "--model", "{model_bad_hash}", *EVAL),
          ("sha256", "model.safetensors"), needs_model=True),
     # mutate

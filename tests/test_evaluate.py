@@ -151,3 +151,37 @@ def test_reference_fingerprints_are_cached(data_dir, tmp_path):
     assert (again.structure[first.ok] == first.structure[first.ok]).all()
     evaluation.reference_fingerprints(path, size=5, seed=4, cache=tmp_path, progress=False)
     assert len(list(tmp_path.glob("fingerprints-*.npz"))) == 2
+
+
+def test_run_record_beside_samples_counts_every_attempt(tmp_path):
+    from ase_crystal_llm.outputs import write_run_record
+
+    path = tmp_path / "samples.extxyz"
+    ase.io.write(path, [bulk("Si"), bulk("Cu")])
+    assert evaluation.run_stats(path, 2) is None  # no record
+    write_run_record(path, {"run_id": "a", "rank": 0, "stats": {"attempts": 5, "returned": 1, "gave_up": 1,
+                                                                  "parse_failures": {"truncated": 3}}})
+    write_run_record(path, {"run_id": "b", "rank": 0, "stats": {"attempts": 2, "returned": 1,
+                                                                  "parse_failures": {"truncated": 1}}})
+    stats = evaluation.run_stats(path, 2)
+    assert stats == {"attempts": 7, "returned": 2, "gave_up": 1, "parse_failures": {"truncated": 4}}
+    assert evaluation.run_stats(path, 3) is None  # the file no longer matches its record
+    assert evaluation.run_stats(path, 2, limit=1) is None
+
+
+def test_structures_in_memory_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="not periodic"):
+        evaluation.evaluate([Atoms("H2", positions=[[0, 0, 0], [0.7, 0, 0]])], tmp_path)
+    with pytest.raises(ValueError, match="no structures"):
+        evaluation.evaluate([], tmp_path)
+
+
+def test_all_invalid_samples(tmp_path, data_dir):
+    close = Atoms("Na2", positions=[[0, 0, 0], [0.3, 0, 0]], cell=[5, 5, 5], pbc=True)
+    result = evaluation.evaluate([close, close.copy()], tmp_path, coverage_size=5, progress=False)
+    assert result["validity"]["returned"]["valid"] == 0.0
+    assert result["coverage"]["precision"] == 0.0 and result["coverage"]["recall"] == 0.0
+    assert result["stability"]["metastable"] == 0.0
+    assert result["stability"]["failures"] == {"invalid sample": 2}
+    assert result["relaxation"]["attempted"] == 0
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "rates.png").is_file()

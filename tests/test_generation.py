@@ -432,3 +432,29 @@ def test_no_warning_for_seen_conditions(random_gen):
         warnings.simplefilter("always")
         random_gen.generate(1, formula="NaCl", band_gap=1.0, seed=0, max_atoms=2, max_attempts=1)
     assert not [w for w in caught if "never seen" in str(w.message)]
+
+
+# -- a trained model (the shared tiny fixture: trained for 60 steps in the session) ----------------
+
+
+def test_trained_tiny_model_generates(tiny_model_dir):
+    gen = CrystalGenerator.from_pretrained(tiny_model_dir, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = gen.generate(3, seed=0, max_atoms=8, max_attempts=3, batch_size=3)
+    s = gen.stats
+    assert s.returned == len(out) and s.returned + s.gave_up == 3
+    assert s.attempts <= 9 and sum(s.parse_failures.values()) == s.attempts - s.returned
+    for atoms in out:
+        assert atoms.pbc.all() and 1 <= len(atoms) <= 8
+        assert atoms.info["attempts"] <= 3 and atoms.info["generated_text"]
+
+
+def test_trained_tiny_model_fast_equals_generate(tiny_model_dir):
+    gen = CrystalGenerator.from_pretrained(tiny_model_dir, device="cpu")
+    prompts = [gen.template.generation_prompt({}), gen.template.generation_prompt({"formula": "NaCl"})]
+    grammar = gen.grammar(None, 6)
+    limit = gen.max_new_tokens(6)
+    a = fast_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
+    b = plain_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
+    assert a == b

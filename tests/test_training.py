@@ -173,18 +173,19 @@ def test_lora_trains_reloads_and_merges(tmp_path, tiny_base, crystals):
         assert torch.allclose(merged(input_ids=x).logits, adapted, atol=1e-4)
 
 
-def test_qlora_4bit_on_cpu(tmp_path, tiny_base, crystals):
+@pytest.mark.parametrize("bits, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantized_lora_on_cpu(tmp_path, tiny_base, crystals, bits, layer):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "qlora"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        card = train(crystals[:8], out, base=str(tiny_base), quantize="4bit", max_steps=3, batch_size=4,
+        card = train(crystals[:8], out, base=str(tiny_base), quantize=bits, max_steps=3, batch_size=4,
                      progress=False)  # fmt: skip
     assert any("CPU" in str(w.message) for w in caught)
-    assert card.quantization == "4bit" and card.kind == "lora"
+    assert card.quantization == bits and card.kind == "lora"
     assert all(np.isfinite(losses(out)))
-    model, _, _ = load_trained(out, quantize="4bit")
-    assert "4bit" in type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__.lower()
+    model, _, _ = load_trained(out, quantize=bits)
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == layer
 
 
 # -- checkpoints and resume -------------------------------------------------------------------
