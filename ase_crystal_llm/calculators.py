@@ -331,14 +331,23 @@ class MatglBatchEvaluator(BatchEvaluator):
 
         calc = self.calculator
         potential = calc.potential
-        graphs, lattices = [], []
+        converter = getattr(calc, "_atoms2graph", None)
+        if converter is None:
+            from matgl.ext.ase import Atoms2Graph
+
+            converter = calc._atoms2graph = Atoms2Graph(calc.element_types, calc.cutoff)
+        graphs, lattices, states = [], [], []
         for atoms in atoms_list:
-            graph, lattice, _ = calc._atoms2graph.get_graph(atoms)
+            graph, lattice, state = converter.get_graph(atoms)
             graphs.append(graph)
             lattices.append(lattice.reshape(1, 3, 3))
+            states.append(np.asarray(state, dtype=float).reshape(-1))
         state = None
         if getattr(potential.model, "include_state", False):
-            state = torch.zeros(len(graphs), potential.model.dim_state_embedding or 2)
+            if calc.state_attr is not None:  # one state for every structure
+                state = torch.as_tensor(calc.state_attr).reshape(1, -1).repeat(len(graphs), 1)
+            else:
+                state = torch.tensor(np.stack(states), dtype=torch.float32)
         energies, forces, stresses, _ = potential(Batch.from_data_list(graphs), torch.cat(lattices), state)[:4]
         energies = energies.detach().reshape(-1).cpu().numpy()
         forces = forces.detach().cpu().numpy()
@@ -374,10 +383,14 @@ class CHGNetBatchEvaluator(BatchEvaluator):
 
 def batch_evaluator(calculator):
     """The best evaluator for a calculator (batched for matgl and CHGNet)."""
-    kind = type(calculator).__name__
-    if kind == "PESCalculator" and not calculator.compute_charge:
-        return MatglBatchEvaluator(calculator)
-    if kind == "CHGNetCalculator":
+    import sys
+
+    matgl_ase = sys.modules.get("matgl.ext.ase")  # imported by whoever built a matgl calculator
+    if matgl_ase is not None and isinstance(calculator, matgl_ase.PESCalculator):
+        if not (calculator.compute_charge or calculator.compute_magmom or calculator.compute_hessian):
+            return MatglBatchEvaluator(calculator)
+    chgnet_dynamics = sys.modules.get("chgnet.model.dynamics")
+    if chgnet_dynamics is not None and isinstance(calculator, chgnet_dynamics.CHGNetCalculator):
         return CHGNetBatchEvaluator(calculator)
     return BatchEvaluator(calculator)
 

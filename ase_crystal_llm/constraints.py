@@ -190,6 +190,8 @@ class CrystalGrammar:
         self._atom_cap = 1 + max((s.count("\n") for s in self.strings), default=0)
         self._masks = {}
         self._moves = {}
+        self._rows = {}  # device -> {mask key: row of the device table}
+        self._tables = {}  # device -> (n_keys, vocab) bool tensor
 
     # A state's mask depends on the state and on how many atoms may still
     # start, clipped to what one token can start: the cache stays small.
@@ -217,6 +219,25 @@ class CrystalGrammar:
             mask = torch.from_numpy(self._allowed_numpy(state, n_atoms)).to(device)
             self._masks[key] = mask
         return mask
+
+    def rows_mask(self, states, n_atoms, device):
+        """Stacked masks of many rows: one gather from a per-device table of state masks."""
+        device = str(device)
+        rows = self._rows.setdefault(device, {})
+        index = []
+        new = []
+        for state, n in zip(states, n_atoms):
+            key = self._key(state, n)
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = len(rows)
+                new.append(self._allowed_numpy(state, n))
+            index.append(row)
+        if new:
+            fresh = torch.from_numpy(np.stack(new)).to(device)
+            old = self._tables.get(device)
+            self._tables[device] = fresh if old is None else torch.cat([old, fresh])
+        return self._tables[device][torch.tensor(index, device=device)]
 
     def _allowed_numpy(self, state, n_atoms):
         mask = np.zeros(self.vocab_size, dtype=bool)
@@ -286,7 +307,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
         self.n_atoms = [0] * batch_size
 
     def advance(self, tokens):
-        """Move every row on by its newly generated token."""
+        """Move every row on by its newly generated token (tensor or list)."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
         g = self.grammar
         for row, token in enumerate(tokens):
@@ -304,9 +325,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
 
     def mask(self, scores):
         """``scores`` with forbidden tokens set to ``-inf`` (a new tensor)."""
-        g = self.grammar
-        rows = [g.allowed(s, n, scores.device) for s, n in zip(self.states, self.n_atoms)]
-        allowed = torch.stack(rows)[:, : scores.shape[-1]]
+        allowed = self.grammar.rows_mask(self.states, self.n_atoms, scores.device)[:, : scores.shape[-1]]
         if allowed.shape[-1] < scores.shape[-1]:
             pad = torch.zeros(allowed.shape[0], scores.shape[-1] - allowed.shape[-1], dtype=torch.bool,
                               device=scores.device)

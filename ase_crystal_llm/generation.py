@@ -176,39 +176,40 @@ def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, tempera
     attn = attn[rows]
     next_pos = positions[rows, -1] + 1
 
-    eos = torch.tensor(sorted(processor.grammar.eos_ids), device=device)
+    eos_ids = processor.grammar.eos_ids
+    eos = torch.tensor(sorted(eos_ids), device=device)
     n = len(prompts)
     live = list(range(n))  # batch row -> original row
     tokens = [[] for _ in range(n)]
     ended = [False] * n
-    done = torch.zeros(n, dtype=torch.bool, device=device)
+    done = [False] * n  # per live row: ended, kept in the batch until the next compaction
     processor.reset(n)
     for step in range(max_new_tokens):
         scores = processor.mask(logits)
         if step < min_new_tokens:
             scores[:, eos] = float("-inf")
         chosen = _choose(scores, temperature, top_p, generator)
-        processor.advance(chosen)
-        is_eos = torch.isin(chosen, eos)
-        for b, (tok, stop) in enumerate(zip(chosen.tolist(), is_eos.tolist())):
-            r = live[b]
+        picked = chosen.tolist()  # the one device sync of the step
+        processor.advance(picked)
+        for b, tok in enumerate(picked):
             if done[b]:
                 continue
-            if stop:
-                ended[r] = True
+            if tok in eos_ids:
+                ended[live[b]] = True
             else:
-                tokens[r].append(tok)
-        done |= is_eos | torch.tensor(processor.finished, device=device)
-        n_done = int(done.sum())
+                tokens[live[b]].append(tok)
+        done = [d or f for d, f in zip(done, processor.finished)]
+        n_done = sum(done)
         if n_done == len(live) or step == max_new_tokens - 1:
             break
         if n_done >= max(1, compact_fraction * len(live)):
-            keep = torch.nonzero(~done).squeeze(1)
+            kept = [b for b, d in enumerate(done) if not d]
+            keep = torch.tensor(kept, device=device)
             cache.batch_select_indices(keep)
-            processor.select(keep)
+            processor.select(kept)
             attn, next_pos, chosen = attn[keep], next_pos[keep], chosen[keep]
-            live = [live[k] for k in keep.tolist()]
-            done = done[keep]
+            live = [live[b] for b in kept]
+            done = [False] * len(live)
         if padded:
             attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
         out = model(input_ids=chosen[:, None], attention_mask=attn if padded else None,
@@ -700,21 +701,41 @@ def _symmetrize(atoms, symprec):
 # -- the command-line workflow -------------------------------------------------------------
 
 
+class _Processes:
+    """The processes of ``accelerate launch`` / ``torchrun`` (torch.distributed, env:// rendezvous)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        self.process_index = dist.get_rank()
+        self.num_processes = dist.get_world_size()
+        self.device = torch.device("cuda", local) if cuda else torch.device("cpu")
+
+    def wait_for_everyone(self):
+        self.dist.barrier()
+
+    def broadcast(self, values):
+        values = list(values)
+        self.dist.broadcast_object_list(values, src=0)
+        return values
+
+
 def _distributed():
-    """accelerate's process state under ``accelerate launch`` (several processes), else ``None``."""
+    """The process group under ``accelerate launch`` / ``torchrun`` (several processes), else ``None``."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from accelerate import PartialState
-
-    return PartialState()
+    return _Processes()
 
 
 def _broadcast(state, values):
-    if state is None:
-        return values
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list(list(values), from_process=0)
+    return values if state is None else state.broadcast(values)
 
 
 def _part_path(output, rank, world):

@@ -304,7 +304,11 @@ def mp2020_correct(atoms, total_energy):
 
     structure = AseAtomsAdaptor.get_structure(atoms)
     entry = ComputedStructureEntry(
-        structure, float(total_energy), parameters=mp_run_parameters(structure.symbol_set), entry_id="query"
+        structure,
+        float(total_energy),
+        parameters=mp_run_parameters(structure.symbol_set),
+        data={"oxidation_states": oxidation_state_guess(structure.composition)},
+        entry_id="query",
     )
     compat = _compatibility()
     try:
@@ -322,6 +326,26 @@ def mp2020_correct(atoms, total_energy):
 
 
 _COMPAT = []
+_OXIDATION_STATES: OrderedDict = OrderedDict()
+
+
+def oxidation_state_guess(composition, cache_size=4096):
+    """What MP2020 guesses when an entry has no oxidation states, cached per formula.
+
+    Same call as pymatgen's ``MaterialsProject2020Compatibility`` (first guess of
+    ``oxi_state_guesses(max_sites=-20)``, ``{}`` when none); it can take seconds
+    for four-element compositions and generated samples repeat formulas.
+    """
+    key = composition.reduced_formula
+    if key not in _OXIDATION_STATES:
+        try:
+            guesses = composition.reduced_composition.oxi_state_guesses(max_sites=-20)
+        except ValueError:
+            guesses = ()
+        _OXIDATION_STATES[key] = dict(guesses[0]) if guesses else {}
+        if len(_OXIDATION_STATES) > cache_size:
+            _OXIDATION_STATES.popitem(last=False)
+    return dict(_OXIDATION_STATES[key])
 
 
 def _compatibility():

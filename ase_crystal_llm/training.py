@@ -601,6 +601,7 @@ class _Trainer:
 
     def __init__(self, cfg, out, structures, data_record, val_structures, val_record, template, *,
                  resume, progress, callbacks, keep_checkpoints, precision):  # fmt: skip
+        import torch
         from accelerate import Accelerator
 
         self.cfg, self.out, self.template = cfg, Path(out), template
@@ -608,8 +609,6 @@ class _Trainer:
         self.val_structures, self.val_record = val_structures, val_record
         self.callbacks = list(callbacks or ())
         self.progress = progress
-        import torch
-
         # cpu=True on a CPU-only host makes torchrun / ``accelerate launch --multi_gpu``
         # start gloo data parallelism (accelerate picks MULTI_CPU only when asked).
         self.acc = Accelerator(mixed_precision=precision or "no", cpu=not torch.cuda.is_available())
@@ -690,7 +689,12 @@ class _Trainer:
 
         model = load_base_model(cfg.base, quantize=cfg.quantize, device=device)
         if cfg.quantize:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device.type == "cuda")
+            # Non-reentrant checkpointing: the reentrant kind breaks under DDP.
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=device.type == "cuda",
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         if self.resume_dir is not None:
             return PeftModel.from_pretrained(model, self.resume_dir, is_trainable=True)
         return get_peft_model(model, _lora_config(cfg))

@@ -10,7 +10,7 @@ peak(1,000).
 
 Usage::
 
-    python benchmarks/generation_memory.py --model DIR [--sizes 1000 10000] [--batch-size 64]
+    python benchmarks/generation_memory.py [--model DIR] [--sizes 1000 10000] [--batch-size 64] [--threads 1]
 
 Writes ``benchmarks/results/generation_memory.json`` (hardware, date, peaks).
 """
@@ -74,6 +74,21 @@ def child(args):
                       "peak_rss_mib": round(_status_kib("VmHWM") / 1024, 1)}))
 
 
+def build_tiny_model(path):
+    """A ``tiny`` from-scratch model over-fitted on four crystals: fast, and every sample parses."""
+    import torch
+    from ase.build import bulk
+
+    from ase_crystal_llm.training import train
+
+    crystals = [bulk("NaCl", "rocksalt", a=5.64), bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6),
+                bulk("MgO", "rocksalt", a=4.2)] * 16
+    torch.set_num_threads(1)
+    train(crystals, path, from_scratch="tiny", max_steps=120, batch_size=8, lr=3e-3, save_every=120, seed=0,
+          cache=False, progress=False)
+    return str(path)
+
+
 def hardware():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -85,9 +100,12 @@ def hardware():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a (tiny) model directory written by 'crystal-llm train'")
+    p.add_argument("--model", help="a (tiny) model directory written by 'crystal-llm train' "
+                   "(default: build the over-fitted tiny model of tests/test_crash_safety.py, ~20 s)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (OMP_NUM_THREADS); on a busy machine 1 is many times faster than 2")
     p.add_argument("--format", default="extxyz", help="output extension (extxyz, db, traj, cif, crystxt)")
     p.add_argument("--library", action="store_true", help="call iter_generate + StructureWriter, not the CLI")
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
@@ -99,11 +117,16 @@ def main(argv=None):
 
     runs = []
     with tempfile.TemporaryDirectory() as workdir:
+        model_note = args.model
+        if args.model is None:
+            args.model = build_tiny_model(Path(workdir) / "model")
+            model_note = "tiny from-scratch model over-fitted on 4 simple crystals (built by the benchmark)"
         for n in args.sizes:
             cmd = [sys.executable, __file__, "--child", str(n), "--workdir", workdir, "--model", args.model,
                    "--batch-size", str(args.batch_size), "--format", args.format]
             cmd += ["--library"] if args.library else []
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
                 sys.exit(f"N={n} failed:\n{proc.stderr[-3000:]}")
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -114,10 +137,11 @@ def main(argv=None):
         "benchmark": "generation_memory",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(),
-        "model": str(args.model),
+        "model": str(model_note),
         "path": "library (iter_generate + StructureWriter)" if args.library else "crystal-llm generate (cli.main)",
         "output_format": args.format,
         "batch_size": args.batch_size,
+        "threads": args.threads,
         "runs": runs,
         "peak_ratio": round(ratio, 3),
         "target_ratio": TARGET,

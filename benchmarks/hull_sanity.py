@@ -52,11 +52,13 @@ def score(relaxed, hull):
         row["steps"] = atoms.info["relax_steps"]
         row["converged"] = atoms.info["relax_converged"]
         try:
+            # same as hull.e_above_hull(atoms, exclude=...), without correcting the energy twice
+            formula, mid = atoms.get_chemical_formula(), atoms.info["material_id"]
             row["eform"] = hull.formation_energy(atoms)
-            row["e_hull"] = hull.e_above_hull(atoms, exclude=atoms.info["material_id"])
+            row["e_hull"] = hull.e_above_hull_from_formation(formula, row["eform"], exclude=mid)
             wrong = WRONG_SCALE[atoms.info["energy_scale"]]
             row["eform_wrong_scale"] = hull.formation_energy(atoms, energy_scale=wrong)
-            row["e_hull_wrong_scale"] = hull.e_above_hull(atoms, exclude=atoms.info["material_id"], energy_scale=wrong)
+            row["e_hull_wrong_scale"] = hull.e_above_hull_from_formation(formula, row["eform_wrong_scale"], exclude=mid)
         except ValueError as err:
             row["error"] = str(err)
         rows.append(row)

@@ -13,7 +13,10 @@ metastable rate (E_hull <= 0.1 eV/atom), both per parent (a parent without an
 allowed swap counts as a miss) and per child, and the diversity of the stable
 children: distinct compositions and distinct element swaps.  Children already
 on the MP-20 hull come out near 0 eV/atom, so ``novel_stable`` also counts the
-stable children whose composition is not an MP-20 formula.
+stable children whose composition is not an MP-20 formula.  As a check of
+the model itself, ``infill_recovery`` masks one element of each parent and
+reports how often the model ranks the true element first (or in its top 5)
+among all elements.
 
 Relaxations are batched and cached (``relax_many``), so an interrupted run
 resumes, and children shared by several methods are relaxed once.
@@ -80,6 +83,33 @@ def mutate_all(parents, operator):
     return children
 
 
+def infill_recovery(generator, parents, rng):
+    """How well the model names a masked element it has not been told.
+
+    For each parent one element (drawn uniformly) is masked and every element
+    is scored; reports the top-1 / top-5 rate of the true element and its mean
+    probability (uniform guessing: 1/118).
+    """
+    from ase_crystal_llm.infill import propose_elements
+    from ase_crystal_llm.text import ELEMENTS
+
+    ranks, probs = [], []
+    for atoms in parents:
+        element = str(rng.choice(sorted(set(atoms.get_chemical_symbols()))))
+        dist = propose_elements(generator, atoms, element, candidates=ELEMENTS)
+        order = sorted(dist, key=dist.get, reverse=True)
+        ranks.append(order.index(element) + 1)
+        probs.append(dist[element])
+    ranks = np.array(ranks)
+    return {
+        "structures": len(ranks),
+        "top1": float(np.mean(ranks == 1)),
+        "top5": float(np.mean(ranks <= 5)),
+        "mean_probability": float(np.mean(probs)),
+        "uniform_probability": 1 / len(ELEMENTS),
+    }
+
+
 def summarize(children, e_hull, known_formulas):
     """Stable / metastable rates and diversity of the stable children of one method."""
     n = len(children)
@@ -120,8 +150,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", default=str(RESULTS / "mutation.json"))
-    parser.add_argument("--cache", default=str(RESULTS / "mutation_relax_cache.db"),
-                        help="ase.db of finished relaxations (resume); '' for none")
+    cache = Path(os.environ.get("CRYSTAL_LLM_CACHE") or Path.home() / ".cache" / "ase_crystal_llm")
+    parser.add_argument("--cache", default=str(cache / "mutation_relax_cache.db"),
+                        help="ase.db of finished relaxations, reused on the next run; '' for none")
     args = parser.parse_args(argv)
 
     import torch
@@ -167,6 +198,10 @@ def main(argv=None):
     for key, atoms in zip(keys, relaxed):
         e_by_key[key] = None if atoms.info.get("relax_failed") else float(hull.e_above_hull(atoms))
 
+    t3 = time.perf_counter()
+    recovery = infill_recovery(generator, parents, np.random.default_rng([args.seed, 99]))
+    recovery["seconds"] = round(time.perf_counter() - t3, 1)
+
     results = {}
     for name, kids in children.items():
         e_hull = [None if c is None else e_by_key[structure_hash(c)] for c in kids]
@@ -191,6 +226,7 @@ def main(argv=None):
         "distinct_children_relaxed": len(keys),
         "seconds": {"setup": round(setup_s, 1), "mutation": round(t2 - t1, 1), "relaxation": round(relax_s, 1),
                     "total": round(time.perf_counter() - t0, 1)},
+        "infill_recovery": recovery,
         "methods": results,
     }
     out = Path(args.output)
@@ -203,6 +239,7 @@ def main(argv=None):
     for name, r in results.items():
         print(f"{name:<12} {r['children']:>8} {r['stable_rate']:>8.1%} {r['metastable_rate']:>10.1%} "
               f"{r['stable_unique_compositions']:>9}")
+    print(f"masked element recovered: top-1 {recovery['top1']:.1%}, top-5 {recovery['top5']:.1%}")
     print(f"results: {out}", file=sys.stderr)
 
 

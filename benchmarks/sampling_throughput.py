@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import platform
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +47,16 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 TINY = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def cpu_name():
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def sync(device):
@@ -161,8 +172,8 @@ def main():
     # A huge atom budget: the forced length must never meet the grammar's end.
     grammar = CrystalGrammar(tok, max_atoms=10_000, vocab_size=config["vocab_size"])
     bandwidth = hbm_bandwidth(device)
-    hardware = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                or "cpu", "torch": torch.__version__}
+    hardware = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+                "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
     if device.type == "cuda":
         hardware["memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     print(f"{hardware}; prompt {prompt_len} tokens; HBM {bandwidth / 1e12 if bandwidth else 0:.2f} TB/s", flush=True)

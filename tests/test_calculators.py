@@ -102,6 +102,7 @@ def test_m3gnet_correction_is_instance_local(m3gnet, m3gnet_dir):
 
 
 def test_batched_and_serial_paths_agree(m3gnet):
+    assert isinstance(calculators.batch_evaluator(m3gnet), calculators.MatglBatchEvaluator)
     structures = small_crystals()
     serial = relax_many(structures, m3gnet, backend="serial")
     batched = relax_many(structures, m3gnet, backend="batched", batch_size=2)  # refills the batch

@@ -458,3 +458,27 @@ def test_trained_tiny_model_fast_equals_generate(tiny_model_dir):
     a = fast_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
     b = plain_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
     assert a == b
+
+
+@pytest.mark.slow
+def test_cli_generate_splits_over_processes(model_dir, tmp_path):
+    """torchrun (what ``accelerate launch`` runs) with two processes: one output, one record per rank."""
+    import os
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    out = tmp_path / "multi.db"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "-m", "ase_crystal_llm.cli", "generate", "-n", "5", "--model",
+           str(model_dir), "-o", str(out), "--seed", "7", "--max-atoms", "2", "--max-attempts", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "parse failures" in done.stderr
+    runs = json.loads((tmp_path / "multi.db.run.json").read_text())["runs"]
+    assert sorted(r["rank"] for r in runs) == [0, 1] and {r["world_size"] for r in runs} == {2}
+    assert sum(r["stats"]["requested"] for r in runs) == 5 and len({r["run_id"] for r in runs}) == 1
+    assert not list(tmp_path.glob("multi.part*"))
+    assert len(ase.io.read(out, ":")) == sum(r["stats"]["returned"] for r in runs)
