@@ -298,7 +298,7 @@ def mp_run_parameters(symbols):
 
 def mp2020_correct(atoms, total_energy):
     """Raw GGA/GGA+U total energy -> MP2020-corrected total energy (eV)."""
-    from pymatgen.entries.compatibility import CompatibilityError, MaterialsProject2020Compatibility
+    from pymatgen.entries.compatibility import CompatibilityError
     from pymatgen.entries.computed_entries import ComputedStructureEntry
     from pymatgen.io.ase import AseAtomsAdaptor
 

@@ -216,6 +216,10 @@ def main(argv=None):
         "model_weights_sha256": generator.weights_sha256(),
         "model_kind": getattr(generator.card, "kind", None),
         "model_base": getattr(generator.card, "base_model", None),
+        "model_training": {
+            "structures": (getattr(generator.card, "training_data", None) or {}).get("n_structures"),
+            "final_losses": getattr(generator.card, "final_losses", None),
+        },
         "potential": args.potential,
         "structures": f"first {len(parents)} MP-20 test structures (canonical cells)",
         "thresholds_eV_per_atom": {"stable": STABLE, "metastable": METASTABLE},

@@ -53,7 +53,7 @@ CASES = [
     Case("convert", "unknown-element", ("convert", "{unknown_element}", "-o", "{out}/a.extxyz"), ("unknown element", "Qq")),
     Case("convert", "unknown-output-format", ("convert", "{good}", "-o", "{out}/a.foo"), ("foo",)),
     Case("convert", "unknown-option-value", ("convert", "{good}", "-o", "{out}/a.extxyz", "--limit", "0"), ("limit",)),
-    Case("convert", "output-dir-missing", ("convert", "{good}", "-o", "{nodir}/a.extxyz"), ("{nodir}",)),
+    Case("convert", "output-dir-missing", ("convert", "{good}", "-o", "{nodir}/a.extxyz"), ("does not exist", "{nodir}")),
     # evaluate
     Case("evaluate", "missing-file", ("evaluate", "{missing}", "-o", "{out}/rep", *EVAL), ("not found", "{missing}")),
     Case("evaluate", "empty-file", ("evaluate", "{empty}", "-o", "{out}/rep", *EVAL), ("empty",)),
@@ -76,7 +76,7 @@ CASES = [
     Case("mutate", "unknown-potential", ("mutate", "{good}", "-n", "1", "--baseline", "--relax", "nonsense", "-o", "{out}/m.extxyz"),
          ("nonsense",)),
     Case("mutate", "unknown-output-format", ("mutate", "{good}", "-n", "1", "--baseline", "-o", "{out}/m.foo"), ("foo",)),
-    Case("mutate", "output-dir-missing", ("mutate", "{good}", "-n", "1", "--baseline", "-o", "{nodir}/m.extxyz"), ("{nodir}",)),
+    Case("mutate", "output-dir-missing", ("mutate", "{good}", "-n", "1", "--baseline", "-o", "{nodir}/m.extxyz"), ("does not exist", "{nodir}")),
     Case("mutate", "model-weight-missing", ("mutate", "{good}", "-n", "1", "--model", "{model_no_weights}", "-o", "{out}/m.extxyz"),
          ("missing", "model.safetensors"), needs_model=True),
     Case("mutate", "model-weight-corrupt", ("mutate", "{good}", "-n", "1", "--model", "{model_bad_hash}", "-o", "{out}/m.extxyz"),
@@ -101,7 +101,7 @@ CASES = [
     Case("generate", "zero-count", ("generate", "-n", "0", "-o", "{out}/g.extxyz", "--model", "{model}"), ("-n",), needs_model=True),
     Case("generate", "unknown-output-format", ("generate", "-n", "1", "-o", "{out}/g.foo", "--model", "{model}"), ("foo",),
          needs_model=True),
-    Case("generate", "output-dir-missing", ("generate", "-n", "1", "-o", "{nodir}/g.extxyz", "--model", "{model}"), ("{nodir}",),
+    Case("generate", "output-dir-missing", ("generate", "-n", "1", "-o", "{nodir}/g.extxyz", "--model", "{model}"), ("does not exist", "{nodir}"),
          needs_model=True),
     # train
     Case("train", "missing-file", ("train", "--data", "{missing}", "--out", "{out}/t", *TRAIN), ("not found", "{missing}")),
@@ -207,10 +207,10 @@ def _check_error(command, status, stderr, expect):
     assert status == 2, f"exit status {status}, stderr:\n{stderr}"
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
-    prefix = f"crystal-llm {command}: error:" if command else "crystal-llm"
-    errors = [line for line in lines if line.startswith(prefix) or ": error:" in line]
+    errors = [line for line in lines if ": error:" in line]
     assert len(errors) == 1, f"want exactly one error line, got:\n{stderr}"
     line = errors[0]
+    assert line.startswith(f"crystal-llm {command}: error:"), line
     for text in expect:
         assert text.lower() in line.lower(), f"{text!r} not in the error line {line!r}"
     return line
