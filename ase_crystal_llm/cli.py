@@ -57,6 +57,17 @@ def _add_train(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _quiet_training_libraries():
+    """Keep stderr for our progress bar and errors: bitsandbytes logs a CPU-kernel
+    notice on import, transformers shows bars while saving and loading weights."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _run_train(args):
     import os
 
@@ -64,6 +75,7 @@ def _run_train(args):
         import torch
 
         torch.set_num_threads(args.threads)
+    _quiet_training_libraries()
     from .training import train
 
     card = train(
@@ -251,6 +263,7 @@ def _add_merge(sub):
 
 
 def _run_merge(args):
+    _quiet_training_libraries()
     from .training import merge_adapter
 
     merge_adapter(args.model, args.output, base=args.base)

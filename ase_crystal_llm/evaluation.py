@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics, settings
+from .modelcard import sha256_file
 
 REFERENCES = ("mp20",)
 FINGERPRINT_VERSION = 1  # bump when the fingerprint definition changes
@@ -39,22 +39,9 @@ IPT_SIZE = 100
 # -- caches and reference data ----------------------------------------------------
 def cache_dir(path=None):
     """Folder for cached reference fingerprints (created if missing)."""
-    if path is None:
-        path = os.environ.get("CRYSTAL_LLM_CACHE")
-    if path is None:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        path = Path(base) / "ase-crystal-llm"
-    path = Path(path).expanduser()
+    path = settings.cache_dir(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def file_sha256(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_csv_structures(path, size=None, seed=0):
@@ -87,7 +74,7 @@ def reference_fingerprints(path, *, size=None, seed=0, cache=None, workers=None,
     """
     if size is not None and size < 1:
         raise ValueError(f"reference subsample size must be >= 1, got {size}")
-    key = f"{file_sha256(path)[:16]}-{size or 'all'}-{seed}-v{FINGERPRINT_VERSION}"
+    key = f"{sha256_file(path)[:16]}-{size or 'all'}-{seed}-v{FINGERPRINT_VERSION}"
     target = cache_dir(cache) / f"fingerprints-{key}.npz"
     if target.is_file():
         try:

@@ -492,8 +492,8 @@ def _child_info(child, parent, index):
 def mutate_structures(parents, n, operator):
     """Yield ``n`` children of ``parents``, one mutation each, parents taken in turn.
 
-    A parent the operator cannot mutate (no allowed swap) leaves the rotation
-    with a warning; when none is left a ``ValueError`` says so.  Children carry
+    Every parent must be a crystal (periodic in 3D).  A parent the operator
+    cannot mutate (no allowed swap) leaves the rotation with a warning; when none is left a ``ValueError`` says so.  Children carry
     flat ``info``: ``parent_index``, ``parent_formula``, ``parent_material_id``
     (when the parent has one), ``mutation`` (``"Na->K"``), ``origin`` and, for
     the model, ``swap_probability``.
@@ -511,6 +511,10 @@ def mutate_structures(parents, n, operator):
         raise ValueError(f"number of children must be a non-negative integer, got {n!r}")
     if n and not parents:
         raise ValueError("no parent structures to mutate")
+    for index, parent in enumerate(parents):
+        if parent.cell.rank < 3 or not parent.pbc.all():
+            raise ValueError(f"parent {index} ({parent.get_chemical_formula()}) is not periodic in 3D: "
+                             "a crystal needs pbc=True and a full cell")
     active = list(range(len(parents)))
     made = turn = 0
     while made < n:

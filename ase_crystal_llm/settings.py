@@ -10,6 +10,10 @@ CRYSTAL_LLM_DATA
     beside the project checkout, when it exists).
 CRYSTAL_LLM_M3GNET
     A matgl M3GNet model directory (default: ``<data>/models/matgl/M3GNet-MP-2021.2.8-PES``).
+CRYSTAL_LLM_CACHE
+    Folder for caches that are safe to delete: canonical training structures,
+    reference fingerprints (default: ``$XDG_CACHE_HOME/ase-crystal-llm`` or
+    ``~/.cache/ase-crystal-llm``).
 CRYSTAL_LLM_POSTGRES_URL
     ``postgresql://user:pw@host:port/db`` for the PostgreSQL-backed ase.db test.
 """
@@ -96,6 +100,17 @@ def m3gnet_dir(path=None):
             f"CRYSTAL_LLM_M3GNET (or CRYSTAL_LLM_DATA) to a folder holding models/matgl/{M3GNET_NAME}"
         )
     return found
+
+
+def cache_dir(path=None):
+    """The cache folder (created on use by the callers)."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("CRYSTAL_LLM_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ase-crystal-llm"
 
 
 def _must_exist(path, what):

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import settings
 from .modelcard import CARD_NAME, ModelCard
 from .prompts import PromptTemplate, make_example
 
@@ -140,11 +141,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------- data
 
 
-def _cache_dir(path=None):
-    if path is not None:
-        return Path(path)
-    env = os.environ.get("CRYSTAL_LLM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "ase_crystal_llm"
 
 
 def _source_files(source):
@@ -222,7 +218,7 @@ def load_training_structures(source, *, canonical=True, limit=None, skip_bad=Fal
     """Read (and cache) the structures of a training or validation split.
 
     Canonicalising 27k MP-20 cells takes minutes, so file sources are cached
-    under ``$CRYSTAL_LLM_CACHE`` (default ``~/.cache/ase_crystal_llm``), keyed
+    under ``$CRYSTAL_LLM_CACHE`` (default ``~/.cache/ase-crystal-llm``), keyed
     by the files' sha256 and the reading options.
 
     Returns
@@ -262,7 +258,7 @@ def _read_source(source, canonical, limit, skip_bad, cache, cache_dir):
                 [record["sha256"], canonical, limit, skip_bad, _module_hash(datasets)], sort_keys=True
             )
             key = hashlib.sha256(options.encode()).hexdigest()[:32]
-            cache_path = _cache_dir(cache_dir) / "structures" / f"{key}.npz"
+            cache_path = settings.cache_dir(cache_dir) / "structures" / f"{key}.npz"
             if cache_path.is_file():
                 try:
                     return _load_structure_cache(cache_path), record
@@ -417,6 +413,17 @@ def _missing_base_message(base):
     )
 
 
+@contextlib.contextmanager
+def _base_errors(base):
+    """Turn transformers' download failures for a hub id into one clear error."""
+    try:
+        yield
+    except OSError as err:
+        if Path(os.path.expanduser(str(base))).exists():
+            raise
+        raise FileNotFoundError(_missing_base_message(base)) from err
+
+
 def resolve_base(base):
     """A local directory as an absolute path, or a hub id found in the local cache.
 
@@ -460,8 +467,6 @@ def load_base_model(base, *, quantize=None, device=None, dtype=None):
     dtype = dtype or _compute_dtype(device)
     kwargs = {"dtype": dtype}
     if quantize:
-        from . import settings
-
         settings.require("bitsandbytes")
         if device.type == "cpu":
             warnings.warn(f"{quantize} quantisation on CPU runs through bitsandbytes' CPU backend: slow", stacklevel=2)
@@ -476,12 +481,8 @@ def load_base_model(base, *, quantize=None, device=None, dtype=None):
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         index = device.index if device.index is not None else 0
         kwargs["device_map"] = {"": index if device.type == "cuda" else "cpu"}
-    try:
+    with _base_errors(base):
         model = AutoModelForCausalLM.from_pretrained(resolve_base(base), **kwargs)
-    except OSError as err:
-        if not Path(str(base)).exists():
-            raise FileNotFoundError(_missing_base_message(base)) from err
-        raise
     if not quantize:
         model.to(device)
     return model
@@ -491,7 +492,8 @@ def load_base_tokenizer(base):
     """The base model's tokenizer, with a pad token (EOS if it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
+    with _base_errors(base):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {base} has no end-of-sequence token")
     if tokenizer.pad_token_id is None:

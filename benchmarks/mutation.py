@@ -150,6 +150,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", default=str(RESULTS / "mutation.json"))
+    parser.add_argument("--details", help="also write one CSV row per child (method, parent, swap, E_hull)")
     cache = Path(os.environ.get("CRYSTAL_LLM_CACHE") or Path.home() / ".cache" / "ase_crystal_llm")
     parser.add_argument("--cache", default=str(cache / "mutation_relax_cache.db"),
                         help="ase.db of finished relaxations, reused on the next run; '' for none")
@@ -233,6 +234,8 @@ def main(argv=None):
         "infill_recovery": recovery,
         "methods": results,
     }
+    if args.details:
+        write_details(args.details, parents, children, e_by_key)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -245,6 +248,23 @@ def main(argv=None):
               f"{r['stable_unique_compositions']:>9}")
     print(f"masked element recovered: top-1 {recovery['top1']:.1%}, top-5 {recovery['top5']:.1%}")
     print(f"results: {out}", file=sys.stderr)
+
+
+def write_details(path, parents, children, e_by_key):
+    """One CSV row per child: method, parent, swap, child formula, E_hull (empty: failed)."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["method", "parent_index", "parent_material_id", "parent_formula", "swap",
+                      "child_formula", "e_above_hull"])
+        for name, kids in children.items():
+            for i, child in enumerate(kids):
+                if child is None:
+                    continue
+                e = e_by_key[structure_hash(child)]
+                out.writerow([name, i, parents[i].info.get("material_id", ""), parents[i].get_chemical_formula(),
+                              child.info["swap"], child.get_chemical_formula(), "" if e is None else f"{e:.4f}"])
 
 
 def reduced_formula(formula):

@@ -543,3 +543,14 @@ def test_ga_search_example_runs(m3gnet_dir, tiny_model_dir, tmp_path, capsys):
     for row in rows:
         assert row.raw_score == pytest.approx(-row.e_above_hull)
         assert row.toatoms().get_chemical_symbols().count("O") == 3 and row.natoms == 5
+
+
+def test_mutate_structures_needs_crystals():
+    from ase.build import molecule
+
+    from ase_crystal_llm.infill import mutate_structures
+
+    with pytest.raises(ValueError, match="not periodic in 3D"):
+        list(mutate_structures([bulk("Cu", "fcc", a=3.6), molecule("H2O")], 2, TemplateElementMutation()))
+    with pytest.raises(ValueError, match="no parent"):
+        list(mutate_structures([], 1, TemplateElementMutation()))

@@ -12,7 +12,6 @@ Each test gets a fresh database on that server, dropped afterwards.
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from collections import Counter
 from urllib.parse import urlsplit, urlunsplit
