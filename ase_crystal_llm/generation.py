@@ -827,7 +827,16 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
 
         bar = tqdm(total=len(todo), unit="crystal", desc="generate", disable=not todo)
     status, session = "interrupted", uuid.uuid4().hex[:8]
+
+    def record(status):
+        entry = gen.run_record(**run_settings)
+        entry.update(run_id=run_id, rank=rank, session=session, world_size=world, seed=seed, status=status,
+                     output=str(output))
+        return entry
+
     with StructureWriter(part, append=resume or world == 1 and output.exists()) as writer:
+        # Written first, so that a killed run (no chance to clean up) can be resumed.
+        writer.write_run_record(record("running"))
         try:
             for atoms in stream:
                 writer.write(atoms)
@@ -837,10 +846,7 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
         finally:
             if bar is not None:
                 bar.close()
-            record = gen.run_record(**run_settings)
-            record.update(run_id=run_id, rank=rank, session=session, world_size=world, seed=seed,
-                          status=status, output=str(output))
-            writer.write_run_record(record)
+            writer.write_run_record(record(status))
     if state is not None:
         state.wait_for_everyone()
     if not main:

@@ -151,8 +151,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", default=str(RESULTS / "mutation.json"))
     parser.add_argument("--details", help="also write one CSV row per child (method, parent, swap, E_hull)")
-    cache = Path(os.environ.get("CRYSTAL_LLM_CACHE") or Path.home() / ".cache" / "ase_crystal_llm")
-    parser.add_argument("--cache", default=str(cache / "mutation_relax_cache.db"),
+    parser.add_argument("--cache", default=str(settings.cache_dir() / "mutation_relax_cache.db"),
                         help="ase.db of finished relaxations, reused on the next run; '' for none")
     args = parser.parse_args(argv)
 

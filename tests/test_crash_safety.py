@@ -92,10 +92,25 @@ def run(cmd, timeout=240):
     return proc
 
 
-def _count_extxyz(path):
+def _read_all(path):
+    """Every structure of an output file, with its info (ase.db: key-value pairs)."""
+    if path.suffix == ".db":
+        import ase.db
+
+        with ase.db.connect(path) as db:
+            images = []
+            for row in db.select():
+                atoms = row.toatoms()
+                atoms.info.update(row.key_value_pairs)
+                images.append(atoms)
+            return images
+    return read(path, index=":")
+
+
+def _count(path):
     try:
-        return len(read(path, index=":"))
-    except Exception:  # half-written or empty: not ready yet
+        return len(_read_all(path))
+    except Exception:  # not created yet, or (text) half-written: not ready
         return 0
 
 
@@ -106,23 +121,27 @@ def _ids(images):
 # -- generate ------------------------------------------------------------------------------------------
 
 
-def test_generate_killed_then_resumed(crystal_model, tmp_path):
-    out = tmp_path / "samples.extxyz"
+@pytest.mark.parametrize("suffix", [".extxyz", ".db"])
+def test_generate_killed_then_resumed(crystal_model, tmp_path, suffix):
+    out = tmp_path / f"samples{suffix}"
     n = 60
     args = ("generate", "-n", n, "-o", out, "--model", crystal_model, "--seed", 0, "--batch-size", 2,
             "--max-atoms", 8, "--device", "cpu")
-    kill_when(cli(*args), lambda: out.exists() and out.stat().st_size > 0 and _count_extxyz(out) >= 6,
+    kill_when(cli(*args), lambda: out.exists() and out.stat().st_size > 0 and _count(out) >= 6,
               log=tmp_path / "gen.log")
 
     # Every structure in the file reads back whole, with its identifiers.
-    before = read(out, index=":")
+    if suffix == ".db":
+        with sqlite3.connect(out) as con:
+            assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    before = _read_all(out)
     assert 6 <= len(before) < n, "killed too late to prove anything"
     ids_before = _ids(before)
     assert len(set(ids_before)) == len(ids_before)
     assert len({run for run, _, _ in ids_before}) == 1
 
     run(cli(*args, "--resume"))
-    after = read(out, index=":")
+    after = _read_all(out)
     ids_after = _ids(after)
     counts = Counter(ids_after)
     assert max(counts.values()) == 1, f"duplicates after resume: {counts.most_common(3)}"
