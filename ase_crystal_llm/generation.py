@@ -522,7 +522,7 @@ class CrystalGenerator:
             Default: the card's recommended values, else 0.7 / 0.9.
             ``temperature=0`` is greedy decoding.
         batch_size : int, optional
-            Rows per batch (default 32 on CPU, 256 on GPU).
+            Rows per batch (default 64 on CPU, the best in benchmarks/generation_cpu.py; 256 on GPU).
         seed : int, optional
             Seed of the sampling; the same seed gives the same crystals on
             the same device.  ``None`` draws one (recorded in ``stats``).
@@ -582,7 +582,7 @@ class CrystalGenerator:
         grammar = self.grammar(elements, max_atoms)
         max_new = self.max_new_tokens(max_atoms)
         if batch_size is None:
-            batch_size = 256 if self.device.type == "cuda" else 32
+            batch_size = 256 if self.device.type == "cuda" else 64
         seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
         run_id = run_id or uuid.uuid4().hex[:12]
         indices = list(range(start_index, start_index + n)) if indices is None else list(indices)
@@ -838,10 +838,14 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
         # Written first, so that a killed run (no chance to clean up) can be resumed.
         writer.write_run_record(record("running"))
         try:
+            last = time.monotonic()
             for atoms in stream:
                 writer.write(atoms)
                 if bar is not None:
                     bar.update(1)
+                if time.monotonic() - last > 10:  # statistics survive a kill, up to 10 s old
+                    writer.write_run_record(record("running"))
+                    last = time.monotonic()
             status = "complete"
         finally:
             if bar is not None:
