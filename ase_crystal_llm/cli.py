@@ -21,6 +21,38 @@ class UsageError(Exception):
     """A problem with what the user asked for; printed as one line."""
 
 
+def positive_int(text):
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def output_file(text):
+    """argparse type: a file path whose folder exists (checked before any work starts)."""
+    from pathlib import Path
+
+    folder = Path(text).expanduser().parent
+    if "://" not in text and not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"output folder does not exist: {folder}")
+    return text
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="fine-tune a causal LM (LoRA/QLoRA) or train one from scratch on crystal text")
     p.add_argument("--data", required=True, help="training structures: CSV(.gz) with a cif column, ase.db, or any ase.io file/glob")
@@ -30,30 +62,30 @@ def _add_train(sub):
     base.add_argument("--base", help="Hugging Face model id or local directory to fine-tune with LoRA")
     base.add_argument("--from-scratch", metavar="SIZE", help="train a LLaMA-architecture model of this named size from scratch (tiny, mini, small, base)")
     steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--max-steps", type=int, help="number of optimiser steps")
-    steps.add_argument("--epochs", type=float, help="number of passes over the training data (default 1)")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch per process (default 32 from scratch, 8 LoRA)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine schedule with warmup (default 1e-3 from scratch, 5e-4 LoRA)")
+    steps.add_argument("--max-steps", type=positive_int, help="number of optimiser steps")
+    steps.add_argument("--epochs", type=positive_float, help="number of passes over the training data (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="examples per micro-batch per process (default 32 from scratch, 8 LoRA)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate, cosine schedule with warmup (default 1e-3 from scratch, 5e-4 LoRA)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default min(100, 10%% of steps))")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the base quantised (QLoRA)")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-rank", type=positive_int, default=8)
+    p.add_argument("--lora-alpha", type=positive_int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--target-modules", help="comma-separated module names for LoRA (default: all attention and MLP projections)")
     p.add_argument("--loss-averaging", choices=["per_token", "per_example"], default="per_token", help="how answer-token losses are averaged (default per_token)")
-    p.add_argument("--max-length", type=int, help="drop examples longer than this many tokens")
-    p.add_argument("--eval-every", type=int, default=None, help="validation interval in steps")
-    p.add_argument("--val-limit", type=int, default=512, help="validate on the first N validation structures (default 512)")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint interval in steps")
+    p.add_argument("--max-length", type=positive_int, help="drop examples longer than this many tokens")
+    p.add_argument("--eval-every", type=positive_int, default=None, help="validation interval in steps")
+    p.add_argument("--val-limit", type=positive_int, default=512, help="validate on the first N validation structures (default 512)")
+    p.add_argument("--save-every", type=positive_int, default=None, help="checkpoint interval in steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--limit", type=int, help="use only the first N training structures")
+    p.add_argument("--limit", type=positive_int, help="use only the first N training structures")
     p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read instead of primitive Niggli cells")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
     p.add_argument("--no-cache", action="store_true", help="do not cache the canonicalised structures ($CRYSTAL_LLM_CACHE)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (1 is fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -116,22 +148,22 @@ def _run_train(args):
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample crystals from a trained model")
-    p.add_argument("-n", type=int, required=True, help="number of crystals")
-    p.add_argument("-o", "--output", required=True, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
+    p.add_argument("-n", type=positive_int, required=True, help="number of crystals")
+    p.add_argument("-o", "--output", required=True, type=output_file, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
     p.add_argument("--model", help="model directory written by 'crystal-llm train' (default: the shipped model)")
     p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
     p.add_argument("--formula", help="chemical formula condition (comma-separated for several)")
-    p.add_argument("--spacegroup", type=int, help="space group number condition")
+    p.add_argument("--spacegroup", type=positive_int, help="space group number condition")
     p.add_argument("--e-above-hull", type=float, help="energy above hull condition, eV/atom")
     p.add_argument("--band-gap", type=float, help="band gap condition, eV")
     p.add_argument("--formation-energy", type=float, help="formation energy condition, eV/atom")
     p.add_argument("--elements", help="comma-separated elements allowed in the samples, e.g. Li,Fe,P,O")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-attempts", type=int, default=None, help="samples drawn at most per requested crystal (default 5)")
-    p.add_argument("--max-atoms", type=int, default=None, help="most atoms per crystal (default 30)")
-    p.add_argument("--symmetrize", type=float, metavar="SYMPREC", help="snap samples to their space group at this tolerance")
+    p.add_argument("--temperature", type=float, help="sampling temperature; 0 is greedy (default: the model card's, else 0.7)")
+    p.add_argument("--top-p", type=positive_float)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--max-attempts", type=positive_int, default=None, help="samples drawn at most per requested crystal (default 5)")
+    p.add_argument("--max-atoms", type=positive_int, default=None, help="most atoms per crystal (default 30)")
+    p.add_argument("--symmetrize", type=positive_float, metavar="SYMPREC", help="snap samples to their space group at this tolerance")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resume", action="store_true",
@@ -165,14 +197,14 @@ def _add_evaluate(sub):
     p.add_argument("--reference", default="mp20", help="reference data for hull, coverage and novelty (default: mp20)")
     p.add_argument("--data-dir", help="folder holding mp_20/ and hull/ (default: $CRYSTAL_LLM_DATA)")
     p.add_argument("--potential", default="m3gnet", help="m3gnet, chgnet or a matgl model directory")
-    p.add_argument("--fmax", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--workers", type=int, help="parallel relaxation processes")
+    p.add_argument("--fmax", type=positive_float, default=0.1)
+    p.add_argument("--steps", type=positive_int, default=500)
+    p.add_argument("--workers", type=positive_int, help="parallel relaxation processes")
     p.add_argument("--model", help="model directory, for IPT (symmetry) evaluation")
-    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
-    p.add_argument("--coverage-size", type=int, metavar="N",
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N samples")
+    p.add_argument("--coverage-size", type=positive_int, metavar="N",
                    help="subsample the test split to N crystals for coverage (default: all; fingerprints are cached)")
-    p.add_argument("--ipt-size", type=int, default=100, metavar="N", help="test crystals for IPT (with --model)")
+    p.add_argument("--ipt-size", type=positive_int, default=100, metavar="N", help="test crystals for IPT (with --model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the reference subsample and IPT translations")
     p.add_argument("--cache-dir", help="folder for cached reference fingerprints (default: $CRYSTAL_LLM_CACHE or ~/.cache/ase-crystal-llm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -181,10 +213,6 @@ def _add_evaluate(sub):
 def _run_evaluate(args):
     from .evaluation import evaluate
 
-    for name in ("fmax", "steps", "limit", "coverage_size", "ipt_size", "workers"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     result = evaluate(
         args.samples, args.output, reference=args.reference, data_dir=args.data_dir, potential=args.potential,
         fmax=args.fmax, steps=args.steps, workers=args.workers, model=args.model, limit=args.limit,
@@ -200,11 +228,11 @@ def _run_evaluate(args):
 def _add_mutate(sub):
     p = sub.add_parser("mutate", help="LLM-guided (or template) element substitution of structures")
     p.add_argument("input", help="parent structures: CSV(.gz) with a cif column, ase.db, or any ase.io file/glob")
-    p.add_argument("-n", type=int, required=True, help="number of children (parents are used in turn)")
-    p.add_argument("-o", "--output", required=True, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
+    p.add_argument("-n", type=positive_int, required=True, help="number of children (parents are used in turn)")
+    p.add_argument("-o", "--output", required=True, type=output_file, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
     p.add_argument("--model", help="model directory (default: the shipped model)")
     p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
-    p.add_argument("--temperature", type=float, help="softmax temperature of the model's proposal (default 1.0)")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the model's proposal; 0 is greedy (default 1.0)")
     p.add_argument("--baseline", action="store_true", help="use the template (ionic radius) swap instead of the model")
     p.add_argument("--any-element", action="store_true",
                    help="let the model choose among all elements, not only the template swap-table entry")
@@ -273,11 +301,11 @@ def _run_merge(args):
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert structures between formats (e.g. to crystal text)")
     p.add_argument("input", help="structures: CSV(.gz) with a cif column, ase.db, or any ase.io file/glob")
-    p.add_argument("-o", "--output", required=True, help="output file; .crystxt writes crystal text")
+    p.add_argument("-o", "--output", required=True, type=output_file, help="output file; .crystxt writes crystal text")
     p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
     p.add_argument("--order-disordered", action="store_true", help="give partially occupied sites their majority occupant instead of failing")
-    p.add_argument("--limit", type=int, help="convert only the first N structures")
+    p.add_argument("--limit", type=positive_int, help="convert only the first N structures")
 
 
 def _output_format(path):

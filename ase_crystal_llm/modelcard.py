@@ -53,6 +53,21 @@ def weight_files(model_dir):
     return sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
+def hash_weights(model_dir):
+    """File name -> sha256 of every weight file in ``model_dir``."""
+    return {name: sha256_file(Path(model_dir) / name) for name in weight_files(model_dir)}
+
+
+def verify_hashes(model_dir, weights):
+    """Raise :class:`ModelCardError` unless every file in ``weights`` exists with its sha256."""
+    for name, expected in weights.items():
+        path = Path(model_dir) / name
+        if not path.is_file():
+            raise ModelCardError(f"weight file missing: {path}")
+        if sha256_file(path) != expected:
+            raise ModelCardError(f"weight file corrupt or replaced (sha256 mismatch): {path}")
+
+
 @dataclass
 class ModelCard:
     """What a trained crystal model is and how it was made.
@@ -143,7 +158,7 @@ class ModelCard:
     # -- weights ------------------------------------------------------------
     def record_weights(self, model_dir):
         """Store the sha256 of every weight file now in ``model_dir``."""
-        self.weights = {name: sha256_file(Path(model_dir) / name) for name in weight_files(model_dir)}
+        self.weights = hash_weights(model_dir)
         return self.weights
 
     def verify_weights(self, model_dir):
@@ -154,13 +169,7 @@ class ModelCard:
         ModelCardError
             On a card that names no weights, a missing file or a hash mismatch.
         """
-        model_dir = Path(model_dir)
         if not self.weights:
             raise ModelCardError(f"model card in {model_dir} lists no weight files")
-        for name, expected in self.weights.items():
-            path = model_dir / name
-            if not path.is_file():
-                raise ModelCardError(f"weight file missing: {path}")
-            if sha256_file(path) != expected:
-                raise ModelCardError(f"weight file corrupt or replaced (sha256 mismatch): {path}")
+        verify_hashes(model_dir, self.weights)
         return True

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from . import settings
-from .modelcard import CARD_NAME, ModelCard
+from .modelcard import CARD_NAME, ModelCard, hash_weights, verify_hashes
 from .prompts import PromptTemplate, make_example
 
 IGNORE_INDEX = -100
@@ -710,6 +710,8 @@ class _Trainer:
                 f"checkpoint {self.resume_dir} comes from another configuration (differs in: "
                 f"{', '.join(differ)}): resume with the same settings or choose a new --out"
             )
+        # A torn or corrupted checkpoint must say so, not fail deep inside safetensors.
+        verify_hashes(self.resume_dir, state.get("weights", {}))
         self.start_step = int(state["step"])
         self.log = state.get("log", self.log)
 
@@ -895,7 +897,7 @@ class _Trainer:
             self.tokenizer.save_pretrained(staging)
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
-            state = {"step": step, "fingerprint": self.fingerprint, "log": self.log}
+            state = {"step": step, "fingerprint": self.fingerprint, "log": self.log, "weights": hash_weights(staging)}
             (staging / STATE_NAME).write_text(json.dumps(state))
         acc.wait_for_everyone()
         if acc.is_main_process:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,12 @@ def _count(path):
         return 0
 
 
+def _integrity(db):
+    """SQLite's own check of a database file; the connection is closed at once (no lock left)."""
+    with closing(sqlite3.connect(db)) as con:
+        return con.execute("PRAGMA integrity_check").fetchall()[0][0]
+
+
 def _ids(images):
     return [(a.info["run_id"], a.info["rank"], a.info["sample_index"]) for a in images]
 
@@ -132,8 +139,7 @@ def test_generate_killed_then_resumed(crystal_model, tmp_path, suffix):
 
     # Every structure in the file reads back whole, with its identifiers.
     if suffix == ".db":
-        with sqlite3.connect(out) as con:
-            assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert _integrity(out) == "ok"
     before = _read_all(out)
     assert 6 <= len(before) < n, "killed too late to prove anything"
     ids_before = _ids(before)
@@ -163,8 +169,8 @@ def _cache_rows(db):
     if not db.exists():
         return 0
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as con:
-            return con.execute("SELECT COUNT(*) FROM systems").fetchone()[0]
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1)) as con:
+            return con.execute("SELECT COUNT(*) FROM systems").fetchall()[0][0]
     except sqlite3.Error:  # still being created
         return 0
 
@@ -183,8 +189,7 @@ def test_evaluate_killed_then_resumed_from_cache(data_dir, m3gnet_dir, tmp_path)
     kill_when(cli(*args), lambda: _cache_rows(cache) >= 2, log=tmp_path / "eval.log")
 
     # The cache is an intact database holding the finished relaxations; no report was half-written.
-    with sqlite3.connect(cache) as con:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert _integrity(cache) == "ok"
     cached = _cache_rows(cache)
     assert 2 <= cached < len(structures), "killed too late to prove anything"
     for name in ("metrics.json", "report.md"):
