@@ -773,12 +773,13 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
     str or None
         A one-line summary (on the main process).
     """
-    from .outputs import (StructureWriter, merge_outputs, output_format, read_run_records,
+    from .outputs import (StructureWriter, is_db_url, merge_outputs, output_format, read_run_records,
                           run_record_path)
 
-    output = Path(output)
+    server = is_db_url(str(output))  # a database server: every process writes into it directly
+    output = str(output) if server else Path(output)
     output_format(output)
-    if not output.parent.is_dir():
+    if not server and not output.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {output.parent}")
     state = _distributed()
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
@@ -792,7 +793,7 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
 
     existing, run_id = set(), None
     if main:
-        parts = [_part_path(output, r, world) for r in range(world)] if world > 1 else []
+        parts = [_part_path(output, r, world) for r in range(world)] if world > 1 and not server else []
         if resume:
             records = read_run_records(output) + [r for p in parts for r in read_run_records(p)]
             if not records:
@@ -805,20 +806,23 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
                 raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
             run_id, seed = previous["run_id"], previous["seed"]
             merge_outputs([p for p in parts if p.exists()], output)
-            if output.exists():
+            if server or output.exists():
                 with StructureWriter(output, append=True) as w:
                     existing = {i for r, i in w.existing if r == run_id}
         else:
             seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
             run_id = uuid.uuid4().hex[:12]
-            for path in [output, run_record_path(output), Path(str(output) + ".ids"), *parts]:
+            # A server keeps other runs' rows: the new run id keeps them apart.
+            for path in [] if server else [output, run_record_path(output), Path(str(output) + ".ids"), *parts]:
                 path.unlink(missing_ok=True)
+        if server:  # create the tables once, before the other processes connect (they race otherwise)
+            StructureWriter(output, append=True).close()
     run_id, seed, existing = _broadcast(state, [run_id, seed, existing])
 
     _check_request(n, kwargs)  # before the (slow) model load
     gen = generator or CrystalGenerator.from_pretrained(model, device=device, base=base)
     todo = [i for i in range(rank, int(n), world) if i not in existing]
-    part = _part_path(output, rank, world)
+    part = output if server else _part_path(output, rank, world)
     stream = gen.iter_generate(len(todo), indices=todo, run_id=run_id, rank=rank, seed=seed,
                                max_attempts=max_attempts, max_atoms=max_atoms, fast=fast, **kwargs)
     bar = None
@@ -834,7 +838,7 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
                      output=str(output))
         return entry
 
-    with StructureWriter(part, append=resume or world == 1 and output.exists()) as writer:
+    with StructureWriter(part, append=server or resume or world == 1 and output.exists()) as writer:
         # Written first, so that a killed run (no chance to clean up) can be resumed.
         writer.write_run_record(record("running"))
         try:
@@ -855,7 +859,7 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
         state.wait_for_everyone()
     if not main:
         return None
-    if world > 1:
+    if world > 1 and not server:
         merge_outputs([_part_path(output, r, world) for r in range(world)], output)
     records = [r for r in read_run_records(output) if r.get("run_id") == run_id]
     return _summary(output, records)

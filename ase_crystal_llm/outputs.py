@@ -46,8 +46,18 @@ DATA_KEYS = ("generated_text", "prompt")
 CIF_END = "#end_of_structure\n\n"
 
 
+DB_URL_SCHEMES = ("postgresql://", "postgres://", "mysql://", "mariadb://")
+
+
+def is_db_url(path):
+    """True for an ase.db server address (``postgresql://user@host:port/db``), which is not a path."""
+    return isinstance(path, str) and path.lower().startswith(DB_URL_SCHEMES)
+
+
 def output_format(path):
     """The writer format for ``path`` from its extension; a clear error otherwise."""
+    if is_db_url(path):
+        return "db"
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise ValueError(f"unsupported output extension {suffix or '(none)'!r} for {path}: use "
@@ -112,7 +122,11 @@ def run_record_path(path):
 
 
 def read_run_records(path):
-    """The run records stored beside ``path`` (empty list when none)."""
+    """The run records stored beside ``path`` (a database server: in its metadata; empty list when none)."""
+    if is_db_url(path):
+        import ase.db
+
+        return ase.db.connect(path).metadata.get("runs", [])
     side = run_record_path(path)
     if not side.exists():
         return []
@@ -338,7 +352,7 @@ class _DbBackend:
     def __init__(self, path, append):
         import ase.db
 
-        if not append and Path(path).exists():
+        if not append and not is_db_url(path) and Path(path).exists():
             Path(path).unlink()
         self.db = ase.db.connect(str(path), append=True)
         self.seen = set()
@@ -393,9 +407,9 @@ class StructureWriter:
     """
 
     def __init__(self, path, append=False):
-        self.path = Path(path)
+        self.path = str(path) if is_db_url(str(path)) else Path(path)
         self.format = output_format(self.path)
-        if not self.path.parent.exists():
+        if not is_db_url(self.path) and not self.path.parent.exists():
             raise FileNotFoundError(f"output folder does not exist: {self.path.parent}")
         self.append = bool(append)
         self._backend = _BACKENDS[self.format](self.path, self.append)
@@ -421,7 +435,8 @@ class StructureWriter:
 
     def write_run_record(self, record):
         """Store the run record beside the output (and in ase.db metadata)."""
-        write_run_record(self.path, record)
+        if not is_db_url(self.path):  # a server keeps its records in the metadata only
+            write_run_record(self.path, record)
         if isinstance(self._backend, _DbBackend):
             self._backend.set_metadata(record)
 

@@ -1,0 +1,47 @@
+"""The model shipped inside the package loads offline and generates valid crystals on CPU."""
+
+import ase.io
+import numpy as np
+import pytest
+
+from ase_crystal_llm import CrystalGenerator, settings
+from ase_crystal_llm.cli import main
+from ase_crystal_llm.modelcard import ModelCard
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return CrystalGenerator.from_pretrained(device="cpu")
+
+
+def test_default_model_is_shipped_and_verified():
+    card = ModelCard.from_pretrained(settings.DEFAULT_MODEL_DIR)
+    assert card.verify_weights(settings.DEFAULT_MODEL_DIR)
+    assert card.cell_convention == "primitive-niggli"
+    size = sum(p.stat().st_size for p in settings.DEFAULT_MODEL_DIR.iterdir())
+    assert size < 25e6
+
+
+def test_default_model_generates_periodic_crystals(generator):
+    crystals = generator.generate(6, seed=0, batch_size=6)
+    assert 1 <= len(crystals) <= 6
+    for atoms in crystals:
+        assert atoms.pbc.all() and atoms.cell.rank == 3
+        assert 1 <= len(atoms) <= 30
+        assert np.isfinite(atoms.positions).all()
+        assert atoms.info["generated_text"]
+
+
+def test_default_model_respects_elements(generator):
+    crystals = generator.generate(4, elements=["Li", "Fe", "P", "O"], seed=1, batch_size=4)
+    assert crystals
+    for atoms in crystals:
+        assert set(atoms.get_chemical_symbols()) <= {"Li", "Fe", "P", "O"}
+
+
+def test_readme_run_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "-n", "3", "-o", "out.extxyz", "--seed", "0"]) == 0
+    images = ase.io.read(tmp_path / "out.extxyz", index=":")
+    assert 1 <= len(images) <= 3
+    assert all(a.pbc.all() for a in images)
