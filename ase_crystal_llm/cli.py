@@ -174,8 +174,6 @@ def _add_generate(sub):
 def _run_generate(args):
     from .generation import generate_to_file
 
-    if args.n < 1:
-        raise UsageError(f"-n must be at least 1, got {args.n}")
     summary = generate_to_file(
         args.output, args.n, model=args.model, base=args.base, device=args.device,
         formula=args.formula.split(",") if args.formula and "," in args.formula else args.formula,
@@ -249,8 +247,6 @@ def _run_mutate(args):
     from .infill import LLMElementMutation, TemplateElementMutation, mutate_structures
     from .outputs import StructureWriter, output_format
 
-    if args.n < 1:
-        raise UsageError(f"-n must be at least 1, got {args.n}")
     if args.baseline and (args.temperature is not None or args.model or args.any_element):
         raise UsageError("--baseline uses no model: drop --temperature, --model and --any-element")
     output_format(args.output)  # a bad extension fails before any work
@@ -405,7 +401,10 @@ def _one_line(err):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version and usage errors: a status, not an exception
+        return done.code
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

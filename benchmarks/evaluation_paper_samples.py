@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,18 +26,10 @@ from pathlib import Path
 from ase_crystal_llm import settings
 from ase_crystal_llm.evaluation import evaluate
 from ase_crystal_llm.datasets import read_structures
+from common import hardware  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "evaluation_paper_samples.json"
 
-
-def hardware():
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": model, "cores": os.cpu_count(), "load_average_1min_at_start": load, "gpu": None}
 
 
 def main():

@@ -21,10 +21,7 @@ import collections
 import datetime
 import hashlib
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +33,7 @@ from ase_crystal_llm import settings
 from ase_crystal_llm import text as text_module
 from ase_crystal_llm.datasets import iter_structures
 from ase_crystal_llm.text import ELEMENTS, MAX_ATOMS, MIN_VOLUME, CrystalTextError, atoms_to_text, text_to_atoms
+from common import hardware  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fuzz_parser.json"
 
@@ -208,14 +206,6 @@ def seed_texts(count, rng):
     structures = iter_structures(settings.mp20_path("test"), limit=count)
     return [atoms_to_text(a, translate=True, rng=rng) for a in structures]
 
-
-def hardware():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown"
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def run(n, seed, n_seeds):

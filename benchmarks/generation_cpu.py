@@ -28,8 +28,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -37,21 +35,12 @@ import torch  # noqa: E402
 
 from ase_crystal_llm import settings  # noqa: E402
 from ase_crystal_llm.generation import CrystalGenerator, fast_sample, plain_sample  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - T0
 
 RESULTS = Path(__file__).parent / "results"
 
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def proxy_model(steps, size="mini", limit=3000):

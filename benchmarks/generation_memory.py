@@ -21,12 +21,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from common import hardware  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generation_memory.json"
 TARGET = 1.20
@@ -88,14 +88,6 @@ def build_tiny_model(path):
           cache=False, progress=False)
     return str(path)
 
-
-def hardware():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown"
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def main(argv=None):

@@ -32,9 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -47,28 +44,12 @@ from ase_crystal_llm.calculators import relax_many, structure_hash
 from ase_crystal_llm.datasets import read_structures
 from ase_crystal_llm.hull import ReferenceHull
 from ase_crystal_llm.infill import LLMElementMutation, TemplateElementMutation
+from common import hardware  # noqa: E402
 
 STABLE = 0.0  # eV/atom
 METASTABLE = 0.1  # eV/atom
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def hardware():
-    """CPU model and core count (lscpu), and the GPU when one is used."""
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    info = {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
-    import torch
-
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def mutate_all(parents, operator):

@@ -16,34 +16,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+from common import hardware  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def hardware():
-    """CPU model, core count, torch threads, GPU (if any) and load for the results file."""
-    import torch
-
-    model = ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
-    except OSError:
-        pass
-    info = {"cpu": model or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["load_average_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
 
 
 def mp20_sample(n, seed=0, split="test", data=None):

@@ -23,8 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 from ase_crystal_llm import settings
 from ase_crystal_llm.datasets import canonicalize, read_structures
 from ase_crystal_llm.text import CrystalTextError, atoms_to_text, text_to_atoms
+from common import hardware  # noqa: E402
 
 TOL_LENGTH = 0.05  # Angstrom: one decimal
 TOL_ANGLE = 0.5  # degree: rounded to integers
@@ -41,21 +40,6 @@ TOL_FRAC = 0.005  # two decimals
 SLACK = 1e-9
 CRITERIA = ("parses", "lengths", "angles", "frac_coords", "species")
 
-
-def hardware():
-    """CPU model and core count (from lscpu where available), for the results file."""
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    from importlib.metadata import version
-
-    packages = {name: version(name) for name in ("ase", "pymatgen", "numpy")}
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), **packages}
 
 
 def check(original, parsed):

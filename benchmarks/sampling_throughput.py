@@ -28,8 +28,6 @@ here with a device-to-device copy.  Results:
 import argparse
 import datetime
 import json
-import platform
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ase_crystal_llm.constraints import CrystalGrammar
 from ase_crystal_llm.generation import fast_sample, plain_sample
 from ase_crystal_llm.prompts import PromptTemplate
+from common import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,15 +47,6 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 TINY = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
-
-def cpu_name():
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def sync(device):

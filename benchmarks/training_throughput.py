@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from common import hardware  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,23 +46,6 @@ LLAMA2_7B = dict(
     rms_norm_eps=1e-5, tie_word_embeddings=False,
 )  # fmt: skip
 
-
-def hardware():
-    """CPU model and core count (lscpu), GPU name when there is one."""
-    info = {"platform": platform.platform(), "python": platform.python_version()}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        info["cpu"] = fields.get("Model name", "").strip()
-        info["cpu_cores"] = int(fields.get("CPU(s)", "0").strip() or 0)
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        info["cpu"], info["cpu_cores"] = platform.processor(), os.cpu_count()
-    import torch
-
-    info["torch"] = torch.__version__
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _steady(log, skip):

@@ -1,6 +1,7 @@
 """Shared fixtures.  Tests never reach the network: the hub is switched off here,
 before anything imports transformers or huggingface_hub."""
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,18 +60,49 @@ def tiny_model_dir(tmp_path_factory, mp20_train_64):
     ``training_log.json``) for generation and infill tests; it knows the text
     format only roughly.  One torch thread: far faster than two on a busy CPU.
     """
-    import torch
+    out = tmp_path_factory.mktemp("tiny_model") / "model"
+    _train_tiny(mp20_train_64, out, max_steps=60)
+    return out
 
+
+@pytest.fixture(scope="session")
+def crystal_model(tmp_path_factory):
+    """A ``tiny`` model over-fitted on four simple crystals: it writes valid crystal text.
+
+    (``tiny_model_dir`` knows the format only roughly, too rarely for a run
+    that must produce rows before it is killed.)
+    """
+    from ase.build import bulk
+
+    crystals = [bulk("NaCl", "rocksalt", a=5.64), bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6),
+                bulk("MgO", "rocksalt", a=4.2)] * 16
+    out = tmp_path_factory.mktemp("overfit_model") / "model"
+    _train_tiny(crystals, out, max_steps=120)
+    return str(out)
+
+
+def _train_tiny(structures, out, max_steps):
     from ase_crystal_llm.training import train
 
-    out = tmp_path_factory.mktemp("tiny_model") / "model"
+    with one_torch_thread():
+        train(structures, out, from_scratch="tiny", max_steps=max_steps, batch_size=8, lr=3e-3,
+              save_every=max_steps, seed=0, cache=False, progress=False)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny models: one torch thread is far faster than two on a busy 2-core machine."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(
-            mp20_train_64, out, from_scratch="tiny", max_steps=60, batch_size=8, lr=3e-3,
-            save_every=60, seed=0, cache=False, progress=False,
-        )  # fmt: skip
+        yield
     finally:
         torch.set_num_threads(threads)
-    return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    with one_torch_thread():
+        yield

@@ -23,38 +23,12 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from ase.build import bulk
 from ase.io import read, write
 
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-
-@pytest.fixture(scope="session")
-def crystal_model(tmp_path_factory):
-    """A tiny from-scratch model over-fitted on four simple crystals: it writes valid crystal text.
-
-    (The shared ``tiny_model_dir`` knows the format only roughly, too rarely for
-    a run that must produce rows before it is killed.)  Built once per session,
-    shared with tests/test_postgres.py through the session's base temp folder.
-    """
-    path = tmp_path_factory.getbasetemp() / "overfit_crystal_model"
-    if not (path / "crystal_llm.json").is_file():
-        import torch
-
-        from ase_crystal_llm.training import train
-
-        crystals = [bulk("NaCl", "rocksalt", a=5.64), bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6),
-                    bulk("MgO", "rocksalt", a=4.2)] * 16
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            train(crystals, path, from_scratch="tiny", max_steps=120, batch_size=8, lr=3e-3, save_every=120,
-                  seed=0, cache=False, progress=False)
-        finally:
-            torch.set_num_threads(threads)
-    return path
 
 
 def cli(*args):

@@ -63,14 +63,7 @@ def tiny_config(tok, layers=2, hidden=32):
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared, loaded machine: threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tok():
@@ -417,7 +410,7 @@ def test_cli_generate(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["-n", "2", "-o", "x.mp4"], "unsupported output extension"),
-    (["-n", "0", "-o", "x.extxyz"], "-n must be at least 1"),
+    (["-n", "0", "-o", "x.extxyz"], "argument -n: must be a positive integer"),
     (["-n", "1", "-o", "x.extxyz", "--elements", "Na,Xx"], "unknown element"),
 ])
 def test_cli_generate_errors_are_one_line(model_dir, tmp_path, capsys, argv, message, monkeypatch):

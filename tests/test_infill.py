@@ -56,14 +56,7 @@ def _tiny_generator(seed=0):
     return SimpleNamespace(model=model, tokenizer=tokenizer, template=PromptTemplate())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices: extra threads only spin (and the CI machine is shared).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def generator():
@@ -451,7 +444,7 @@ def test_cli_mutate_baseline(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["-n", "0", "--baseline"], "-n must be at least 1"),
+        (["-n", "0", "--baseline"], "argument -n: must be a positive integer"),
         (["-n", "2", "--baseline", "--temperature", "0.5"], "--baseline uses no model"),
         (["-n", "2", "--baseline", "--tolerance", "-1"], "tolerance"),
     ],

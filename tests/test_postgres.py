@@ -53,27 +53,6 @@ def pg_url():
         admin.close()
 
 
-@pytest.fixture(scope="session")
-def crystal_model(tmp_path_factory):
-    """The over-fitted tiny model of tests/test_crash_safety.py (same folder: built once per session)."""
-    path = tmp_path_factory.getbasetemp() / "overfit_crystal_model"
-    if not (path / "crystal_llm.json").is_file():
-        import torch
-        from ase.build import bulk
-
-        from ase_crystal_llm.training import train
-
-        crystals = [bulk("NaCl", "rocksalt", a=5.64), bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6),
-                    bulk("MgO", "rocksalt", a=4.2)] * 16
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            train(crystals, path, from_scratch="tiny", max_steps=120, batch_size=8, lr=3e-3, save_every=120,
-                  seed=0, cache=False, progress=False)
-        finally:
-            torch.set_num_threads(threads)
-    return path
-
 
 def _identifiers(url):
     import ase.db
