@@ -103,6 +103,15 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
+def tok():
+    """The project's from-scratch tokenizer for the default prompt template."""
+    from ase_crystal_llm.prompts import PromptTemplate
+    from ase_crystal_llm.tokenizer import tokenizer_for_template
+
+    return tokenizer_for_template(PromptTemplate())
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     with one_torch_thread():
         yield

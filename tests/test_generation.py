@@ -25,9 +25,7 @@ from ase_crystal_llm.generation import (
     plain_sample,
     seen_in_training,
 )
-from ase_crystal_llm.prompts import PromptTemplate
 from ase_crystal_llm.text import ELEMENTS
-from ase_crystal_llm.tokenizer import tokenizer_for_template
 
 NACL = "4.0 4.0 4.0\n60 60 60\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50"
 
@@ -64,10 +62,6 @@ def tiny_config(tok, layers=2, hidden=32):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer_for_template(PromptTemplate())
 
 
 @pytest.fixture(scope="module")

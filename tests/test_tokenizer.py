@@ -10,10 +10,6 @@ from ase_crystal_llm.text import ELEMENTS, MASK
 from ase_crystal_llm.tokenizer import build_tokenizer, corpus_words, tokenizer_for_template
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer_for_template(PromptTemplate())
-
 
 def pieces(tok, text):
     return tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from ase_crystal_llm.cli import main
 from ase_crystal_llm.modelcard import CARD_NAME, ModelCard, ModelCardError
 from ase_crystal_llm.prompts import PromptTemplate, make_example
-from ase_crystal_llm.tokenizer import tokenizer_for_template
 from ase_crystal_llm.training import (
     IGNORE_INDEX,
     LOG_NAME,
@@ -31,10 +30,6 @@ from ase_crystal_llm.training import (
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer_for_template(PromptTemplate())
 
 
 @pytest.fixture(scope="module")
