@@ -348,6 +348,17 @@ class _TrajBackend:
         self.traj.close()
 
 
+def _session_last_id(cur):
+    """Id of the row this connection just inserted into ``systems``.
+
+    ase-db-backends reads the sequence's global ``last_value``, so two processes
+    writing at once can attach one's species to the other's id (a foreign-key
+    error or a wrong row); ``currval`` is private to the session.
+    """
+    cur.execute("SELECT currval('systems_id_seq')")
+    return int(cur.fetchone()[0])
+
+
 class _DbBackend:
     def __init__(self, path, append):
         import ase.db
@@ -355,6 +366,8 @@ class _DbBackend:
         if not append and not is_db_url(path) and Path(path).exists():
             Path(path).unlink()
         self.db = ase.db.connect(str(path), append=True)
+        if str(path).lower().startswith(("postgresql://", "postgres://")):
+            self.db.get_last_id = _session_last_id
         self.seen = set()
         if append:
             for row in self.db.select(columns=["key_value_pairs"], include_data=False):

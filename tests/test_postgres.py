@@ -93,3 +93,35 @@ def test_two_processes_one_database(pg_url, crystal_model):
     after = Counter(_identifiers(pg_url))
     assert max(after.values()) == 1, f"duplicate rows after resume: {after.most_common(3)}"
     assert set(after) == set(counts), "nothing was missing, so nothing is added"
+
+
+WRITER = """
+import sys
+from ase.build import bulk
+from ase_crystal_llm.outputs import StructureWriter
+
+url, rank = sys.argv[1], int(sys.argv[2])
+with StructureWriter(url, append=True) as writer:
+    for i in range(80):
+        atoms = bulk("NaCl", "rocksalt", a=5.64) if i % 2 else bulk("Cu", "fcc", a=3.6)
+        atoms.info.update(run_id="race", rank=rank, sample_index=1000 * rank + i)
+        writer.write(atoms)
+"""
+
+
+def test_concurrent_writers_keep_species_with_their_rows(pg_url):
+    """Three writers at once: every row keeps its own atoms (ase-db-backends' id lookup races)."""
+    import sys
+
+    import ase.db
+
+    from ase_crystal_llm.outputs import StructureWriter
+
+    StructureWriter(pg_url, append=True).close()  # tables first, as generate does
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, pg_url, str(r)], stderr=subprocess.PIPE, text=True)
+             for r in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    rows = list(ase.db.connect(pg_url).select())
+    assert len(rows) == 240
+    assert all((len(row.numbers) == 2) == (row.sample_index % 2 == 1) for row in rows)
