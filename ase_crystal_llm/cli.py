@@ -43,6 +43,28 @@ def positive_float(text):
     return value
 
 
+def spacegroups(text):
+    """argparse type: comma-separated space group numbers, 1-230."""
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid space group list: {text!r}") from None
+    if not all(1 <= g <= 230 for g in numbers):
+        raise argparse.ArgumentTypeError(f"space group numbers run from 1 to 230, got {text}")
+    return numbers
+
+
+def non_negative_float(text):
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def output_file(text):
     """argparse type: a file path whose folder exists (checked before any work starts)."""
     from pathlib import Path
@@ -60,7 +82,7 @@ def _add_train(sub):
     p.add_argument("--out", required=True, help="output model directory")
     base = p.add_mutually_exclusive_group(required=True)
     base.add_argument("--base", help="Hugging Face model id or local directory to fine-tune with LoRA")
-    base.add_argument("--from-scratch", metavar="SIZE", help="train a LLaMA-architecture model of this named size from scratch (tiny, mini, small, base)")
+    base.add_argument("--from-scratch", metavar="SIZE", help="train a LLaMA-architecture model of this named size from scratch (tiny, mini, medium, small, base)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--max-steps", type=positive_int, help="number of optimiser steps")
     steps.add_argument("--epochs", type=positive_float, help="number of passes over the training data (default 1)")
@@ -152,8 +174,12 @@ def _add_generate(sub):
     p.add_argument("-o", "--output", required=True, type=output_file, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
     p.add_argument("--model", help="model directory written by 'crystal-llm train' (default: the shipped model)")
     p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
-    p.add_argument("--formula", help="chemical formula condition (comma-separated for several)")
-    p.add_argument("--spacegroup", type=positive_int, help="space group number condition")
+    p.add_argument("--formula", help="chemical formula condition (comma-separated for several); samples are "
+                   "decoded as whole multiples of it (Z formula units) unless --free-formula")
+    p.add_argument("--free-formula", action="store_true",
+                   help="write --formula into the prompt only and let the model choose the composition "
+                   "(measures the model's own formula skill)")
+    p.add_argument("--spacegroup", type=spacegroups, help="space group number condition (comma-separated for several)")
     p.add_argument("--e-above-hull", type=float, help="energy above hull condition, eV/atom")
     p.add_argument("--band-gap", type=float, help="band gap condition, eV")
     p.add_argument("--formation-energy", type=float, help="formation energy condition, eV/atom")
@@ -163,6 +189,8 @@ def _add_generate(sub):
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--max-attempts", type=positive_int, default=None, help="samples drawn at most per requested crystal (default 5)")
     p.add_argument("--max-atoms", type=positive_int, default=None, help="most atoms per crystal (default 30)")
+    p.add_argument("--min-distance", type=non_negative_float, metavar="ANGSTROM",
+                   help="re-sample crystals with atoms closer than this (default 0.5, CDVAE's structural validity; 0 keeps all)")
     p.add_argument("--symmetrize", type=positive_float, metavar="SYMPREC", help="snap samples to their space group at this tolerance")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -177,12 +205,15 @@ def _run_generate(args):
     summary = generate_to_file(
         args.output, args.n, model=args.model, base=args.base, device=args.device,
         formula=args.formula.split(",") if args.formula and "," in args.formula else args.formula,
-        spacegroup=args.spacegroup, e_above_hull=args.e_above_hull, band_gap=args.band_gap,
+        constrain_formula=not args.free_formula,
+        spacegroup=args.spacegroup[0] if args.spacegroup and len(args.spacegroup) == 1 else args.spacegroup,
+        e_above_hull=args.e_above_hull, band_gap=args.band_gap,
         formation_energy=args.formation_energy,
         elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
         temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
         max_attempts=args.max_attempts, max_atoms=args.max_atoms, symmetrize=args.symmetrize,
         seed=args.seed, resume=args.resume, fast=not args.plain, progress=True,
+        **({} if args.min_distance is None else {"min_distance": args.min_distance}),
     )
     if summary is not None:
         print(summary, file=sys.stderr)

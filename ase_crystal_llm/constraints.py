@@ -15,10 +15,19 @@ digit, byte-level BPE tokens with a leading space, SentencePiece pieces that
 span a separator (``".5"``, ``"0\\nNa"``).  End-of-sequence is allowed only
 after a complete atom.
 
+A row may also carry a formula target (:class:`FormulaTarget`): its symbol
+lines may then only name the formula's elements, only while the counts can
+still become ``k`` times the formula (``1 <= k``, ``k`` formula units within
+``max_atoms``), and end-of-sequence needs counts of exactly such a ``k``.
+Targets are per row, so one batch can mix formulas and free rows.
+
 Per-step cost is low: each token's string is computed once per tokenizer,
 the allowed-token mask of every state is computed once (first characters
 filtered with numpy, survivors simulated) and cached as a boolean tensor, and
-a step stacks the cached masks of the rows.
+a step stacks the cached masks of the rows.  A formula row's mask depends on
+its counts only through which elements may still be added (clipped to what
+one token can add) and whether the counts are complete, so the cache stays
+small.
 """
 
 from __future__ import annotations
@@ -109,6 +118,97 @@ def can_end(state, n_atoms):
     return state[0] == "num" and state[1] == "coords" and state[2] == 2 and _number_complete(state)
 
 
+def reads_symbol(state, text, symbols, prefixes):
+    """True when ``text``, read from ``state``, reads a character of a symbol line (before any refusal)."""
+    for char in text:
+        if state[0] == "sym":
+            return True
+        moved = step_char(state, char, symbols, prefixes)
+        if moved is None:
+            return False
+        state = moved[0]
+    return False
+
+
+# -- formula targets ----------------------------------------------------------------
+
+
+def formula_composition(formula, elements=None):
+    """Element counts of one formula unit of ``formula`` (``ase.formula.Formula``).
+
+    Raises a one-line ``ValueError`` for an unparsable formula, a zero count,
+    or (with ``elements``) an element outside ``elements``.
+    """
+    from ase.formula import Formula
+
+    try:
+        count = Formula(str(formula), strict=True).count()
+    except ValueError as err:
+        raise ValueError(f"invalid formula {formula!r}: {err}") from None
+    if not count:
+        raise ValueError(f"invalid formula {formula!r}: no elements")
+    unknown = [s for s in count if s not in ELEMENTS]
+    if unknown:
+        raise ValueError(f"invalid formula {formula!r}: unknown element(s) {', '.join(unknown)}")
+    zero = [s for s, c in count.items() if c < 1]
+    if zero:
+        raise ValueError(f"invalid formula {formula!r}: zero count of {', '.join(zero)}")
+    if elements is not None:
+        missing = sorted(set(count) - set(elements))
+        if missing:
+            raise ValueError(f"formula {formula!r} needs {', '.join(missing)}, not in elements "
+                             f"({', '.join(sorted(elements))})")
+    return count
+
+
+class FormulaTarget:
+    """A formula condition as a decoding target: counts ``k`` times the formula.
+
+    Counts are tuples aligned with :attr:`symbols`.  ``k`` runs from 1 to
+    :attr:`k_max`, the most formula units that fit in ``max_atoms``.
+
+    Parameters
+    ----------
+    formula : str
+        One formula unit as written (``"Na2Cl2"`` allows Na2Cl2, Na4Cl4, ...).
+    max_atoms : int
+        Most atoms per crystal.
+    elements : collection of str, optional
+        Elements the formula must stay within.
+    """
+
+    def __init__(self, formula, max_atoms, elements=None):
+        count = formula_composition(formula, elements)
+        per_unit = sum(count.values())
+        if per_unit > max_atoms:
+            raise ValueError(f"formula {formula!r} has {per_unit} atoms per formula unit, "
+                             f"more than max_atoms={max_atoms}")
+        self.formula = str(formula)
+        self.symbols = tuple(sorted(count))
+        self.units = tuple(int(count[s]) for s in self.symbols)
+        self.k_max = int(max_atoms) // per_unit
+        self.limits = tuple(self.k_max * u for u in self.units)
+        self.zero = (0,) * len(self.symbols)
+        self._index = {s: i for i, s in enumerate(self.symbols)}
+
+    def __repr__(self):
+        return f"FormulaTarget({self.formula!r}, k_max={self.k_max})"
+
+    def add(self, counts, symbol):
+        """``counts`` with one more ``symbol``."""
+        i = self._index[symbol]
+        return counts[:i] + (counts[i] + 1,) + counts[i + 1:]
+
+    def open_symbols(self, counts):
+        """Elements that may still be added: some allowed ``k`` stays reachable."""
+        return frozenset(s for s, c, m in zip(self.symbols, counts, self.limits) if c < m)
+
+    def complete(self, counts):
+        """True when ``counts`` are exactly ``k`` formula units, ``k >= 1``."""
+        k, rest = divmod(counts[0], self.units[0])
+        return k >= 1 and rest == 0 and all(c == k * u for c, u in zip(counts, self.units))
+
+
 # -- per-tokenizer token strings ---------------------------------------------------
 
 _TOKEN_STRINGS = weakref.WeakKeyDictionary()
@@ -168,6 +268,13 @@ class CrystalGrammar:
         After this many atoms only end-of-sequence is allowed.
     vocab_size : int, optional
         Width of the model's logits (may exceed ``len(tokenizer)``).
+
+    Notes
+    -----
+    Rows with a formula target (:meth:`target`, :meth:`processor`) also
+    carry their element counts; the methods taking ``target`` and
+    ``counts`` then return ``(state, n_atoms, counts)`` instead of
+    ``(state, n_atoms)``.
     """
 
     def __init__(self, tokenizer, *, elements=None, max_atoms=64, vocab_size=None):
@@ -180,58 +287,170 @@ class CrystalGrammar:
         if max_atoms < 1:
             raise ValueError(f"max_atoms must be at least 1, got {max_atoms}")
         self.symbols = frozenset(symbols)
-        self.prefixes = frozenset(s[:k] for s in self.symbols for k in range(1, len(s) + 1))
+        self.prefixes = _prefixes(self.symbols)
+        self.restricted = elements is not None
         self.max_atoms = int(max_atoms)
         self.eos_ids = _eos_ids(tokenizer)
         self.strings = token_strings(tokenizer)
         self.vocab_size = max(vocab_size or 0, len(self.strings))
         self._first = np.array([s[0] if s else "" for s in self.strings], dtype=object)
+        self._first_chars = sorted(set(self._first) - {""})
         # A token can start at most this many atoms (one per newline).
         self._atom_cap = 1 + max((s.count("\n") for s in self.strings), default=0)
         self._masks = {}
-        self._moves = {}
+        self._moves = {}  # (state, n_atoms, token) -> free move and whether the token reads a symbol
+        self._formula_moves = {}  # the same with (target, counts), for tokens reading a symbol
+        self._targets = {}  # formula -> FormulaTarget
+        self._live = {}  # symbol -> prefixes from which this tokenizer can finish the symbol's line
+        self._views = {}  # (target, counts) -> (open symbols, their prefixes, mask-key part)
+        self._matter = {}  # free mask key -> what of a formula row's counts its mask depends on
         self._rows = {}  # device -> {mask key: row of the device table}
         self._tables = {}  # device -> (n_keys, vocab) bool tensor
 
-    # A state's mask depends on the state and on how many atoms may still
-    # start, clipped to what one token can start: the cache stays small.
-    def _key(self, state, n_atoms):
-        left = min(self.max_atoms - n_atoms, self._atom_cap)
-        return state, left, n_atoms > 0
+    def target(self, formula):
+        """The (cached) :class:`FormulaTarget` of ``formula`` under this grammar's elements and ``max_atoms``."""
+        key = str(formula)
+        if key not in self._targets:
+            target = FormulaTarget(key, self.max_atoms, self.symbols if self.restricted else None)
+            # A formula row must be able to write every element it still needs.
+            missing = [s for s in target.symbols if "" not in self._live_prefixes(s)]
+            if missing:
+                raise ValueError(f"formula {key!r}: the tokenizer cannot write {', '.join(missing)}")
+            self._targets[key] = target
+        return self._targets[key]
 
-    def run(self, state, n_atoms, text):
-        """Feed ``text`` from ``(state, n_atoms)``; ``None`` when not allowed."""
+    def _live_prefixes(self, symbol):
+        """Prefixes of ``symbol`` (``""`` included) from which some tokens finish its line (cached)."""
+        live = self._live.get(symbol)
+        if live is None:
+            live = self._live[symbol] = self._find_live_prefixes(symbol)
+        return live
+
+    def _find_live_prefixes(self, symbol):
+        one, prefixes = frozenset([symbol]), _prefixes([symbol])
+        finishes, leads = set(), {}
+        for prefix in ["", *prefixes]:
+            state = ("sym", prefix)
+            firsts = [c for c in self._first_chars if step_char(state, c, one, prefixes)]
+            leads[prefix] = set()
+            for i in np.flatnonzero(np.isin(self._first, firsts)):
+                moved, crossed = state, False
+                for char in self.strings[i]:
+                    crossed |= moved[0] == "sym" and char == "\n"
+                    moved = step_char(moved, char, one, prefixes)
+                    if moved is None:
+                        break
+                    moved = moved[0]
+                else:
+                    if crossed:
+                        finishes.add(prefix)
+                    elif moved[0] == "sym":
+                        leads[prefix].add(moved[1])
+        live = set(finishes)
+        while True:  # a prefix is live when one of its tokens leads to a live prefix
+            more = {p for p, nxt in leads.items() if p not in live and nxt & live}
+            if not more:
+                return frozenset(live)
+            live |= more
+
+    def _view(self, target, counts):
+        """A formula row's open symbols, their prefixes, the prefixes a token may end on, and
+        what its mask depends on."""
+        key = (target, counts)
+        view = self._views.get(key)
+        if view is None:
+            symbols = target.open_symbols(counts)
+            live = frozenset().union(*(self._live_prefixes(s) for s in symbols))
+            # One token adds fewer than _atom_cap atoms: room beyond that cannot change its mask.
+            room = tuple(min(m - c, self._atom_cap) for c, m in zip(counts, target.limits))
+            view = (symbols, _prefixes(symbols), live, (target.symbols, room, target.complete(counts)))
+            self._views[key] = view
+        return view
+
+    # A state's mask depends on the state and on how many atoms may still
+    # start, clipped to what one token can start: the cache stays small.  A
+    # formula row's mask depends on its counts only where a token can read a
+    # symbol line (then: open symbols and room) or end the crystal (then:
+    # whether the counts are complete); elsewhere it is the free row's mask.
+    def _key(self, state, n_atoms, target=None, counts=None):
+        free = (state, min(self.max_atoms - n_atoms, self._atom_cap), n_atoms > 0)
+        if target is None:
+            return (*free, None)
+        symbols, room, complete = self._view(target, counts)[3]
+        matter = self._matter.get(free)
+        if matter is None:
+            matter = self._matter[free] = self._counts_matter(state, n_atoms)
+        if matter == "symbols":
+            return (*free, (symbols, room, complete))
+        return (*free, complete if matter == "end" else None)  # "free": the free row's mask
+
+    def _counts_matter(self, state, n_atoms):
+        """``"symbols"`` when a token may read a symbol line here, else ``"end"`` (may end) or ``"free"``."""
+        firsts = [c for c in self._first_chars if step_char(state, c, self.symbols, self.prefixes)]
+        for i in np.flatnonzero(np.isin(self._first, firsts)):
+            if reads_symbol(state, self.strings[i], self.symbols, self.prefixes):
+                return "symbols"
+        return "end" if can_end(state, n_atoms) else "free"
+
+    def _feed(self, state, n_atoms, counts, target, text):
+        """Feed ``text``: ``(state, n_atoms, counts)``, or ``None`` when not allowed.
+
+        A formula row may not stop inside a symbol it cannot finish with this
+        tokenizer's tokens (it would have no allowed token left).
+        """
+        symbols, prefixes = (self.symbols, self.prefixes) if target is None else self._view(target, counts)[:2]
         for char in text:
-            moved = step_char(state, char, self.symbols, self.prefixes)
+            moved = step_char(state, char, symbols, prefixes)
             if moved is None:
                 return None
+            if target is not None and char == "\n" and state[0] == "sym":  # a symbol line is complete
+                counts = target.add(counts, state[1])
+                symbols, prefixes = self._view(target, counts)[:2]
             state, started = moved
             n_atoms += started
             if n_atoms > self.max_atoms:
                 return None
-        return state, n_atoms
+        inside = state[1] if state[0] == "sym" else ""  # a token may end inside a symbol ...
+        if target is not None and inside and inside not in self._view(target, counts)[2]:
+            return None  # ... only where some tokens can finish it
+        return state, n_atoms, counts
 
-    def allowed(self, state, n_atoms, device="cpu"):
+    def run(self, state, n_atoms, text, target=None, counts=None):
+        """Feed ``text`` from ``(state, n_atoms)``; ``None`` when not allowed.
+
+        With a formula ``target`` (and its ``counts``, default none yet),
+        returns ``(state, n_atoms, counts)``.
+        """
+        if target is not None and counts is None:
+            counts = target.zero
+        result = self._feed(state, n_atoms, counts, target, text)
+        return result if result is None or target is not None else result[:2]
+
+    def allowed(self, state, n_atoms, device="cpu", target=None, counts=None):
         """Boolean mask over the vocabulary for one state (cached)."""
-        key = (*self._key(state, n_atoms), str(device))
+        if target is not None and counts is None:
+            counts = target.zero
+        key = (*self._key(state, n_atoms, target, counts), str(device))
         mask = self._masks.get(key)
         if mask is None:
-            mask = torch.from_numpy(self._allowed_numpy(state, n_atoms)).to(device)
+            mask = torch.from_numpy(self._allowed_numpy(state, n_atoms, target, counts)).to(device)
             self._masks[key] = mask
         return mask
 
-    def rows_mask(self, states, n_atoms, device):
+    def rows_mask(self, states, n_atoms, device, targets=None, counts=None):
         """Stacked masks of many rows: one gather from a per-device table of state masks."""
         device = str(device)
+        targets = targets or [None] * len(states)
+        counts = counts or [None] * len(states)
         rows = self._rows.setdefault(device, {})
         index = []
         new = []
-        for state, n in zip(states, n_atoms):
-            key = self._key(state, n)
+        for state, n, target, c in zip(states, n_atoms, targets, counts):
+            key = self._key(state, n, target, c)
             row = rows.get(key)
             if row is None:
                 row = rows[key] = len(rows)
-                new.append(self._allowed_numpy(state, n))
+                new.append(self._allowed_numpy(state, n, target, c))
             index.append(row)
         if new:
             fresh = torch.from_numpy(np.stack(new)).to(device)
@@ -239,45 +458,77 @@ class CrystalGrammar:
             self._tables[device] = fresh if old is None else torch.cat([old, fresh])
         return self._tables[device][torch.tensor(index, device=device)]
 
-    def _allowed_numpy(self, state, n_atoms):
+    def _allowed_numpy(self, state, n_atoms, target=None, counts=None):
         mask = np.zeros(self.vocab_size, dtype=bool)
         if state == DONE:
             mask[list(self.eos_ids)] = True
             return mask
-        firsts = {c for c in set(self._first) if c and step_char(state, c, self.symbols, self.prefixes)}
-        candidates = np.flatnonzero(np.isin(self._first, list(firsts)))
+        symbols, prefixes = (self.symbols, self.prefixes) if target is None else self._view(target, counts)[:2]
+        firsts = [c for c in self._first_chars if step_char(state, c, symbols, prefixes)]
+        candidates = np.flatnonzero(np.isin(self._first, firsts))
         for i in candidates:
-            if self.run(state, n_atoms, self.strings[i]) is not None:
+            if self._feed(state, n_atoms, counts, target, self.strings[i]) is not None:
                 mask[i] = True
-        if can_end(state, n_atoms):
+        if can_end(state, n_atoms) and (target is None or target.complete(counts)):
             mask[list(self.eos_ids)] = True
         return mask
 
-    def advance(self, state, n_atoms, token_id):
+    def advance(self, state, n_atoms, token_id, target=None, counts=None):
         """State after emitting ``token_id`` (cached per state and token)."""
+        if target is not None and counts is None:
+            counts = target.zero
+        moved = self._advance(state, n_atoms, counts, target, token_id)
+        return moved if target is not None else moved[:2]
+
+    def _advance(self, state, n_atoms, counts, target, token_id):
         if state == DONE or token_id in self.eos_ids:
-            return DONE, n_atoms
+            return DONE, n_atoms, counts
+        text = self.strings[token_id] if token_id < len(self.strings) else ""
+        # The free move, and whether the token reads a symbol line.
         key = (state, n_atoms, token_id)
         moved = self._moves.get(key)
         if moved is None:
-            text = self.strings[token_id] if token_id < len(self.strings) else ""
-            moved = self.run(state, n_atoms, text) if text else None
+            free = self._feed(state, n_atoms, None, None, text) if text else None
             # A forbidden token (only possible when the mask was bypassed)
             # ends the row: nothing after it can become a crystal.
-            moved = moved or (DONE, n_atoms)
+            moved = (*(free[:2] if free else (DONE, n_atoms)), reads_symbol(state, text, self.symbols, self.prefixes))
             self._moves[key] = moved
+        if target is None or not moved[2] or moved[0] == DONE:
+            return moved[0], moved[1], counts  # counts only change on symbol lines
+        key = (*key, target, counts)
+        moved = self._formula_moves.get(key)
+        if moved is None:
+            moved = self._feed(state, n_atoms, counts, target, text) or (DONE, n_atoms, counts)
+            self._formula_moves[key] = moved
         return moved
 
-    def accepts(self, text, *, complete=True):
-        """True when ``text`` is allowed by the machine (and may end there)."""
-        result = self.run(START, 0, text)
+    def accepts(self, text, *, complete=True, formula=None):
+        """True when ``text`` is allowed by the machine (and may end there).
+
+        With ``formula``, its element counts must also be (complete: exactly,
+        else still able to become) a whole number of formula units.
+        """
+        target = None if formula is None else self.target(formula)
+        result = self._feed(START, 0, None if target is None else target.zero, target, text)
         if result is None:
             return False
-        return can_end(*result) if complete else True
+        state, n_atoms, counts = result
+        if not complete:
+            return True
+        return can_end(state, n_atoms) and (target is None or target.complete(counts))
 
-    def processor(self):
-        """A fresh :class:`CrystalLogitsProcessor` for one generation run."""
-        return CrystalLogitsProcessor(self)
+    def processor(self, formulas=None):
+        """A fresh :class:`CrystalLogitsProcessor` for one generation run.
+
+        ``formulas`` (optional) gives one formula or ``None`` per batch row:
+        rows with a formula are held to whole multiples of it.
+        """
+        targets = None if formulas is None else [None if f is None else self.target(f) for f in formulas]
+        return CrystalLogitsProcessor(self, targets)
+
+
+def _prefixes(symbols):
+    return frozenset(s[:k] for s in symbols for k in range(1, len(s) + 1))
 
 
 def _eos_ids(tokenizer):
@@ -294,30 +545,48 @@ class CrystalLogitsProcessor(LogitsProcessor):
     records the prompt length, later calls read the token generated since.
     The fast sampler drives it directly with :meth:`reset`, :meth:`advance`,
     :meth:`select` and :meth:`mask`.
+
+    Parameters
+    ----------
+    grammar : CrystalGrammar
+    targets : list of FormulaTarget or None, optional
+        One per batch row (``None``: a free row); the batch must have that
+        many rows.  Default: every row free.
     """
 
-    def __init__(self, grammar):
+    def __init__(self, grammar, targets=None):
         self.grammar = grammar
+        self._row_targets = None if targets is None else list(targets)
         self.states = None
         self.n_atoms = None
+        self.targets = None
+        self.counts = None
         self._length = None
 
     def reset(self, batch_size):
+        if self._row_targets is not None and len(self._row_targets) != batch_size:
+            raise ValueError(f"the processor has formula targets for {len(self._row_targets)} rows, "
+                             f"got a batch of {batch_size}")
         self.states = [START] * batch_size
         self.n_atoms = [0] * batch_size
+        self.targets = list(self._row_targets) if self._row_targets is not None else [None] * batch_size
+        self.counts = [None if t is None else t.zero for t in self.targets]
 
     def advance(self, tokens):
         """Move every row on by its newly generated token (tensor or list)."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
         g = self.grammar
         for row, token in enumerate(tokens):
-            self.states[row], self.n_atoms[row] = g.advance(self.states[row], self.n_atoms[row], token)
+            self.states[row], self.n_atoms[row], self.counts[row] = g._advance(
+                self.states[row], self.n_atoms[row], self.counts[row], self.targets[row], token)
 
     def select(self, rows):
         """Keep only ``rows`` (finished rows dropped from the batch)."""
         rows = rows.tolist() if torch.is_tensor(rows) else list(rows)
         self.states = [self.states[r] for r in rows]
         self.n_atoms = [self.n_atoms[r] for r in rows]
+        self.targets = [self.targets[r] for r in rows]
+        self.counts = [self.counts[r] for r in rows]
 
     @property
     def finished(self):
@@ -325,7 +594,8 @@ class CrystalLogitsProcessor(LogitsProcessor):
 
     def mask(self, scores):
         """``scores`` with forbidden tokens set to ``-inf`` (a new tensor)."""
-        allowed = self.grammar.rows_mask(self.states, self.n_atoms, scores.device)[:, : scores.shape[-1]]
+        allowed = self.grammar.rows_mask(self.states, self.n_atoms, scores.device, self.targets,
+                                         self.counts)[:, : scores.shape[-1]]
         if allowed.shape[-1] < scores.shape[-1]:
             pad = torch.zeros(allowed.shape[0], scores.shape[-1] - allowed.shape[-1], dtype=torch.bool,
                               device=scores.device)

@@ -176,10 +176,27 @@ def _check_potential(potential):
                          f"with the Materials Project hull: use m3gnet or chgnet")
 
 
-def _e_hull_all(relaxed, hull):
-    """Energy above hull per relaxed structure; (values, errors) with None and a reason on failure."""
+def e_above_hull_many(relaxed, hull, *, exclude=None):
+    """Energy above hull of each relaxed structure, failures kept as reasons.
+
+    Parameters
+    ----------
+    relaxed : list of ase.Atoms
+        Output of :func:`calculators.relax_many` (failed relaxations included).
+    hull : hull.ReferenceHull
+    exclude : list, optional
+        One entry per structure, passed to :meth:`hull.ReferenceHull.e_above_hull`
+        (e.g. a structure's own ``material_id`` to judge it with itself left out; ``None``: keep all).
+
+    Returns
+    -------
+    (values, errors) : two lists
+        E_hull in eV/atom, or ``None`` with a one-line reason in ``errors``.
+    """
+    if exclude is not None and len(exclude) != len(relaxed):
+        raise ValueError(f"exclude has {len(exclude)} entries for {len(relaxed)} structures")
     values, errors = [], []
-    for atoms in relaxed:
+    for i, atoms in enumerate(relaxed):
         if atoms.info.get("relax_failed"):
             values.append(None)
             errors.append(f"relaxation failed: {atoms.info.get('relax_error', 'unknown')}")
@@ -187,7 +204,7 @@ def _e_hull_all(relaxed, hull):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # pymatgen's per-entry oxidation-state guesses
-                value = float(hull.e_above_hull(atoms))
+                value = float(hull.e_above_hull(atoms, exclude=None if exclude is None else exclude[i]))
             if not math.isfinite(value):
                 raise ValueError("non-finite energy above hull")
             values.append(value)
@@ -290,7 +307,7 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
         computed = _cache_rows(cache_path) - before
     with timer("hull"):
         ref_hull = hull_module.ReferenceHull.from_mp20(data_dir) if relaxed else None
-        e_valid, err_valid = _e_hull_all(relaxed, ref_hull)
+        e_valid, err_valid = e_above_hull_many(relaxed, ref_hull)
         e_hull, errors = _spread(valid_idx, n, e_valid, err_valid, fill=(None, "invalid sample"))
         for atoms, i in zip(relaxed, valid_idx):
             atoms.info["input_index"] = i

@@ -5,8 +5,9 @@
 >>> structures = gen.generate(10, formula="LiFePO4", seed=0)      # doctest: +SKIP
 
 Every sample is decoded under the crystal grammar of :mod:`.constraints`
-(real element symbols, well-formed numbers, end only after a complete atom),
-parsed by :func:`~ase_crystal_llm.text.text_to_atoms`, and re-sampled when it
+(real element symbols, well-formed numbers, end only after a complete atom;
+with a formula condition, only whole multiples of that formula), parsed by
+:func:`~ase_crystal_llm.text.text_to_atoms`, and re-sampled when it
 does not parse, at most ``max_attempts`` times per requested crystal.
 
 Two decoding paths give the same tokens for the same logits (greedy decoding
@@ -37,7 +38,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import settings
-from .constraints import FIELDS, CrystalGrammar
+from .constraints import FIELDS, CrystalGrammar, FormulaTarget, formula_composition
+from .metrics import MIN_DISTANCE, structure_valid
 from .text import CrystalTextError, is_element, text_to_atoms
 
 DEFAULT_TEMPERATURE = 0.7
@@ -276,6 +278,7 @@ class GenerationStats:
     returned: int = 0
     attempts: int = 0
     parse_failures: Counter = field(default_factory=Counter)
+    rejected: int = 0  # parsed, but atoms closer than min_distance
     gave_up: int = 0
     tokens_generated: int = 0
     seconds: float = 0.0
@@ -298,7 +301,7 @@ class GenerationStats:
     def as_dict(self):
         return {
             "requested": self.requested, "returned": self.returned, "attempts": self.attempts,
-            "parse_failures": dict(self.parse_failures), "gave_up": self.gave_up,
+            "parse_failures": dict(self.parse_failures), "rejected": self.rejected, "gave_up": self.gave_up,
             "raw_parse_rate": self.raw_parse_rate, "final_parse_rate": self.final_parse_rate,
             "tokens_generated": self.tokens_generated, "seconds": self.seconds,
             "crystals_per_second": self.crystals_per_second, "seed": self.seed,
@@ -338,12 +341,14 @@ def _check_elements(elements):
         raise ValueError(f"unknown element symbol(s) in elements: {', '.join(map(repr, bad))}")
 
 
-def _check_request(n, kwargs):
+def _check_request(n, kwargs, max_atoms=DEFAULT_MAX_ATOMS):
     """Argument errors that need no model, raised before one is loaded."""
-    _check_elements(kwargs.get("elements"))
+    elements = kwargs.get("elements")
+    _check_elements(elements)
     keys = {k: kwargs.get(k) for k in CONDITION_KEYS}
     for c in {id(c): c for c in condition_sets(max(int(n), 1), **keys)}.values():
         _check_conditions(c)
+        _check_formula(c, elements, max_atoms, kwargs.get("constrain_formula", True))
 
 
 def _check_conditions(conditions):
@@ -361,6 +366,17 @@ def _check_conditions(conditions):
     sg = conditions.get("spacegroup")
     if sg is not None and (int(sg) != float(sg) or not 1 <= int(sg) <= 230):
         raise ValueError(f"spacegroup must be an integer from 1 to 230, got {sg!r}")
+
+
+def _check_formula(conditions, elements, max_atoms, constrain):
+    """A formula condition must lie within ``elements``, and, decoded under it, fit in ``max_atoms``."""
+    formula = conditions.get("formula")
+    if formula is None:
+        return
+    if constrain:
+        FormulaTarget(formula, max_atoms, elements or None)
+    else:
+        formula_composition(formula, elements or None)
 
 
 def seen_in_training(keys, card=None):
@@ -517,7 +533,15 @@ class CrystalGenerator:
             eV/atom, band gap in eV).  A list cycles over the crystals, so
             several prompts share a batch.
         elements : sequence of str, optional
-            Only these elements may appear (constrained decoding).
+            Only these elements may appear (constrained decoding).  With a
+            formula, they must include the formula's elements.
+        constrain_formula : bool
+            With a formula condition, decode only crystals whose composition
+            is a whole number of formula units (``k`` times the formula,
+            ``k >= 1``, at most ``max_atoms`` atoms); rows without a formula
+            are free.  ``False``: the formula is only written into the prompt
+            (to measure the model's own formula skill).  Recorded per
+            crystal as ``info["formula_constrained"]``.
         temperature, top_p : float, optional
             Default: the card's recommended values, else 0.7 / 0.9.
             ``temperature=0`` is greedy decoding.
@@ -532,6 +556,12 @@ class CrystalGenerator:
             ``symprec``: snap every sample to its detected space group.
         max_atoms : int
             Most atoms per crystal (bounds ``max_new_tokens``).
+        min_distance : float or None
+            Re-sample crystals with two atoms (or an atom and its own
+            periodic image) closer than this many angstrom, or a cell under
+            0.1 A^3: CDVAE's structural validity, 0.5 A by default.  They
+            count as attempts, so validity over all attempts stays
+            measurable.  ``None`` or 0 keeps every parsed crystal.
         fast : bool
             Use the lean decoding loop (default) or ``model.generate``.
 
@@ -546,10 +576,10 @@ class CrystalGenerator:
         return sorted(out, key=lambda a: a.info["sample_index"])
 
     def iter_generate(self, n, *, formula=None, spacegroup=None, e_above_hull=None, band_gap=None,
-                      formation_energy=None, elements=None, temperature=None, top_p=None, batch_size=None,
-                      seed=None, max_attempts=DEFAULT_MAX_ATTEMPTS, symmetrize=None,
-                      max_atoms=DEFAULT_MAX_ATOMS, fast=True, start_index=0, run_id=None, rank=0,
-                      indices=None):
+                      formation_energy=None, elements=None, constrain_formula=True, temperature=None,
+                      top_p=None, batch_size=None, seed=None, max_attempts=DEFAULT_MAX_ATTEMPTS, symmetrize=None,
+                      max_atoms=DEFAULT_MAX_ATOMS, min_distance=MIN_DISTANCE, fast=True, start_index=0,
+                      run_id=None, rank=0, indices=None):
         """Like :meth:`generate`, but yield each crystal as soon as its batch finishes.
 
         Memory does not grow with ``n``.  ``indices`` (default
@@ -563,6 +593,8 @@ class CrystalGenerator:
             raise ValueError(f"n must be non-negative, got {n}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        if min_distance is not None and not min_distance >= 0:
+            raise ValueError(f"min_distance must be a non-negative distance in angstrom, got {min_distance}")
         t_default, p_default = self._sampling_defaults()
         temperature = t_default if temperature is None else float(temperature)
         top_p = p_default if top_p is None else float(top_p)
@@ -574,11 +606,14 @@ class CrystalGenerator:
                                     band_gap=band_gap, formation_energy=formation_energy)
         for c in {id(c): c for c in conditions}.values():
             _check_conditions(c)
+            _check_formula(c, elements, max_atoms, constrain_formula)
         for combo in sorted({tuple(k for k in CONDITION_KEYS if k in c) for c in conditions}):
             if not seen_in_training(combo, self.card):
                 warnings.warn(f"condition combination ({', '.join(combo)}) was never seen in training: "
                               "samples may ignore it", stacklevel=2)
         prompts = {id(c): self.template.generation_prompt(c) for c in conditions}
+        # The formula each row's decoding is held to (None: free).
+        formulas = {id(c): c.get("formula") if constrain_formula else None for c in conditions}
         grammar = self.grammar(elements, max_atoms)
         max_new = self.max_new_tokens(max_atoms)
         if batch_size is None:
@@ -591,15 +626,16 @@ class CrystalGenerator:
         sampler = fast_sample if fast else plain_sample
 
         self.stats = GenerationStats(requested=n, seed=seed)
-        job = dict(conditions=conditions, prompts=prompts, grammar=grammar, max_new=max_new, sampler=sampler,
+        job = dict(conditions=conditions, prompts=prompts, formulas=formulas, grammar=grammar, max_new=max_new,
+                   sampler=sampler,
                    params={"temperature": temperature, "top_p": top_p}, batch_size=batch_size, seed=seed,
                    max_attempts=max_attempts, max_atoms=max_atoms, symmetrize=symmetrize, elements=elements,
-                   run_id=run_id, rank=rank, indices=indices)
+                   min_distance=min_distance or None, run_id=run_id, rank=rank, indices=indices)
         # Arguments are checked above, when called; sampling starts on iteration.
         return self._run(n, **job)
 
-    def _run(self, n, *, conditions, prompts, grammar, max_new, sampler, params, batch_size, seed,
-             max_attempts, max_atoms, symmetrize, elements, run_id, rank, indices):
+    def _run(self, n, *, conditions, prompts, formulas, grammar, max_new, sampler, params, batch_size, seed,
+             max_attempts, max_atoms, symmetrize, elements, min_distance, run_id, rank, indices):
         stats = self.stats
         temperature, top_p = params["temperature"], params["top_p"]
         attempts = [0] * n
@@ -612,7 +648,8 @@ class CrystalGenerator:
             gen = torch.Generator(device=self.device).manual_seed(_seed_stream(seed, rank, indices[0], n_batch))
             n_batch += 1
             texts, ended = sampler(self.model, self.tokenizer, [prompts[id(conditions[s])] for s in slots],
-                                   grammar.processor(), max_new_tokens=max_new, temperature=temperature,
+                                   grammar.processor([formulas[id(conditions[s])] for s in slots]),
+                                   max_new_tokens=max_new, temperature=temperature,
                                    top_p=top_p, generator=gen)
             finished = []
             for slot, ids, stop in zip(slots, texts, ended):
@@ -626,13 +663,18 @@ class CrystalGenerator:
                     atoms = text_to_atoms(text, max_atoms=max_atoms)
                 except CrystalTextError as err:
                     stats.parse_failures[failure_reason(err)] += 1
+                    atoms = None
+                if atoms is not None and min_distance and not structure_valid(atoms, min_distance=min_distance):
+                    stats.rejected += 1
+                    atoms = None
+                if atoms is None:
                     if attempts[slot] < max_attempts:
                         pending.append(slot)
                     else:
                         stats.gave_up += 1
                     continue
                 atoms.info.update(self._info(conditions[slot], elements, text, params, attempts[slot],
-                                             run_id, rank, indices[slot], seed))
+                                             run_id, rank, indices[slot], seed, formulas[id(conditions[slot])]))
                 if symmetrize:
                     _symmetrize(atoms, symmetrize)
                 finished.append(atoms)
@@ -645,10 +687,12 @@ class CrystalGenerator:
                           f"returning {stats.returned} (failures: {dict(stats.parse_failures)})", stacklevel=2)
 
     @staticmethod
-    def _info(conditions, elements, text, params, attempts, run_id, rank, index, seed):
+    def _info(conditions, elements, text, params, attempts, run_id, rank, index, seed, constrained_to=None):
         info = {f"condition_{k}": v for k, v in conditions.items()}
         if elements:
             info["condition_elements"] = ",".join(elements)
+        if "formula" in conditions:
+            info["formula_constrained"] = constrained_to is not None
         info.update(params)
         info.update(generated_text=text, attempts=attempts, seed=seed, run_id=run_id, rank=int(rank),
                     sample_index=int(index))
@@ -750,10 +794,12 @@ def _summary(output, records):
     returned = sum(s.get("returned", 0) for s in stats)
     failures = sum(sum(s.get("parse_failures", {}).values()) for s in stats)
     gave_up = sum(s.get("gave_up", 0) for s in stats)
+    rejected = sum(s.get("rejected", 0) for s in stats)
     seconds = sum(s.get("seconds", 0.0) for s in stats) / max(1, len({r.get("rank") for r in records}))
     rate = failures / attempts if attempts else 0.0
     speed = returned / seconds if seconds else 0.0
     return (f"wrote {returned} crystals to {output}: parse failures {rate:.1%} of {attempts} samples"
+            + (f", {rejected} rejected for atoms too close" if rejected else "")
             + (f", {gave_up} requested crystals gave up after max_attempts" if gave_up else "")
             + f"; {seconds:.1f} s, {speed:.2f} crystals/s")
 
@@ -819,7 +865,7 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
             StructureWriter(output, append=True).close()
     run_id, seed, existing = _broadcast(state, [run_id, seed, existing])
 
-    _check_request(n, kwargs)  # before the (slow) model load
+    _check_request(n, kwargs, max_atoms)  # before the (slow) model load
     gen = generator or CrystalGenerator.from_pretrained(model, device=device, base=base)
     todo = [i for i in range(rank, int(n), world) if i not in existing]
     part = output if server else _part_path(output, rank, world)

@@ -60,6 +60,7 @@ LOSS_AVERAGING = ("per_token", "per_example")
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
     "mini": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
+    "medium": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6),
     "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8),
     "base": dict(hidden_size=320, intermediate_size=864, num_hidden_layers=8, num_attention_heads=8),
 }

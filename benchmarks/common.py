@@ -1,8 +1,9 @@
-"""What every benchmark records about the machine it ran on."""
+"""Shared by the benchmarks: what they record about the machine, and crystals drawn from CSV files."""
 
 import os
 import platform
 import subprocess
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 
 PACKAGES = ("ase-crystal-llm", "torch", "transformers", "peft", "ase", "pymatgen", "matgl")
@@ -43,3 +44,37 @@ def hardware():
         "packages": _versions(),
     }
     return info
+
+
+def sample_csv(path, n, seed=0):
+    """``n`` random rows (pandas ``sample``, ``random_state=seed``) of a CSV with a ``cif`` column as ``ase.Atoms``.
+
+    Cells are kept as written (not canonicalized).  ``info`` gets ``material_id``
+    and ``formation_energy_per_atom`` where the file has them, else ``row`` (the
+    row's position in the file, from 0).
+    """
+    import pandas as pd
+    from pymatgen.core import Structure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    frame = pd.read_csv(path)
+    frame = frame.sample(n=n, random_state=seed) if n < len(frame) else frame
+    out = []
+    for position, row in zip(frame.index, frame.to_dict("records")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pymatgen: "fractional coordinates rounded to ideal values"
+            atoms = AseAtomsAdaptor.get_atoms(Structure.from_str(row["cif"], fmt="cif"))
+        if "material_id" in row:
+            atoms.info = {"material_id": row["material_id"],
+                          "formation_energy_per_atom": float(row["formation_energy_per_atom"])}
+        else:
+            atoms.info = {"row": int(position)}
+        out.append(atoms)
+    return out
+
+
+def mp20_sample(n, seed=0, split="test", data=None):
+    """``n`` random MP-20 crystals (DFT cells) with material_id and formation energy in info."""
+    from ase_crystal_llm import settings
+
+    return sample_csv(settings.mp20_path(split, data), n, seed)

@@ -1,14 +1,34 @@
 #!/usr/bin/env bash
 # The recorded evaluation of the shipped default model (docs/model_card.md).
 # Usage: bash benchmarks/evaluate_default_model.sh OUT_DIR
+# Needs ../shared (or $CRYSTAL_LLM_DATA and $CRYSTAL_LLM_M3GNET); about an hour on 2 CPU cores.
 set -euo pipefail
 out=${1:?usage: evaluate_default_model.sh OUT_DIR}
+here=$(cd "$(dirname "$0")" && pwd)
 model=$(python -c "from ase_crystal_llm import settings; print(settings.DEFAULT_MODEL_DIR)")
+data=$(python -c "from ase_crystal_llm import settings; print(settings.data_dir())")
 mkdir -p "$out" && cd "$out"
 export OMP_NUM_THREADS=1
-# 30 formulas drawn from the MP-20 val split (random.seed(0), 40 rows, sorted, first 30).
-formulas="AcAg3,AlHO2,Ba2DyWO6,Bi2WO6,Ca4CrN4,Ca5Au3,Co4TeO8,Dy(Fe5Mo)2,ErSnPd,Fe6Ge2N,Gd2ReC2,GdCu5,Hf6CoBi2,Ho2NiIr,Ho4Cu5P7,K2PtF6,La(AlSi)2,LaAsIr,Li4Cr(WO4)3,Li6Mn3CoO10,LiCuS,LiNiP,LiVF5,LuUB8,MgPb2,Mn(VSi3)2,Nb5Ga4,Nd(ZnAs)3,Pr3(AgGe)4,ScMn2"
-crystal-llm generate -n 300 -o samples.extxyz --seed 0
-crystal-llm generate -n 60 -o conditioned.extxyz --seed 1 --formula "$formulas"
-crystal-llm evaluate samples.extxyz -o report --coverage-size 500 --model "$model" --ipt-size 100 --no-progress
-crystal-llm evaluate conditioned.extxyz -o report_conditioned --coverage-size 500 --no-progress
+
+# Conditions come from the validation split (100 random rows, seed 0), never from test.
+python - "$data/mp_20/val.csv.gz" <<'EOF'
+import sys
+import pandas as pd
+rows = pd.read_csv(sys.argv[1]).sample(100, random_state=0)
+open("formulas.txt", "w").write(",".join(rows["pretty_formula"]))
+open("spacegroups.txt", "w").write(",".join(str(int(g)) for g in rows["spacegroup.number"]))
+EOF
+
+# Default sampling settings (the model card's), 1,000 unconditional crystals.
+crystal-llm generate -n 1000 -o samples.extxyz --seed 0
+# Formula-conditioned: with the composition constraint (the default) and with the model alone.
+crystal-llm generate -n 100 -o formula.extxyz --seed 1 --formula "$(cat formulas.txt)"
+crystal-llm generate -n 100 -o formula_free.extxyz --seed 1 --formula "$(cat formulas.txt)" --free-formula
+# Space group: training always puts the formula first, so ask for each val row's formula and space group.
+crystal-llm generate -n 100 -o spacegroup.extxyz --seed 2 --formula "$(cat formulas.txt)" --spacegroup "$(cat spacegroups.txt)"
+
+crystal-llm evaluate samples.extxyz -o report --coverage-size 1000 --model "$model" --ipt-size 500 --workers 2 --no-progress
+for f in formula formula_free spacegroup; do
+    crystal-llm evaluate $f.extxyz -o report_$f --coverage-size 1000 --workers 2 --no-progress
+done
+python "$here/calibration.py" --n-test 1000 --n-paper 250 --n-swap 1000 --out calibration.json

@@ -20,28 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import hardware  # noqa: E402
+from common import hardware, mp20_sample  # noqa: E402,F401 (hull_sanity imports both from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-
-def mp20_sample(n, seed=0, split="test", data=None):
-    """``n`` random MP-20 crystals (DFT cells) with material_id and formation energy in info."""
-    import pandas as pd
-    from pymatgen.core import Structure
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    from ase_crystal_llm import settings
-
-    frame = pd.read_csv(settings.mp20_path(split, data))
-    frame = frame.sample(n=n, random_state=seed) if n < len(frame) else frame
-    out = []
-    for row in frame.itertuples():
-        atoms = AseAtomsAdaptor.get_atoms(Structure.from_str(row.cif, fmt="cif"))
-        atoms.info = {"material_id": row.material_id, "formation_energy_per_atom": float(row.formation_energy_per_atom)}
-        out.append(atoms)
-    return out
 
 
 def perturb(atoms, rng, strain=0.05, shift=0.1):

@@ -82,3 +82,16 @@ def test_convert_unknown_output_format(tmp_path, capsys, name):
     ase.io.write(tmp_path / "in.extxyz", bulk("Si"))
     assert main(["convert", str(tmp_path / "in.extxyz"), "-o", str(tmp_path / name)]) == 2
     assert "unknown or read-only output format" in capsys.readouterr().err
+
+
+def test_generate_option_types():
+    from ase_crystal_llm.cli import non_negative_float, spacegroups
+
+    assert spacegroups("225") == [225] and spacegroups("1,230") == [1, 230]
+    assert non_negative_float("0") == 0.0 and non_negative_float("0.35") == 0.35
+    for bad in ("0,12", "x", "231"):
+        with pytest.raises(Exception, match="space group"):
+            spacegroups(bad)
+    for bad in ("-0.1", "inf", "nan", "a"):
+        with pytest.raises(Exception):
+            non_negative_float(bad)

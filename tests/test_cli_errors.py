@@ -103,6 +103,10 @@ CASES = [
          needs_model=True),
     Case("generate", "output-dir-missing", ("generate", "-n", "1", "-o", "{nodir}/g.extxyz", "--model", "{model}"), ("does not exist", "{nodir}"),
          needs_model=True),
+    Case("generate", "bad-spacegroup", ("generate", "-n", "1", "-o", "{out}/g.extxyz", "--model", "{model}",
+                                        "--spacegroup", "12,231"), ("1 to 230", "12,231"), needs_model=True),
+    Case("generate", "negative-min-distance", ("generate", "-n", "1", "-o", "{out}/g.extxyz", "--model", "{model}",
+                                               "--min-distance", "-1"), ("--min-distance", ">= 0"), needs_model=True),
     # train
     Case("train", "missing-file", ("train", "--data", "{missing}", "--out", "{out}/t", *TRAIN), ("not found", "{missing}")),
     Case("train", "empty-file", ("train", "--data", "{empty}", "--out", "{out}/t", *TRAIN), ("empty",)),

@@ -14,7 +14,7 @@ from ase.build import bulk
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ase_crystal_llm.constraints import DONE, START, CrystalGrammar, can_end, token_strings
+from ase_crystal_llm.constraints import DONE, START, CrystalGrammar, can_end, reads_symbol, token_strings
 from ase_crystal_llm.prompts import PromptTemplate
 from ase_crystal_llm.text import CrystalTextError, atoms_to_text, text_to_atoms
 from ase_crystal_llm.tokenizer import tokenizer_for_template
@@ -246,3 +246,188 @@ def test_mp20_texts_are_accepted(mp20_test_sample):
         text = atoms_to_text(atoms)
         assert grammar.accepts(text), text
     walk(grammar, tok, atoms_to_text(mp20_test_sample[0]))
+
+
+# -- formula targets ----------------------------------------------------------------
+
+
+def lines(*symbols):
+    """A crystal text with one atom per symbol (geometry irrelevant to the grammar)."""
+    return "5.0 5.0 5.0\n90 90 90\n" + "\n".join(f"{s}\n0.00 0.50 0.25" for s in symbols)
+
+
+def symbol_counts(text):
+    """Element counts of the symbol lines of a crystal text."""
+    from collections import Counter
+
+    rows = text.strip().split("\n")[2:]
+    return Counter(rows[0::2])
+
+
+@pytest.mark.parametrize("symbols, complete, partial", [
+    (("Na", "Cl"), True, True),
+    (("Cl", "Na"), True, True),
+    (("Na", "Cl", "Cl", "Na"), True, True),        # Z = 2
+    (("Na", "Cl") * 4, True, True),                 # Z = 4 = max_atoms // 2
+    (("Na",), False, True),                         # may still become NaCl
+    (("Na", "Na", "Cl"), False, True),              # may still become Na2Cl2
+    (("Na", "Cl", "Na"), False, True),
+    (("K", "Cl"), False, False),                    # K is not in the formula
+    (("Na",) * 5, False, False),                    # 5 Na: Na5Cl5 exceeds max_atoms=8
+])
+def test_formula_accepts_whole_multiples_only(tokenizer, symbols, complete, partial):
+    grammar = CrystalGrammar(tokenizer, max_atoms=8)
+    text = lines(*symbols)
+    assert grammar.accepts(text)  # free rows accept any element and any count
+    assert grammar.accepts(text, formula="NaCl") == complete
+    assert grammar.accepts(text, formula="NaCl", complete=False) == partial
+
+
+def test_formula_units_are_taken_as_written():
+    tok = tokenizer_for_template(PromptTemplate())
+    grammar = CrystalGrammar(tok, max_atoms=12)
+    assert grammar.accepts(lines("Ti", "O", "O"), formula="TiO2")
+    assert not grammar.accepts(lines("Ti", "O"), formula="TiO2")
+    assert not grammar.accepts(lines("Na", "Cl"), formula="Na2Cl2")  # one unit is Na2Cl2
+    assert grammar.accepts(lines("Na", "Cl", "Na", "Cl"), formula="Na2Cl2")
+    phosphate = lines(*["Ca"] * 3, *["P"] * 2, *["O"] * 8)
+    assert CrystalGrammar(tok, max_atoms=13).accepts(phosphate, formula="Ca3(PO4)2")
+    with pytest.raises(ValueError, match="13 atoms per formula unit, more than max_atoms=12"):
+        grammar.target("Ca3(PO4)2")
+
+
+def test_formula_masks_symbols_and_end(tokenizer):
+    grammar = CrystalGrammar(tokenizer, max_atoms=8)
+    target = grammar.target("NaCl")
+    strings = token_strings(tokenizer)
+    eos = tokenizer.eos_token_id
+    state, n_atoms, counts = grammar.run(START, 0, lines("Na") + "\n", target=target)
+    assert state == ("sym", "") and counts == (0, 1)  # counts follow target.symbols: ("Cl", "Na")
+    mask = grammar.allowed(state, n_atoms, target=target, counts=counts)
+    assert not mask[eos]  # NaCl is not complete yet
+    heads = {strings[i].split("\n")[0] for i in np.flatnonzero(mask.numpy()) if i != eos}
+    assert heads and all(any(e.startswith(h) for e in ("Na", "Cl")) for h in heads), heads
+    state, n_atoms, counts = grammar.run(START, 0, lines("Na", "Cl"), target=target)
+    assert grammar.allowed(state, n_atoms, target=target, counts=counts)[eos]
+    assert grammar.allowed(*grammar.run(START, 0, lines("Na", "Cl")))[eos]  # free row, same text
+
+
+def test_formula_at_max_units_forces_the_end():
+    tok = tokenizer_for_template(PromptTemplate())
+    grammar = CrystalGrammar(tok, max_atoms=5)  # NaCl: k_max = 2
+    target = grammar.target("NaCl")
+    state, n_atoms, counts = grammar.run(START, 0, lines("Na", "Cl", "Cl", "Na") + "\n", target=target)
+    allowed = np.flatnonzero(grammar.allowed(state, n_atoms, target=target, counts=counts).numpy())
+    assert set(allowed) == set(grammar.eos_ids)  # a fifth atom is within max_atoms, but no Na3Cl3
+
+
+# Elements the small test BPE vocabularies can spell (their corpus has no "P", for one).
+@pytest.mark.parametrize("formula, max_atoms", [("MgFe2O4", 14), ("Na2O", 9), ("SiO2", 30), ("ZnCl2", 12)])
+def test_random_walks_under_a_formula_end_on_whole_units(tokenizer, formula, max_atoms):
+    """Whatever a formula row samples, it never gets stuck and ends on k formula units."""
+    from ase.formula import Formula
+
+    grammar = CrystalGrammar(tokenizer, max_atoms=max_atoms)
+    target = grammar.target(formula)
+    unit = Formula(formula).count()
+    strings = token_strings(tokenizer)
+    rng = np.random.default_rng(2)
+    for _ in range(25):
+        state, n_atoms, counts, text = START, 0, target.zero, ""
+        while state != DONE:
+            choices = np.flatnonzero(grammar.allowed(state, n_atoms, target=target, counts=counts).numpy())
+            assert len(choices), f"stuck after {text!r}"
+            ends = [c for c in choices if c in grammar.eos_ids]
+            token = int(ends[0] if ends and rng.random() < 0.5 else rng.choice(choices))  # end early too
+            state, n_atoms, counts = grammar.advance(state, n_atoms, token, target=target, counts=counts)
+            text += strings[token]
+        found = symbol_counts(text)
+        z = found[target.symbols[0]] // unit[target.symbols[0]]
+        assert z >= 1 and z * sum(unit.values()) <= max_atoms
+        assert found == {s: z * c for s, c in unit.items()}, text
+
+
+def test_processor_rows_carry_their_own_formula():
+    tok = tokenizer_for_template(PromptTemplate())
+    grammar = CrystalGrammar(tok, max_atoms=8)
+    proc = grammar.processor(["NaCl", None, "KBr"])
+    proc.reset(3)
+    head = tok.encode(lines("Na") + "\n", add_special_tokens=False)
+    for token in head[:-1]:  # the last token is "\n": all rows at a symbol line after one atom
+        proc.advance([token] * 3)
+    proc.advance([head[-1]] * 3)
+    assert proc.finished == [False, False, True]  # Na was forbidden for KBr: that row ended
+    masked = proc.mask(torch.zeros(3, len(tok)))
+    strings = token_strings(tok)
+    allowed = [{strings[i] for i in np.flatnonzero(torch.isfinite(row).numpy())} for row in masked]
+    assert {"Na", "Cl", "N", "C"} & allowed[0] and not {"K", "O", "Li"} & allowed[0]
+    assert {"K", "O", "Li"} <= allowed[1]
+    proc.select([1, 0])
+    assert [t and t.formula for t in proc.targets] == [None, "NaCl"] and proc.counts[1] == (0, 1)
+    with pytest.raises(ValueError, match="targets for 3 rows, got a batch of 2"):
+        grammar.processor(["NaCl", None, "KBr"]).reset(2)
+
+
+def test_formula_rows_share_masks_away_from_symbol_lines(tokenizer):
+    grammar = CrystalGrammar(tokenizer, max_atoms=60)
+    target = grammar.target("MgFe2O4")  # k_max = 8
+    text = lines("Mg", "Fe", "Fe", "O")
+    checked = 0
+    for cut in (4, len(text) - 9, len(text) - 6):  # inside the lengths, inside the last coordinates
+        state, n_atoms, counts = grammar.run(START, 0, text[:cut], target=target)
+        if not any(reads_symbol(state, t, grammar.symbols, grammar.prefixes) for t in grammar.strings):
+            checked += 1
+            # No token reaches a symbol line from here: the mask cannot depend on the counts.
+            assert grammar._key(state, n_atoms, target, counts) == grammar._key(state, n_atoms)
+            assert grammar._key(state, n_atoms, target, counts) == grammar._key(state, n_atoms, target, target.zero)
+            same = grammar._allowed_numpy(state, n_atoms, target, counts) == grammar._allowed_numpy(state, n_atoms)
+            assert same.all()
+    assert checked
+    state, n_atoms, counts = grammar.run(START, 0, text + "\n", target=target)
+    # At a symbol line they do: Mg used up, complete, or neither (counts follow Fe, Mg, O).
+    keys = {grammar._key(state, n_atoms, target, c) for c in (counts, (2, 8, 4), (2, 1, 4))}
+    assert len(keys) == 3
+    # Room beyond what one token can use does not matter.
+    assert grammar._key(state, n_atoms, target, (3, 1, 2)) == grammar._key(state, n_atoms, target, counts)
+    # Masks are computed once per key, not per step.
+    proc = grammar.processor(["MgFe2O4"] * 8)
+    proc.reset(8)
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        proc.mask(torch.zeros(8, grammar.vocab_size))
+        proc.advance([token] * 8)
+    assert len(grammar._rows["cpu"]) <= len(tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("formula, elements, message", [
+    ("NaCl", ["Na", "O"], "formula 'NaCl' needs Cl, not in elements"),
+    ("NaXy", None, "invalid formula"),
+    ("Na0Cl", None, "zero count of Na"),
+    ("", None, "no elements"),
+])
+def test_bad_formula_targets(formula, elements, message):
+    tok = tokenizer_for_template(PromptTemplate())
+    grammar = CrystalGrammar(tok, elements=elements)
+    with pytest.raises(ValueError, match=message):
+        grammar.processor([formula])
+
+
+
+def test_formula_elements_the_tokenizer_cannot_write():
+    grammar = CrystalGrammar(sentencepiece_bpe(), max_atoms=14)
+    assert not any("P" in t for t in grammar.strings)  # its corpus never has a capital P
+    with pytest.raises(ValueError, match="the tokenizer cannot write P"):
+        grammar.processor(["LiFePO4"])
+
+
+def test_formula_rows_never_enter_a_prefix_they_cannot_finish():
+    # "N" is a token but "a" is not: "N" could only become "Na" through the token "Na".
+    vocab = {t: i for i, t in enumerate(SPECIAL + list("0123456789. \n") + ["N", "Na", "Cl", "C"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok = _wrap(tok)
+    grammar = CrystalGrammar(tok, max_atoms=3)  # NaCl: one formula unit
+    n, na, cl = (tok.convert_tokens_to_ids(t) for t in ("N", "Na", "Cl"))
+    state, n_atoms, counts = grammar.run(START, 0, lines("Cl") + "\n", target=grammar.target("NaCl"))
+    mask = grammar.allowed(state, n_atoms, target=grammar.target("NaCl"), counts=counts)
+    assert mask[na] and not mask[n] and not mask[cl]
+    assert grammar.allowed(state, n_atoms)[n]  # a free row may write nitrogen

@@ -8,6 +8,7 @@ can ask for a model that writes a valid crystal, garbage, or a fake element.
 import json
 import warnings
 
+import ase.formula
 import ase.io
 import numpy as np
 import pytest
@@ -86,21 +87,28 @@ def scripted(tok, text, strength=30.0, seed=0):
 # -- the fast path against model.generate ------------------------------------------------
 
 
-@pytest.mark.parametrize("elements", [None, ["Li", "Fe", "P", "O"]])
-def test_fast_path_equals_generate_greedy(random_gen, elements):
+@pytest.mark.parametrize("elements, formulas, max_atoms", [
+    (None, None, 4),
+    (["Li", "Fe", "P", "O"], None, 4),
+    (None, [None, "NaCl", "LiFePO4", None], 8),              # per-row formula constraint, free rows between
+    (["Li", "Fe", "P", "O", "Na", "Cl"], [None, "NaCl", "LiFePO4", "FeO"], 8),
+])
+def test_fast_path_equals_generate_greedy(random_gen, elements, formulas, max_atoms):
     gen = random_gen
     t = gen.template
     prompts = [t.generation_prompt({}), t.generation_prompt({"formula": "NaCl"}),
                t.generation_prompt({"formula": "LiFePO4", "band_gap": 1.5}), t.generation_prompt({})]
-    grammar = gen.grammar(elements, max_atoms=4)
-    limit = gen.max_new_tokens(4)
-    fast, fast_end = fast_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
-    plain, plain_end = plain_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
+    grammar = gen.grammar(elements, max_atoms=max_atoms)
+    limit = gen.max_new_tokens(max_atoms)
+    fast, fast_end = fast_sample(gen.model, gen.tokenizer, prompts, grammar.processor(formulas),
+                                 max_new_tokens=limit)
+    plain, plain_end = plain_sample(gen.model, gen.tokenizer, prompts, grammar.processor(formulas),
+                                    max_new_tokens=limit)
     assert fast == plain
     assert fast_end == plain_end
     assert all(fast_end)  # the grammar bounds the length: every row ends with EOS
-    for ids in fast:
-        assert grammar.accepts(gen.tokenizer.decode(ids))
+    for ids, formula in zip(fast, formulas or [None] * len(fast)):
+        assert grammar.accepts(gen.tokenizer.decode(ids), formula=formula)
 
 
 def test_fast_path_drops_finished_rows_without_changing_others(tok):
@@ -190,6 +198,68 @@ def test_elements_must_be_real(random_gen):
         random_gen.generate(1, elements=["Ln"])
 
 
+def reduced(formula):
+    from pymatgen.core import Composition
+
+    return Composition(formula).reduced_formula
+
+
+def test_formula_constraint_overrides_a_model_that_ignores_the_prompt(tok):
+    gen = scripted(tok, NACL)  # writes NaCl whatever the prompt asks for
+    free = gen.generate(3, formula="KCl", constrain_formula=False, seed=0)
+    assert [a.get_chemical_formula() for a in free] == ["ClNa"] * 3
+    assert all(a.info["formula_constrained"] is False for a in free)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pushed off its script, the model may write atoms too close
+        held = gen.generate(3, formula="KCl", seed=0, max_attempts=10)
+    assert held
+    for atoms in held:
+        assert reduced(atoms.get_chemical_formula()) == "KCl"
+        assert atoms.info["formula_constrained"] is True and atoms.info["condition_formula"] == "KCl"
+
+
+def test_formula_constraint_gives_the_formula_per_row(tok):
+    # A fixed sane lattice, then the random model's own atoms: mixed formulas and a free row.
+    gen = scripted(tok, "6.0 6.0 6.0\n90 90 90\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random atoms are sometimes too close
+        out = gen.generate(9, formula=["NaCl", "KBr2", None], seed=0, temperature=1.0, top_p=1.0, max_atoms=9,
+                           max_attempts=8)
+    asked = {"NaCl": 0, "KBr2": 0, None: 0}
+    for atoms in out:
+        formula = atoms.info.get("condition_formula")
+        asked[formula] += 1
+        if formula is None:
+            assert "formula_constrained" not in atoms.info
+            continue
+        assert atoms.info["formula_constrained"] is True
+        assert reduced(atoms.get_chemical_formula()) == reduced(formula)
+        assert len(atoms) % len(ase.formula.Formula(formula)) == 0  # whole formula units
+    assert asked["NaCl"] and asked["KBr2"], asked
+
+
+def test_formula_and_elements_must_agree(random_gen):
+    with pytest.raises(ValueError, match="formula 'NaCl' needs Cl, not in elements"):
+        random_gen.generate(1, formula="NaCl", elements=["Na", "O"])
+    with pytest.raises(ValueError, match="formula 'NaCl' needs Cl"):  # also when not constrained
+        random_gen.generate(1, formula="NaCl", elements=["Na", "O"], constrain_formula=False)
+
+
+
+def test_formula_within_elements(tok):
+    out = scripted(tok, NACL).generate(2, formula="NaCl", elements=["Na", "Cl", "K"], seed=0)
+    assert [a.get_chemical_formula() for a in out] == ["ClNa"] * 2
+    assert out[0].info["condition_elements"] == "Na,Cl,K" and out[0].info["formula_constrained"] is True
+
+
+def test_formula_larger_than_max_atoms(random_gen):
+    with pytest.raises(ValueError, match="13 atoms per formula unit, more than max_atoms=10"):
+        random_gen.generate(1, formula="Ca3(PO4)2", max_atoms=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        random_gen.generate(1, formula="Ca3(PO4)2", max_atoms=10, constrain_formula=False, max_attempts=1)
+
+
 def test_seed_reproducibility_on_cpu(tok):
     gen = scripted(tok, NACL, strength=4.0)  # weak push: samples vary with the seed
 
@@ -207,6 +277,20 @@ def test_plain_path_same_structures_as_fast_when_greedy(random_gen):
     a = random_gen.generate(3, seed=0, temperature=0, max_atoms=3, max_attempts=1, fast=True)
     b = random_gen.generate(3, seed=0, temperature=0, max_atoms=3, max_attempts=1, fast=False)
     assert [x.info["generated_text"] for x in a] == [x.info["generated_text"] for x in b]
+
+
+def test_plain_path_same_structures_as_fast_under_formula_constraint(crystal_model):
+    gen = CrystalGenerator.from_pretrained(crystal_model, device="cpu")
+    kwargs = dict(formula=["NaCl", "KCl", "MgO", None], seed=0, temperature=0, max_atoms=8, max_attempts=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # greedy samples may put atoms on top of each other
+        a = gen.generate(8, fast=True, **kwargs)
+        b = gen.generate(8, fast=False, **kwargs)
+    assert a, "nothing returned: the comparison would be empty"
+    assert [x.info["generated_text"] for x in a] == [x.info["generated_text"] for x in b]
+    for atoms in a:
+        formula = atoms.info.get("condition_formula")
+        assert formula is None or reduced(atoms.get_chemical_formula()) == formula
 
 
 def test_symmetrize_snaps_to_space_group(tok):
@@ -332,6 +416,8 @@ def test_generate_to_file_round_trips(tok, tmp_path, ext):
     back = ase.io.read(out, ":")
     assert len(back) == 3
     assert all(sorted(a.get_chemical_symbols()) == ["Cl", "Na"] for a in back)
+    if ext in ("extxyz", "traj"):  # info read back (.db: key_value_pairs, tested below; cif, crystxt: ids only)
+        assert all(a.info["formula_constrained"] is True for a in back), back[0].info
     record = json.loads((tmp_path / f"samples.{ext}.run.json").read_text())["runs"][0]
     assert record["seed"] == 0 and record["status"] == "complete" and record["stats"]["returned"] == 3
     assert record["settings"]["formula"] == "NaCl" and record["package_version"]
@@ -349,6 +435,7 @@ def test_db_output_has_valid_key_value_pairs(tok, tmp_path):
     kvp = rows[0].key_value_pairs
     assert kvp["condition_formula"] == "NaCl" and kvp["condition_spacegroup"] == 225
     assert kvp["spacegroup_number"] == 225 and kvp["sample_index"] in (0, 1)
+    assert kvp["formula_constrained"] is True
     assert rows[0].data["generated_text"].startswith("4.0 4.0 4.0\n")
     assert db.metadata["runs"][0]["seed"] == 0
     assert len(list(db.select(condition_formula="NaCl"))) == 2
@@ -402,10 +489,28 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     assert record["settings"]["elements"] == ["Na", "Cl"] and record["seed"] == 1
 
 
+@pytest.mark.parametrize("free", [False, True])
+def test_cli_generate_formula_constraint(crystal_model, tmp_path, capsys, free):
+    out = tmp_path / "kcl.extxyz"
+    argv = ["generate", "-n", "3", "--model", crystal_model, "-o", str(out), "--seed", "0", "--formula", "KCl",
+            "--temperature", "0", "--max-atoms", "2", "--max-attempts", "3"]
+    assert cli.main(argv + ["--free-formula"] * free) == 0
+    record = json.loads((tmp_path / "kcl.extxyz.run.json").read_text())["runs"][0]
+    assert record["settings"]["constrain_formula"] is not free
+    back = ase.io.read(out, ":")
+    assert back, capsys.readouterr().err
+    for atoms in back:
+        assert atoms.info["formula_constrained"] is not free and atoms.info["condition_formula"] == "KCl"
+        # The model was trained on NaCl, Si, Cu and MgO only: left free, it never writes KCl.
+        assert (reduced(atoms.get_chemical_formula()) == "KCl") is not free
+
+
 @pytest.mark.parametrize("argv, message", [
     (["-n", "2", "-o", "x.mp4"], "unsupported output extension"),
     (["-n", "0", "-o", "x.extxyz"], "argument -n: must be a positive integer"),
     (["-n", "1", "-o", "x.extxyz", "--elements", "Na,Xx"], "unknown element"),
+    (["-n", "1", "-o", "x.extxyz", "--formula", "NaCl", "--elements", "Na,O"], "formula 'NaCl' needs Cl"),
+    (["-n", "1", "-o", "x.extxyz", "--formula", "Ca3(PO4)2", "--max-atoms", "10"], "more than max_atoms=10"),
 ])
 def test_cli_generate_errors_are_one_line(model_dir, tmp_path, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -431,20 +536,45 @@ def test_trained_tiny_model_generates(tiny_model_dir):
         out = gen.generate(3, seed=0, max_atoms=8, max_attempts=3, batch_size=3)
     s = gen.stats
     assert s.returned == len(out) and s.returned + s.gave_up == 3
-    assert s.attempts <= 9 and sum(s.parse_failures.values()) == s.attempts - s.returned
+    assert s.attempts <= 9 and sum(s.parse_failures.values()) + s.rejected == s.attempts - s.returned
     for atoms in out:
         assert atoms.pbc.all() and 1 <= len(atoms) <= 8
         assert atoms.info["attempts"] <= 3 and atoms.info["generated_text"]
+        assert structure_valid(atoms)  # min_distance=0.5 by default: too-close atoms are re-sampled
 
 
-def test_trained_tiny_model_fast_equals_generate(tiny_model_dir):
+def test_too_close_atoms_are_resampled_and_counted(crystal_model, monkeypatch):
+    import ase_crystal_llm.generation as generation
+
+    gen = CrystalGenerator.from_pretrained(crystal_model, device="cpu")
+    asked = []
+    monkeypatch.setattr(generation, "structure_valid", lambda atoms, min_distance: asked.append(min_distance))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Every parsed sample is judged too close: each is re-sampled and counts as an attempt.
+        assert gen.generate(2, seed=0, max_atoms=8, max_attempts=2, batch_size=2, min_distance=0.7) == []
+        stats = gen.stats
+        assert stats.gave_up == 2 and stats.attempts == 4
+        assert stats.rejected == len(asked) > 0 and stats.rejected + sum(stats.parse_failures.values()) == 4
+        assert set(asked) <= {0.7} and stats.as_dict()["rejected"] == stats.rejected
+        asked.clear()
+        kept = gen.generate(2, seed=0, max_atoms=8, max_attempts=2, batch_size=2, min_distance=None)
+    assert asked == [] and gen.stats.rejected == 0 and len(kept) > 0
+    with pytest.raises(ValueError, match="min_distance"):
+        gen.generate(1, min_distance=-1.0)
+
+
+@pytest.mark.parametrize("formulas", [None, [None, "NaCl"]])
+def test_trained_tiny_model_fast_equals_generate(tiny_model_dir, formulas):
     gen = CrystalGenerator.from_pretrained(tiny_model_dir, device="cpu")
     prompts = [gen.template.generation_prompt({}), gen.template.generation_prompt({"formula": "NaCl"})]
     grammar = gen.grammar(None, 6)
     limit = gen.max_new_tokens(6)
-    a = fast_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
-    b = plain_sample(gen.model, gen.tokenizer, prompts, grammar.processor(), max_new_tokens=limit)
+    a = fast_sample(gen.model, gen.tokenizer, prompts, grammar.processor(formulas), max_new_tokens=limit)
+    b = plain_sample(gen.model, gen.tokenizer, prompts, grammar.processor(formulas), max_new_tokens=limit)
     assert a == b
+    if formulas:
+        assert grammar.accepts(gen.tokenizer.decode(a[0][1]), formula="NaCl")
 
 
 @pytest.mark.slow

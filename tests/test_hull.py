@@ -59,6 +59,24 @@ def test_leaving_a_material_out(tiny):
     assert tiny.e_above_hull(crystal("Li2O2", -1.6)) == pytest.approx(0.0, abs=1e-9)  # cache not polluted
 
 
+def test_e_above_hull_many_leaves_out_per_structure_and_keeps_failures(tiny):
+    from ase_crystal_llm.evaluation import e_above_hull_many
+
+    failed = crystal("Li2O", -2.0)
+    failed.info.update(relax_failed=True, relax_error="exploded")
+    foreign = crystal("Li2O", -2.0, scale="matpes")
+    relaxed = [crystal("Li2O2", -1.6), crystal("Li2O2", -1.6), failed, foreign]
+    values, errors = e_above_hull_many(relaxed, tiny, exclude=[None, "li2o2", None, None])
+    assert values[0] == pytest.approx(0.0, abs=1e-9)
+    assert values[1] == pytest.approx(-0.1)  # judged with itself left out
+    assert values[2:] == [None, None]
+    assert errors[:2] == [None, None]
+    assert errors[2] == "relaxation failed: exploded"
+    assert errors[3].startswith("hull: energy scale 'matpes' cannot be compared")
+    with pytest.raises(ValueError, match="exclude has 1 entries for 4 structures"):
+        e_above_hull_many(relaxed, tiny, exclude=["li2o2"])
+
+
 def test_from_entries_matches_formation_energy_space():
     from pymatgen.analysis.phase_diagram import PDEntry
     from pymatgen.core import Composition
