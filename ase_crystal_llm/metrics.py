@@ -24,6 +24,7 @@ together.  Definitions:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -111,16 +112,28 @@ def composition_valid(structure):
     """CDVAE's SMACT validity: some charge-neutral oxidation-state assignment passes the Pauling test.
 
     Single elements and alloys of metals only are valid; compositions with
-    elements unknown to SMACT are invalid.
+    elements unknown to SMACT are invalid.  The answer is exactly that of
+    ``smact.screening.smact_validity(..., use_pauling_test=True,
+    include_alloys=True, oxidation_states_set=OXIDATION_STATES)``, computed
+    by :func:`_smact_valid_reduced` (memoised, pruned) instead of smact's
+    enumeration of every oxidation-state combination.
     """
     settings.require("smact")
     from pymatgen.core import Composition
-    from smact.screening import smact_validity
 
     atoms = as_atoms(structure)
     if len(atoms) == 0:
         return False
     comp = Composition(atoms.get_chemical_formula(mode="hill"))
+    key = _reduced_key(comp.as_dict())
+    answer = _smact_valid_reduced(key) if key is not None else None
+    return _smact_validity(comp) if answer is None else answer
+
+
+def _smact_validity(comp):
+    """smact's own ``smact_validity`` with CDVAE's arguments; smact errors (unknown element) count as invalid."""
+    from smact.screening import smact_validity
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no Pauling electronegativity for He" and the like
@@ -128,6 +141,77 @@ def composition_valid(structure):
                                        oxidation_states_set=OXIDATION_STATES))
     except (KeyError, TypeError, ValueError):
         return False
+
+
+def _reduced_key(counts):
+    """``((symbol, count // gcd), ...)`` sorted, as smact reduces stoichiometry; ``None`` for non-integer counts."""
+    if any(c != int(c) or c < 1 for c in counts.values()):
+        return None  # smact truncates fractional counts; leave such input to smact itself
+    ints = {el: int(c) for el, c in counts.items()}
+    g = math.gcd(*ints.values())
+    return tuple(sorted((el, c // g) for el, c in ints.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _smact_element(symbol):
+    """``(oxidation states, Pauling electronegativity)`` of ``symbol`` in SMACT's ``OXIDATION_STATES`` table."""
+    from smact import Element
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        element = Element(symbol)  # KeyError when smact does not know the element
+    return tuple(getattr(element, f"oxidation_states_{OXIDATION_STATES}") or ()), element.pauling_eneg
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _smact_valid_reduced(key):
+    """smact's validity of a reduced composition, or ``None`` when only smact itself can decide.
+
+    smact accepts an oxidation state per element when the charges sum to zero
+    with the reduced counts and every cation (state > 0) has a strictly lower
+    Pauling electronegativity than every anion (state < 0); a missing
+    electronegativity fails the test.  An assignment passes exactly when, for
+    some cut ``t`` in {-inf} and the electronegativities present, elements with
+    electronegativity <= t take states >= 0 and the others states <= 0 (take
+    ``t`` = the largest cation electronegativity).  Each cut is a signed
+    charge-reachability problem, solved with bounded sets of partial sums.
+    """
+    from smact import metals
+
+    symbols = [el for el, _ in key]
+    if len(symbols) == 1 or all(el in metals for el in symbols):
+        return True  # smact's fast paths: single element, alloy of metals
+    try:
+        data = [_smact_element(el) for el in symbols]
+    except KeyError:
+        return None
+    if any(not states for states, _ in data):
+        return False
+    enegs = [eneg for _, eneg in data]
+    if any(eneg is None for eneg in enegs):
+        return False
+    if not all(math.isfinite(eneg) for eneg in enegs):
+        return None  # NaN compares false in smact's test; not modelled by the cut argument
+    counts = [c for _, c in key]
+    for cut in [-math.inf, *sorted(set(enegs))]:
+        allowed = [[s for s in states if (s >= 0 if eneg <= cut else s <= 0)] for states, eneg in data]
+        if all(allowed) and _neutral_reachable(allowed, counts):
+            return True
+    return False
+
+
+def _neutral_reachable(allowed, counts):
+    """Whether ``sum(count_i * state_i) == 0`` for some choice of ``state_i`` in ``allowed[i]``."""
+    lo = [c * min(states) for states, c in zip(allowed, counts)]
+    hi = [c * max(states) for states, c in zip(allowed, counts)]
+    rest_lo = np.cumsum(lo[::-1])[::-1].tolist()[1:] + [0]  # bounds of the charge still to come
+    rest_hi = np.cumsum(hi[::-1])[::-1].tolist()[1:] + [0]
+    sums = {0}
+    for states, c, low, high in zip(allowed, counts, rest_lo, rest_hi):
+        sums = {q for q in (r + c * s for r in sums for s in states) if low <= -q <= high}
+        if not sums:
+            return False
+    return 0 in sums
 
 
 def validity_flags(structures):

@@ -3,9 +3,11 @@
 import ase.io
 import numpy as np
 import pytest
+from ase.formula import Formula
 
 from ase_crystal_llm import CrystalGenerator, settings
 from ase_crystal_llm.cli import main
+from ase_crystal_llm.metrics import structure_valid
 from ase_crystal_llm.modelcard import ModelCard
 
 
@@ -30,6 +32,16 @@ def test_default_model_generates_periodic_crystals(generator):
         assert 1 <= len(atoms) <= 30
         assert np.isfinite(atoms.positions).all()
         assert atoms.info["generated_text"]
+        assert structure_valid(atoms)  # too-close atoms are re-sampled by default
+
+
+def test_default_model_writes_the_asked_formula(generator):
+    crystals = generator.generate(4, formula=["NaCl", "LiFePO4"], seed=2, batch_size=4)
+    assert crystals
+    for atoms in crystals:
+        asked = atoms.info["condition_formula"]
+        assert Formula(atoms.get_chemical_formula()).reduce()[0] == Formula(asked).reduce()[0]
+        assert atoms.info["formula_constrained"] is True
 
 
 def test_default_model_respects_elements(generator):

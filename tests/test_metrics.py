@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -50,6 +51,40 @@ def test_nacl_valid_nacl2_compositionally_invalid():
                          ids=["Si", "Cu", "CuAu-alloy"])
 def test_elements_and_alloys_are_compositionally_valid(atoms):
     assert metrics.composition_valid(atoms)
+
+
+# Simple and mixed-valence oxides, halides, alloys, noble gases, elements without a Pauling
+# electronegativity (Pm) or unknown to smact (Og), non-reduced formulas, and many-element
+# compositions like those a weak model writes (valid and invalid).
+SMACT_CASES = [
+    "NaCl", "Na2Cl2", "NaCl2", "Fe2O3", "Fe4O6", "FeO2", "Fe3O4", "Mn3O4", "Co3O4", "Cr2O3", "V2O5",
+    "LiFePO4", "CsPbI3", "SrTiO3", "KAlSi3O8", "Si", "O2", "He", "CuAu", "Cu3Au", "NaK", "Mg2Si",
+    "HeNe", "Ne2O", "Pm2O3", "PmCl", "Og2Cl", "LiH", "LiH2", "CaF2", "CaF3", "AlN", "GaAs", "SiC",
+    "SiO", "CO3", "NO3", "ClF3", "XeF2", "XeF3", "I2O5", "Ti5Cu2S10", "Pr2Fe2Se2O3", "La2Bi4O9",
+    "CoPtSnTiBr3Cl8IO7Se7", "Cs8Tb8Bi11I7Co4S2", "Ru12As8O5Pm12Tl4Ac10", "Mo5Sb10Pd8Zn9Ga7Li10",
+    "Cr6Se10Ta9Ge4Pd9Be7Rh8", "F2Sr2TeFe8CaI5Au4Zr5", "Cl5U9Fe3Na11La5Bi11Eu12Er5",
+    "Li10Cr5H3BaLu9BrEr10Pb4", "Au6Rh9Ho12P11Pb12Zn6F2", "Pm11Fe9V3W8Pu7Ru12Np9",
+]
+
+
+def test_composition_valid_agrees_with_smact_validity():
+    from pymatgen.core import Composition
+    from smact.screening import smact_validity
+
+    def reference(formula):
+        try:
+            return bool(smact_validity(Composition(formula), use_pauling_test=True, include_alloys=True,
+                                       oxidation_states_set=metrics.OXIDATION_STATES))
+        except KeyError:  # an element smact does not know
+            return False
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = {f: reference(f) for f in SMACT_CASES}
+    got = {f: metrics.composition_valid(Atoms(f)) for f in SMACT_CASES}
+    assert got == want
+    many = [f for f in SMACT_CASES if len(Atoms(f).symbols.species()) >= 6]
+    assert {want[f] for f in many} == {True, False}  # both answers exercised with many elements
 
 
 def test_validity_flags_and_rates_count_unparsed_output():

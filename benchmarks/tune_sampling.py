@@ -1,0 +1,288 @@
+"""Choose the default sampling temperature and top-p on the MP-20 *validation* split.
+
+    nice python benchmarks/tune_sampling.py                      # the shipped model, default grid
+    nice python benchmarks/tune_sampling.py --model DIR -n 500 --relax 100
+    nice python benchmarks/tune_sampling.py --temperatures 0.7 1.0 --top-p 0.9 -n 8 --n-formulas 4
+
+For every (temperature, top-p) of the grid the model generates ``-n``
+unconditional crystals and one crystal for each of ``--n-formulas`` formulas
+drawn from the validation split (seed 0), through
+``CrystalGenerator.generate`` with its usual re-sampling of output that does
+not parse (``max_attempts``).  Every parsed crystal is kept (``min_distance=None``
+where ``generate`` has that option), so validity is measured on what the model
+itself writes; where ``generate`` can force the asked formula
+(``constrain_formula``) the script turns that off, so formula match measures
+the model.  All settings use the same seeds.
+
+Per setting, for the unconditional crystals:
+
+* structural and compositional validity (:func:`metrics.validity_flags`) over
+  the returned crystals and over *all attempts* (outputs that did not parse
+  count as invalid; :func:`metrics.emitted_validity` with the run statistics);
+* coverage recall and precision (:func:`metrics.coverage`, CDVAE cutoffs)
+  against ``--ref-size`` validation crystals, whose fingerprints are computed
+  once and cached (:func:`evaluation.reference_fingerprints`); sample
+  fingerprints are taken of the valid crystals, and precision is over the
+  ``-n`` crystals asked for;
+* uniqueness of the valid crystals (:func:`metrics.unique_flags`);
+* with ``--relax K``: the metastable rate (E_hull < 0.1 eV/atom, M3GNet
+  relaxation, MP-20 hull) of the first ``K`` valid crystals, through
+  :func:`calculators.relax_many` and :func:`evaluation.e_above_hull_many` as in
+  ``crystal-llm evaluate`` (relaxations cached in the cache folder).
+
+For the formula-conditioned crystals: the same validity figures and the
+formula match rate (:func:`metrics.conditional_accuracy`) over the returned
+crystals and over the formulas asked for.
+
+Selection rule: the chosen setting maximises
+
+    score = (structural validity over attempts + compositional validity over attempts) / 2
+            + coverage recall
+
+of the unconditional crystals: the two ways a sampler fails, invalid output
+(usually from sampling too hot) and missing parts of the data distribution
+(usually from sampling too cold), weighted equally; both terms lie in [0, 1].  Scores
+equal to three decimals (less than one crystal in a few hundred) count as a
+tie, broken by the higher coverage precision, then by the lower temperature.
+Formula match and the metastable rate are reported but not scored: the
+former hardly depends on these settings for a well-trained model, and the
+latter, from a handful of relaxations, is too noisy to rank settings.
+
+Results: ``benchmarks/results/tune_sampling.json`` (hardware, date, command,
+every row, the chosen setting).  Never run on the test split: the test split
+is for the final evaluation of the chosen setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ase_crystal_llm import evaluation, metrics, settings
+from ase_crystal_llm.generation import CrystalGenerator
+from common import hardware  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TIE_DECIMALS = 3
+
+
+def val_formulas(path, n, seed=0):
+    """``n`` distinct ``pretty_formula`` values of a split, drawn with ``seed`` (sorted first, so reproducible)."""
+    import pandas as pd
+
+    formulas = sorted(set(pd.read_csv(path, usecols=["pretty_formula"])["pretty_formula"].astype(str)))
+    if n > len(formulas):
+        raise ValueError(f"--n-formulas {n} exceeds the {len(formulas)} distinct formulas of {path}")
+    picked = np.random.default_rng(seed).choice(len(formulas), size=n, replace=False)
+    return [formulas[i] for i in picked]
+
+
+def generate_kwargs(gen):
+    """Options of ``gen.generate`` that this script sets when the installed version has them."""
+    params = {**inspect.signature(gen.generate).parameters, **inspect.signature(gen.iter_generate).parameters}
+    extra = {}
+    if "min_distance" in params:
+        extra["min_distance"] = None  # keep every parsed crystal: validity is what we measure
+    if "constrain_formula" in params:
+        extra["constrain_formula"] = False  # the model, not the grammar, must get the formula right
+    return extra
+
+
+def sample(gen, n, *, seed, **kwargs):
+    """``gen.generate`` and its statistics, quietly (gave-up warnings are counted in the stats)."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        crystals = gen.generate(n, seed=seed, **kwargs)
+    stats = gen.stats.as_dict()
+    stats["wall_seconds"] = round(time.perf_counter() - start, 2)
+    return crystals, stats
+
+
+def validity(crystals, stats):
+    """Validity over returned crystals and over all attempts; also returns the flags."""
+    flags = metrics.validity_flags(crystals)
+    emitted = (metrics.emitted_validity(crystals, flags, stats) or {}).get("all")
+    attempts = {"structure": None, "composition": None, "valid": None}
+    if emitted:
+        attempts = {"structure": emitted["structure_valid_over_emitted"],
+                    "composition": sum(flags["composition"]) / emitted["emitted"],
+                    "valid": emitted["valid_over_emitted"]}
+    counts = {k: stats.get(k) for k in ("requested", "returned", "attempts", "gave_up", "rejected",
+                                         "parse_failures", "wall_seconds")}
+    return {**counts, "validity_returned": metrics.validity_rates(flags), "validity_attempts": attempts}, flags
+
+
+def metastable_rate(crystals, k, cache, data):
+    """Metastable rate of ``crystals[:k]``: M3GNet relaxation and MP-20 hull, as ``crystal-llm evaluate``."""
+    from ase_crystal_llm import calculators
+    from ase_crystal_llm.hull import ReferenceHull
+
+    chosen = crystals[:k]
+    if not chosen:
+        return {"n": 0, "metastable": None, "stable": None}
+    relaxed = calculators.relax_many(chosen, "m3gnet", cache=evaluation.cache_dir(cache) / "tune_sampling_relax.db")
+    e_hull, errors = evaluation.e_above_hull_many(relaxed, ReferenceHull.from_mp20(data))
+    rates = metrics.stability_rates(e_hull)
+    return {"n": rates["n"], "metastable": rates["metastable"], "stable": rates["stable"],
+            "failures": sum(e is None for e in e_hull)}
+
+
+def unconditional(gen, args, temperature, top_p, ref, extra):
+    crystals, stats = sample(gen, args.n, seed=args.seed, temperature=temperature, top_p=top_p,
+                             **{k: v for k, v in extra.items() if k != "constrain_formula"})
+    row, flags = validity(crystals, stats)
+    valid = [a for a, ok in zip(crystals, flags["valid"]) if ok]
+    fps = metrics.Fingerprints.from_structures(valid)
+    row["coverage"] = metrics.coverage(fps, ref, n_total=args.n)
+    unique = metrics.unique_flags(valid)
+    row["uniqueness"] = sum(unique) / len(unique) if unique else None
+    if args.relax:
+        row["stability"] = metastable_rate(valid, args.relax, args.cache, args.data)
+    return row
+
+
+def conditioned(gen, args, temperature, top_p, formulas, extra):
+    crystals, stats = sample(gen, len(formulas), seed=args.seed + 1, formula=formulas, temperature=temperature,
+                             top_p=top_p, **extra)
+    row, _ = validity(crystals, stats)
+    match = (metrics.conditional_accuracy(crystals).get("formula") or {}).get("match")
+    row["formula_match_returned"] = match
+    row["formula_match_requested"] = None if match is None else match * len(crystals) / len(formulas)
+    return row
+
+
+def score(row):
+    """The selection score of the docstring (``None`` when a term is missing)."""
+    u = row["unconditional"]
+    parts = (u["validity_attempts"]["structure"], u["validity_attempts"]["composition"], u["coverage"]["recall"])
+    if any(p is None for p in parts):
+        return None
+    return (parts[0] + parts[1]) / 2 + parts[2]
+
+
+def choose(rows):
+    """The best row by the selection rule (score to 3 decimals, then precision, then lower temperature)."""
+    scored = [r for r in rows if r["score"] is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda r: (round(r["score"], TIE_DECIMALS), r["unconditional"]["coverage"]["precision"]
+                                      or 0.0, -r["temperature"]))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model directory (default: the model shipped with the package)")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 0.7, 0.9, 1.0])
+    ap.add_argument("--top-p", type=float, nargs="+", default=[0.9, 1.0])
+    ap.add_argument("-n", type=int, default=200, help="unconditional crystals per setting (default 200)")
+    ap.add_argument("--n-formulas", type=int, default=50,
+                    help="validation formulas, one crystal each per setting (default 50; 0: none)")
+    ap.add_argument("--ref-size", type=int, default=500, help="validation crystals for coverage (default 500)")
+    ap.add_argument("--relax", type=int, default=0, metavar="K",
+                    help="M3GNet metastable rate of the first K valid crystals per setting (default 0: off)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every setting")
+    ap.add_argument("--batch-size", type=int, help="generation batch size (default: generate's)")
+    ap.add_argument("--device", help="torch device (default: cuda when available)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--data", help="data folder holding mp_20/ and hull/ (default: settings.data_dir())")
+    ap.add_argument("--cache", help="cache folder for fingerprints and relaxations")
+    ap.add_argument("--output", default=str(RESULTS / "tune_sampling.json"))
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.n_formulas < 0 or args.ref_size < 1 or args.relax < 0:
+        ap.error("need -n >= 1, --n-formulas >= 0, --ref-size >= 1 and --relax >= 0")
+    if any(t < 0 for t in args.temperatures) or any(not 0 < p <= 1 for p in args.top_p):
+        ap.error("need temperatures >= 0 and 0 < top-p <= 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
+    return args
+
+
+def run(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    val_path = settings.mp20_path("val", args.data)
+    t0 = time.perf_counter()
+    formulas = val_formulas(val_path, args.n_formulas) if args.n_formulas else []
+    gen = CrystalGenerator.from_pretrained(args.model, device=args.device)
+    extra = generate_kwargs(gen)
+    if args.batch_size:
+        extra["batch_size"] = args.batch_size
+    ref = evaluation.reference_fingerprints(val_path, size=args.ref_size, seed=0, cache=args.cache, progress=False)
+    rows = []
+    for temperature in args.temperatures:
+        for top_p in args.top_p:
+            start = time.perf_counter()
+            row = {"temperature": temperature, "top_p": top_p,
+                   "unconditional": unconditional(gen, args, temperature, top_p, ref, extra)}
+            if formulas:
+                row["formula_conditioned"] = conditioned(gen, args, temperature, top_p, formulas, extra)
+            row["score"] = score(row)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            rows.append(row)
+            print(summary_line(row), flush=True)
+    best = choose(rows)
+    return {
+        "benchmark": "sampling settings on the MP-20 validation split",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "hardware": hardware(),
+        "model": str(gen.model_dir),
+        "model_weights_sha256": gen.weights_sha256(),
+        "model_recommended_sampling": dict((getattr(gen.card, "sampling", None) or {})),
+        "split": "val",
+        "settings": {"n": args.n, "n_formulas": args.n_formulas, "ref_size": args.ref_size,
+                     "ref_seed": 0, "formula_seed": 0, "seed": args.seed, "relax": args.relax,
+                     "generate_options": {k: v for k, v in extra.items()}, "device": str(gen.device),
+                     "torch_threads": torch.get_num_threads()},
+        "selection_rule": "max (structure validity over attempts + composition validity over attempts) / 2 "
+                          f"+ coverage recall (unconditional), ties at {TIE_DECIMALS} decimals broken by "
+                          "coverage precision, then by the lower temperature",
+        "formulas": formulas,
+        "rows": rows,
+        "chosen": None if best is None else {"temperature": best["temperature"], "top_p": best["top_p"],
+                                             "score": best["score"]},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def summary_line(row):
+    u = row["unconditional"]
+    fmt = lambda v: "  n/a" if v is None else f"{v:5.3f}"  # noqa: E731
+    line = (f"T={row['temperature']:<4} top_p={row['top_p']:<4} struct/att {fmt(u['validity_attempts']['structure'])} "
+            f"comp/att {fmt(u['validity_attempts']['composition'])} recall {fmt(u['coverage']['recall'])} "
+            f"precision {fmt(u['coverage']['precision'])} unique {fmt(u['uniqueness'])}")
+    if "formula_conditioned" in row:
+        line += f" formula {fmt(row['formula_conditioned']['formula_match_requested'])}"
+    return line + f" score {fmt(row['score'])} ({row['seconds']} s)"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        record = run(args)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"tune_sampling: error: {err}")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out)
+    chosen = record["chosen"]
+    print("chosen: " + ("none (no setting produced a valid crystal)" if chosen is None else
+                        f"temperature {chosen['temperature']}, top_p {chosen['top_p']} (score {chosen['score']:.3f})"))
+    print(f"results: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
