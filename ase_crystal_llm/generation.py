@@ -683,8 +683,9 @@ class CrystalGenerator:
             yield from finished
         stats.seconds = time.perf_counter() - start
         if stats.gave_up:
-            warnings.warn(f"{stats.gave_up} of {n} crystals did not parse within max_attempts={max_attempts}; "
-                          f"returning {stats.returned} (failures: {dict(stats.parse_failures)})", stacklevel=2)
+            warnings.warn(f"{stats.gave_up} of {n} crystals had no usable sample within max_attempts={max_attempts}; "
+                          f"returning {stats.returned} (parse failures: {dict(stats.parse_failures)}, "
+                          f"rejected for atoms too close: {stats.rejected})", stacklevel=2)
 
     @staticmethod
     def _info(conditions, elements, text, params, attempts, run_id, rank, index, seed, constrained_to=None):

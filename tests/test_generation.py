@@ -160,7 +160,7 @@ def test_card_sampling_defaults_are_used(tok):
 def test_garbage_model_stops_after_max_attempts(tok):
     # Always a zero-length cell: parses never succeed; the run must end and report.
     gen = scripted(tok, "0.0 0.0 0.0\n90 90 90\nNa\n0.00 0.00 0.00")
-    with pytest.warns(UserWarning, match="did not parse within max_attempts=3"):
+    with pytest.warns(UserWarning, match="no usable sample within max_attempts=3"):
         out = gen.generate(4, seed=0, max_attempts=3, batch_size=3)
     assert out == []
     s = gen.stats

@@ -198,3 +198,29 @@ def test_m3gnet_sanity_on_small_sample(mp20_hull, m3gnet_dir, mp20_test_sample):
         metastable.append(mp20_hull.e_above_hull(atoms, exclude=atoms.info["material_id"]) < 0.1)
     assert np.mean(np.abs(errors)) < 0.08  # ~0.02 expected; 1-2 eV/atom with the aggregation bug
     assert np.mean(metastable) >= 0.5
+
+
+def test_linear_program_hull_equals_phase_diagram(mp20_hull):
+    """The LP used above LP_ABOVE elements gives the PhaseDiagram's hull energy, with and without exclusion."""
+    from pymatgen.core import Composition
+
+    rng = np.random.default_rng(0)
+    systems = [s for s in mp20_hull._by_system if 2 <= len(s) <= 4]
+    for i in rng.choice(len(systems), size=25, replace=False):
+        elements = sorted(systems[i])
+        comp = Composition({el: int(n) for el, n in zip(elements, rng.integers(1, 5, len(elements)))})
+        pd_energy = mp20_hull.phase_diagram(elements).get_hull_energy_per_atom(comp)
+        assert mp20_hull.hull_energy(comp) == pytest.approx(pd_energy, abs=1e-6)
+    entry_id, comp, eform = mp20_hull._by_system[systems[0]][0]
+    left_out = mp20_hull.phase_diagram(sorted(systems[0]), exclude=entry_id).get_hull_energy_per_atom(comp)
+    assert mp20_hull.hull_energy(comp, exclude=entry_id) == pytest.approx(left_out, abs=1e-6)
+
+
+def test_many_element_systems_use_the_linear_program(mp20_hull, monkeypatch):
+    def no_diagram(*args, **kwargs):
+        raise AssertionError("PhaseDiagram built for a large system")
+
+    monkeypatch.setattr(mp20_hull, "phase_diagram", no_diagram)
+    comp = "LiNaKRbCsMgCaSrBaO9"  # 10 elements: PhaseDiagram would enumerate facets for minutes
+    e_hull = mp20_hull.e_above_hull_from_formation(comp, 0.0)
+    assert e_hull == pytest.approx(-mp20_hull.hull_energy(comp)) and e_hull > 0
