@@ -317,6 +317,14 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
         result["stability"] = {**metrics.stability_rates(e_hull, unique=unique, novel=novel),
                                "failures": _count_reasons(errors),
                                "e_hull_median": _median([e for e in e_hull if e is not None])}
+        emitted = (result["validity"]["emitted"] or {}).get("all")
+        if emitted and result["stability"]["n"]:
+            # Re-sampled attempts (unparsed, too-close atoms) count too: rates per model output.
+            scale = result["stability"]["n"] / emitted["emitted"]
+            result["stability"]["over_emitted"] = {
+                "emitted": emitted["emitted"],
+                **{key: result["stability"][key] * scale for key in ("metastable", "stable", "sun", "msun")},
+            }
     result["conditional"] = metrics.conditional_accuracy(structures)
     result["ipt"] = None
     if model is not None:
@@ -584,6 +592,10 @@ def report_markdown(result, figures=()):
         for name, e in emitted.items():
             lines.append(f"| {name} | {e['emitted']} | {e['returned']} | {_fmt(e['valid_over_emitted'], True)} | "
                          f"{_fmt(e['valid_over_returned'], True)} |")
+        over = s.get("over_emitted")
+        if over:
+            lines += ["", f"Per model output ({over['emitted']} emitted): metastable {_fmt(over['metastable'], True)}, "
+                      f"stable {_fmt(over['stable'], True)}, S.U.N. {_fmt(over['sun'], True)}."]
     cond = result.get("conditional") or {}
     if cond:
         lines += ["", "## Conditional accuracy", ""]

@@ -67,6 +67,9 @@ def test_cli_writes_report(first_run):
     assert v["valid"] == pytest.approx(6 / 8)
     emitted = result["validity"]["emitted"]["all"]
     assert emitted["emitted"] == 9 and emitted["valid_over_emitted"] == pytest.approx(6 / 9)
+    stab = result["stability"]
+    assert stab["over_emitted"]["emitted"] == 9
+    assert stab["over_emitted"]["metastable"] == pytest.approx(stab["metastable"] * stab["n"] / 9)
     assert result["coverage"]["reference_size"] == 40
     # (a random 40-crystal subsample of the test split need not contain anything like these 6)
     assert 0 <= result["coverage"]["recall"] <= 6 / 40 and 0 <= result["coverage"]["precision"] <= 6 / 8
