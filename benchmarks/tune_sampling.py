@@ -196,6 +196,9 @@ def parse_args(argv=None):
     ap.add_argument("--data", help="data folder holding mp_20/ and hull/ (default: settings.data_dir())")
     ap.add_argument("--cache", help="cache folder for fingerprints and relaxations")
     ap.add_argument("--output", default=str(RESULTS / "tune_sampling.json"))
+    ap.add_argument("--merge", nargs="+", metavar="FILE",
+                    help="combine results files of parts of one grid (same model and settings, e.g. run in "
+                         "parallel) into --output and choose over all their rows; nothing is sampled")
     args = ap.parse_args(argv)
     if args.n < 1 or args.n_formulas < 0 or args.ref_size < 1 or args.relax < 0:
         ap.error("need -n >= 1, --n-formulas >= 0, --ref-size >= 1 and --relax >= 0")
@@ -256,6 +259,22 @@ def run(args):
     }
 
 
+def merge(paths):
+    """One record from results files that each ran part of the grid with the same model and settings."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("model_weights_sha256", "settings", "formulas"):
+            if part[key] != first[key]:
+                raise ValueError(f"cannot merge: {key} differs between {paths[0]} and another file")
+    rows = [row for part in parts for row in part["rows"]]
+    best = choose(rows)
+    return {**first, "command": [part["command"] for part in parts], "rows": rows,
+            "chosen": None if best is None else {"temperature": best["temperature"], "top_p": best["top_p"],
+                                                 "score": best["score"]},
+            "seconds": max(part["seconds"] for part in parts), "merged_from": [str(p) for p in paths]}
+
+
 def summary_line(row):
     u = row["unconditional"]
     fmt = lambda v: "  n/a" if v is None else f"{v:5.3f}"  # noqa: E731
@@ -270,8 +289,8 @@ def summary_line(row):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        record = run(args)
-    except (FileNotFoundError, ValueError) as err:
+        record = merge(args.merge) if args.merge else run(args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
         sys.exit(f"tune_sampling: error: {err}")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
