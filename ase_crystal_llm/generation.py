@@ -8,7 +8,8 @@ Every sample is decoded under the crystal grammar of :mod:`.constraints`
 (real element symbols, well-formed numbers, end only after a complete atom;
 with a formula condition, only whole multiples of that formula), parsed by
 :func:`~ase_crystal_llm.text.text_to_atoms`, and re-sampled when it
-does not parse, at most ``max_attempts`` times per requested crystal.
+does not parse or has atoms closer than ``min_distance``, at most
+``max_attempts`` times per requested crystal.
 
 Two decoding paths give the same tokens for the same logits (greedy decoding
 is identical; tests check it):
@@ -627,8 +628,8 @@ class CrystalGenerator:
 
         self.stats = GenerationStats(requested=n, seed=seed)
         job = dict(conditions=conditions, prompts=prompts, formulas=formulas, grammar=grammar, max_new=max_new,
-                   sampler=sampler,
-                   params={"temperature": temperature, "top_p": top_p}, batch_size=batch_size, seed=seed,
+                   sampler=sampler, params={"temperature": temperature, "top_p": top_p}, batch_size=batch_size,
+                   seed=seed,
                    max_attempts=max_attempts, max_atoms=max_atoms, symmetrize=symmetrize, elements=elements,
                    min_distance=min_distance or None, run_id=run_id, rank=rank, indices=indices)
         # Arguments are checked above, when called; sampling starts on iteration.

@@ -808,7 +808,6 @@ class _Trainer:
 
     # -- loop -----------------------------------------------------------------
     def run(self):
-        import torch
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.acc

@@ -26,6 +26,7 @@ from ase_crystal_llm.generation import (
     plain_sample,
     seen_in_training,
 )
+from ase_crystal_llm.metrics import structure_valid
 from ase_crystal_llm.text import ELEMENTS
 
 NACL = "4.0 4.0 4.0\n60 60 60\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50"
