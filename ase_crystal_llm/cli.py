@@ -10,6 +10,7 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from . import __version__
@@ -32,13 +33,20 @@ def positive_int(text):
     return value
 
 
-def positive_float(text):
-    """argparse type: a finite number > 0."""
+def _finite_float(text):
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not 0 < value < float("inf"):
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    value = _finite_float(text)
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
@@ -56,11 +64,8 @@ def spacegroups(text):
 
 def non_negative_float(text):
     """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not 0 <= value < float("inf"):
+    value = _finite_float(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
