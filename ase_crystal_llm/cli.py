@@ -86,7 +86,7 @@ def _add_train(sub):
     p.add_argument("--val", help="validation structures (same formats)")
     p.add_argument("--out", required=True, help="output model directory")
     base = p.add_mutually_exclusive_group(required=True)
-    base.add_argument("--base", help="Hugging Face model id or local directory to fine-tune with LoRA")
+    base.add_argument("--base", help="Hugging Face model id or local directory to fine-tune (LoRA, or every weight with --full)")
     base.add_argument("--from-scratch", metavar="SIZE", help="train a LLaMA-architecture model of this named size from scratch (tiny, mini, medium, small, base)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--max-steps", type=positive_int, help="number of optimiser steps")
@@ -97,6 +97,7 @@ def _add_train(sub):
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default min(100, 10%% of steps))")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the base quantised (QLoRA)")
+    p.add_argument("--full", action="store_true", help="train every weight of --base instead of a LoRA adapter (e.g. to continue a from-scratch model)")
     p.add_argument("--lora-rank", type=positive_int, default=8)
     p.add_argument("--lora-alpha", type=positive_int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -151,6 +152,7 @@ def _run_train(args):
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         quantize=args.quantize,
+        full=args.full,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,

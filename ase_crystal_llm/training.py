@@ -82,6 +82,7 @@ class TrainConfig:
     base: str | None = None
     from_scratch: str | None = None
     quantize: str | None = None
+    full: bool = False
     max_steps: int | None = None
     epochs: float | None = None
     batch_size: int | None = None
@@ -113,6 +114,10 @@ class TrainConfig:
             raise ValueError(f"unknown from-scratch size {self.from_scratch!r}: choose one of {', '.join(SIZES)}")
         if self.from_scratch is not None and self.quantize:
             raise ValueError("--quantize applies to a pretrained --base, not to --from-scratch")
+        if self.full and self.base is None:
+            raise ValueError("full fine-tuning (--full) applies to a pretrained --base")
+        if self.full and self.quantize:
+            raise ValueError("--full trains every weight and cannot train a quantised base: drop --quantize")
         if self.quantize not in (None, "4bit", "8bit"):
             raise ValueError(f"quantize must be '4bit' or '8bit', got {self.quantize!r}")
         if self.loss_averaging not in LOSS_AVERAGING:
@@ -584,7 +589,7 @@ class _Checkpoints:
 
 def _fingerprint(cfg, data_record, val_record, world_size, template):
     keys = (
-        "base", "from_scratch", "quantize", "batch_size", "grad_accum", "lr", "warmup_steps",
+        "base", "from_scratch", "quantize", "full", "batch_size", "grad_accum", "lr", "warmup_steps",
         "weight_decay", "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout",
         "target_modules", "loss_averaging", "infill_fraction", "max_length", "seed", "canonical",
     )  # fmt: skip
@@ -688,6 +693,9 @@ class _Trainer:
             if self.resume_dir is not None:
                 return LlamaForCausalLM.from_pretrained(self.resume_dir, dtype=torch.float32)
             return LlamaForCausalLM(scratch_config(cfg.from_scratch, self.tokenizer))
+        if cfg.full:
+            # fp32 master weights; accelerate's mixed precision casts for compute.
+            return load_base_model(self.resume_dir or cfg.base, device=device, dtype=torch.float32)
         from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
         model = load_base_model(cfg.base, quantize=cfg.quantize, device=device)
@@ -932,11 +940,12 @@ class _Trainer:
                  "train_loss_last20": float(np.mean([s["loss"] for s in tail])) if tail else None,
                  "val_loss": self.log["eval"][-1]["val_loss"] if self.log["eval"] else None,
                  "steps": cfg.max_steps}  # fmt: skip
-        hyper = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "base", "from_scratch", "quantize")}
+        hyper = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "base", "from_scratch", "quantize", "full")}
         hyper.update(world_size=self.world, global_batch_size=cfg.batch_size * self.micro_per_step,
                      optimizer="AdamW", schedule="cosine with linear warmup")  # fmt: skip
         if cfg.from_scratch:
             hyper["model_config"] = {k: v for k, v in SIZES[cfg.from_scratch].items()}
+        if cfg.from_scratch or cfg.full:
             hyper["parameters"] = int(sum(p.numel() for p in model.parameters()))
         else:
             hyper["trainable_parameters"] = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -945,7 +954,7 @@ class _Trainer:
                 targets = sorted({name.split(".")[-1] for name in targets})
             hyper["target_modules"] = targets
         return ModelCard(
-            kind="full" if cfg.from_scratch else "lora",
+            kind="full" if cfg.from_scratch or cfg.full else "lora",
             base_model=f"from-scratch:{cfg.from_scratch}" if cfg.from_scratch else cfg.base,
             prompts=self.template.to_dict(),
             cell_convention="primitive-niggli" if cfg.canonical else "as-read",
@@ -983,6 +992,7 @@ def train(
     weight_decay=0.0,
     max_grad_norm=1.0,
     quantize=None,
+    full=False,
     lora_rank=8,
     lora_alpha=32,
     lora_dropout=0.05,
@@ -1028,6 +1038,9 @@ def train(
         AdamW with a cosine schedule after linear warmup.
     quantize : {"4bit", "8bit"}, optional
         Load the base quantised (QLoRA with NF4 for ``4bit``).
+    full : bool
+        Train every weight of ``base`` instead of a LoRA adapter (e.g. to
+        continue training a model trained from scratch).
     lora_rank, lora_alpha, lora_dropout, target_modules
         LoRA settings; default targets are all linear projections of the
         attention and MLP blocks (peft's ``"all-linear"``).
@@ -1047,7 +1060,7 @@ def train(
         The card written to ``out``.
     """
     cfg = TrainConfig(
-        base=base, from_scratch=from_scratch, quantize=quantize, max_steps=max_steps, epochs=epochs,
+        base=base, from_scratch=from_scratch, quantize=quantize, full=full, max_steps=max_steps, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,

@@ -222,7 +222,31 @@ def test_resume_rejects_another_configuration(tmp_path, crystals):
         train(crystals[:8], tmp_path / "new", from_scratch="tiny", max_steps=2, resume=True, progress=False)
 
 
+def test_full_finetune_continues_a_model_and_resumes(tmp_path, tiny_model_dir, crystals):
+    kwargs = dict(base=str(tiny_model_dir), full=True, max_steps=5, batch_size=4, save_every=2, seed=1,
+                  progress=False)  # fmt: skip
+    out = tmp_path / "full"
+    card = train(crystals, out, **kwargs)
+    assert card.kind == "full" and card.base_model == str(tiny_model_dir.resolve())
+    assert card.hyperparameters["parameters"] == ModelCard.from_pretrained(tiny_model_dir).hyperparameters["parameters"]
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(before) == set(after) and all(not torch.equal(before[k], after[k]) for k in before)
+    # starts from the trained weights: its first loss is far below a fresh tiny model's
+    assert losses(out)[0] < losses(tiny_model_dir)[0] - 1.0
+    model, tokenizer, _ = load_trained(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    part = tmp_path / "part"
+    with pytest.raises(Kill):
+        train(crystals, part, callbacks=[_kill_at(3)], **kwargs)
+    train(crystals, part, resume=True, **kwargs)
+    assert np.allclose(losses(part), losses(out), rtol=1e-5, atol=1e-6)
+
+
 def test_bad_settings():
+    with pytest.raises(ValueError, match="--full.*--base"):
+        train([], "/nonexistent", from_scratch="tiny", full=True)
+    with pytest.raises(ValueError, match="quantised"):
+        train([], "/nonexistent", base="/nonexistent", full=True, quantize="4bit")
     with pytest.raises(ValueError, match="unknown from-scratch size 'huge'"):
         train([], "/nonexistent", from_scratch="huge")
     with pytest.raises(ValueError, match="exactly one"):

@@ -1,0 +1,131 @@
+"""Does a model read the formula in its generation prompt?  Compare answer likelihoods.
+
+    nice python benchmarks/conditioning_nll.py                    # the shipped model, 200 val crystals
+    nice python benchmarks/conditioning_nll.py --model DIR -n 50
+
+For ``-n`` crystals of the MP-20 *validation* split (the first ``-n``, canonical
+cells as in training, untranslated text) the script scores the crystal text as
+the answer to three generation prompts:
+
+* ``own``: the crystal's own formula (the condition sentence of training);
+* ``other``: the formula of another crystal of the sample (a fixed derangement);
+* ``none``: no condition.
+
+It writes the summed negative log-likelihood (nats) of the answer tokens under
+each prompt and how often the own formula gives the lowest NLL.  A model that
+ignores its conditions gives the same numbers for all three; one that reads
+them gives ``own`` < ``none`` < ``other``.  Results:
+``benchmarks/results/conditioning_nll.json`` (or ``--output``).
+"""
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hardware  # noqa: E402
+
+
+def answer_nll(model, tokenizer, prompts, answers, batch_size=16):
+    """Summed NLL (nats) of each answer given its prompt (EOS included, as in training)."""
+    import torch
+
+    from ase_crystal_llm.training import collate, encode_examples
+
+    ids, n_prompt = encode_examples(tokenizer, prompts, answers)
+    out = []
+    for start in range(0, len(ids), batch_size):
+        chunk = slice(start, start + batch_size)
+        batch = collate(list(zip(ids[chunk], n_prompt[chunk])), tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.extend((-(picked * mask).sum(dim=1)).tolist())
+    return np.array(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="model directory (default: the shipped model)")
+    p.add_argument("-n", type=int, default=200, help="validation crystals (default 200)")
+    p.add_argument("--data", help="MP-20 directory (default $CRYSTAL_LLM_DATA or ../shared/data)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output", default=str(Path(__file__).parent / "results" / "conditioning_nll.json"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    from ase_crystal_llm import settings
+    from ase_crystal_llm.datasets import read_structures
+    from ase_crystal_llm.text import atoms_to_text
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    model_dir = Path(args.model) if args.model else settings.DEFAULT_MODEL_DIR
+    model, tokenizer, template, about = _load(model_dir)
+    crystals = read_structures(str(settings.mp20_path("val", args.data)), limit=args.n)
+    formulas = [str(a.info["pretty_formula"]) for a in crystals]  # the training condition
+    answers = [atoms_to_text(a) for a in crystals]
+    # A derangement that never pairs two crystals of the same formula.
+    other = [formulas[(i + 1 + k) % len(formulas)] for i, k in enumerate(_shift(formulas))]
+    nll = {
+        "own": answer_nll(model, tokenizer, [template.generation_prompt({"formula": f}) for f in formulas], answers),
+        "other": answer_nll(model, tokenizer, [template.generation_prompt({"formula": f}) for f in other], answers),
+        "none": answer_nll(model, tokenizer, [template.generation_prompt()] * len(answers), answers),
+    }
+    result = {
+        "benchmark": "conditioning_nll",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        "model": str(model_dir),
+        "model_about": about,
+        "n": len(crystals),
+        "summed_nll_nats": {k: float(v.sum()) for k, v in nll.items()},
+        "mean_nll_per_crystal": {k: float(v.mean()) for k, v in nll.items()},
+        "own_lowest_fraction": float(np.mean((nll["own"] < nll["other"]) & (nll["own"] < nll["none"]))),
+        "own_below_other_fraction": float(np.mean(nll["own"] < nll["other"])),
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("n", "summed_nll_nats", "own_lowest_fraction")}, indent=1))
+
+
+def _load(model_dir):
+    """Model, tokenizer, prompt template and a note on the model; also takes a training checkpoint."""
+    from ase_crystal_llm.modelcard import CARD_NAME
+    from ase_crystal_llm.prompts import PromptTemplate
+    from ase_crystal_llm.training import STATE_NAME, load_trained
+
+    if (model_dir / CARD_NAME).is_file():
+        model, tokenizer, card = load_trained(model_dir)
+        return model, tokenizer, card.template, {"base_model": card.base_model, "final_losses": card.final_losses}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # A checkpoint of a run in progress has no card: the default prompts, step from its state.
+    state = json.loads((model_dir / STATE_NAME).read_text())
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir), PromptTemplate(), {"checkpoint_step": state["step"]}
+
+
+def _shift(formulas):
+    """Per crystal, the extra offset that skips partners with the same formula."""
+    n = len(formulas)
+    shifts = []
+    for i, f in enumerate(formulas):
+        k = 0
+        while k < n - 1 and formulas[(i + 1 + k) % n] == f:
+            k += 1
+        shifts.append(k)
+    return shifts
+
+
+if __name__ == "__main__":
+    main()
