@@ -301,6 +301,8 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, tmp_path, train_file):
     empty.write_text("material_id,cif\n")
     _one_line_error(capsys, ["train", "--data", str(empty), "--out", out, "--from-scratch", "tiny"], "empty")
     _one_line_error(capsys, ["train", "--data", str(train_file), "--out", out, "--from-scratch", "giant"], "giant")
+    _one_line_error(capsys, ["train", "--data", str(train_file), "--out", out, "--from-scratch", "tiny", "--full"],
+                    "--full", "--base")  # fmt: skip
     _one_line_error(capsys, ["merge", str(tmp_path), "-o", out], "no model card")
 
 
