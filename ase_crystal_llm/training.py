@@ -1047,6 +1047,9 @@ def train(
     loss_averaging : {"per_token", "per_example"}
     infill_fraction : float
         Share of infill examples (paper: 1/3).
+    template : PromptTemplate, optional
+        Prompt wording; default the base's own when it was trained by this
+        package (its card), else the paper's.
     eval_every, save_every : int
         Validation and checkpoint intervals in steps (also at the end).
     resume : bool
@@ -1072,6 +1075,7 @@ def train(
     _check_out(out, resume)
     if cfg.base is not None:
         cfg.base = resolve_base(cfg.base)  # fail fast, before reading data
+        template = template or _base_template(cfg.base)
     structures, record = load_training_structures(
         data, canonical=canonical, limit=limit, skip_bad=skip_bad, cache=cache, cache_dir=cache_dir
     )
@@ -1087,6 +1091,12 @@ def train(
     )  # fmt: skip
     trainer.setup()
     return trainer.run()
+
+
+def _base_template(base):
+    """The prompts a base trained by this package was trained with (None for other models)."""
+    card = Path(base) / CARD_NAME
+    return ModelCard.from_pretrained(base).template if card.is_file() else None
 
 
 def _default_precision():

@@ -235,6 +235,15 @@ def test_full_finetune_continues_a_model_and_resumes(tmp_path, tiny_model_dir, c
     assert losses(out)[0] < losses(tiny_model_dir)[0] - 1.0
     model, tokenizer, _ = load_trained(out)
     assert type(model).__name__ == "LlamaForCausalLM"
+    # a base trained here keeps its own prompt wording
+    custom = tmp_path / "custom-base"
+    shutil.copytree(tiny_model_dir, custom, ignore=shutil.ignore_patterns("checkpoints"))
+    base_card = ModelCard.from_pretrained(custom)
+    base_card.prompts = {**base_card.prompts, "preamble": "A crystal. "}
+    base_card.save_pretrained(custom)
+    again = train(crystals[:8], tmp_path / "again", base=str(custom), full=True, max_steps=1, batch_size=4,
+                  progress=False)  # fmt: skip
+    assert again.template.preamble == "A crystal. "
     part = tmp_path / "part"
     with pytest.raises(Kill):
         train(crystals, part, callbacks=[_kill_at(3)], **kwargs)
