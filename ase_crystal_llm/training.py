@@ -502,6 +502,8 @@ def load_base_tokenizer(base):
         tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {base} has no end-of-sequence token")
+    for key in ("local_files_only", "is_local"):  # how it was loaded here, not what the saved model is
+        tokenizer.init_kwargs.pop(key, None)
     if tokenizer.pad_token_id is None:
         # Padding is masked by the attention mask, so EOS can double as pad.
         tokenizer.pad_token = tokenizer.eos_token

@@ -235,6 +235,7 @@ def test_full_finetune_continues_a_model_and_resumes(tmp_path, tiny_model_dir, c
     assert losses(out)[0] < losses(tiny_model_dir)[0] - 1.0
     model, tokenizer, _ = load_trained(out)
     assert type(model).__name__ == "LlamaForCausalLM"
+    assert "local_files_only" not in json.loads((out / "tokenizer_config.json").read_text())
     # a base trained here keeps its own prompt wording
     custom = tmp_path / "custom-base"
     shutil.copytree(tiny_model_dir, custom, ignore=shutil.ignore_patterns("checkpoints"))
