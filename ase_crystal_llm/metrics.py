@@ -105,6 +105,15 @@ def structure_valid(structure, min_distance=MIN_DISTANCE, min_volume=MIN_VOLUME)
         return False
     if abs(atoms.cell.volume) < min_volume:
         return False
+    # The same lattice in its shortest basis: on a nearly flat cell (a sampler can
+    # write one) neighbor_list loops over thousands of images and takes minutes.
+    try:
+        reduced, _ = atoms.cell.minkowski_reduce()
+    except RuntimeError:  # no convergence: keep the cell as written
+        reduced = atoms.cell
+    if min(reduced.lengths()) < min_distance:  # an atom touches its own image
+        return False
+    atoms = Atoms(atoms.numbers, positions=atoms.positions, cell=reduced, pbc=True)
     return len(neighbor_list("i", atoms, min_distance)) == 0
 
 

@@ -36,6 +36,30 @@ def test_close_periodic_images_are_invalid():
     assert not metrics.structure_valid(atoms)
 
 
+def test_structure_validity_does_not_depend_on_the_cell_basis():
+    from ase.cell import Cell
+    from ase.geometry import get_distances
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        try:
+            cell = Cell.new(list(rng.uniform(2, 8, 3)) + list(rng.integers(40, 140, 3)))
+        except AssertionError:  # impossible angles
+            continue
+        if cell.volume < 1:
+            continue
+        atoms = Atoms("NaClK", scaled_positions=rng.random((3, 3)), cell=cell, pbc=True)
+        # brute force: all distances between atoms and their images in a 7x7x7 block of cells
+        shifts = np.array(np.meshgrid(*[range(-3, 4)] * 3)).reshape(3, -1).T @ cell.array
+        images = (atoms.positions[:, None, :] + shifts[None]).reshape(-1, 3)
+        d = np.linalg.norm(atoms.positions[:, None] - images[None], axis=-1)
+        d[d < 1e-9] = np.inf  # an atom itself
+        assert metrics.structure_valid(atoms) == (d.min() >= 0.5)
+    # a nearly flat cell, as a sampler can write (lengths 9 A, angles 1 degree): a touching image
+    flat = Atoms("NaCl", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]], cell=Cell.new([9, 9, 9, 1, 1, 1]), pbc=True)
+    assert not metrics.structure_valid(flat)
+
+
 def test_tiny_or_open_cells_are_invalid():
     assert not metrics.structure_valid(Atoms("Na", cell=[0.3, 0.3, 0.3], pbc=True))
     assert not metrics.structure_valid(Atoms("Na", cell=[5, 5, 5], pbc=False))
