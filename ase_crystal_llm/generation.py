@@ -629,8 +629,7 @@ class CrystalGenerator:
         self.stats = GenerationStats(requested=n, seed=seed)
         job = dict(conditions=conditions, prompts=prompts, formulas=formulas, grammar=grammar, max_new=max_new,
                    sampler=sampler, params={"temperature": temperature, "top_p": top_p}, batch_size=batch_size,
-                   seed=seed,
-                   max_attempts=max_attempts, max_atoms=max_atoms, symmetrize=symmetrize, elements=elements,
+                   seed=seed, max_attempts=max_attempts, max_atoms=max_atoms, symmetrize=symmetrize, elements=elements,
                    min_distance=min_distance or None, run_id=run_id, rank=rank, indices=indices)
         # Arguments are checked above, when called; sampling starts on iteration.
         return self._run(n, **job)

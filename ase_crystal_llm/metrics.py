@@ -687,35 +687,38 @@ def conditional_accuracy(structures, symprecs=SYMPRECS):
 
 
 # -- IPT -------------------------------------------------------------------------
-def answer_perplexities(model, tokenizer, prompt, answers):
-    """Perplexity of each answer given ``prompt``: exp of the mean NLL over answer tokens (+ EOS) only.
+def answer_nll(model, tokenizer, prompts, answers, batch_size=None):
+    """Summed NLL (nats) of each answer (+ EOS) given its own prompt, and its token count.
 
-    Examples are encoded exactly as in training
-    (:func:`ase_crystal_llm.training.encode_example`) and scored in one batch.
+    Examples are encoded and masked exactly as in training
+    (:func:`ase_crystal_llm.training.encode_examples`, :func:`~ase_crystal_llm.training.collate`).
     """
     import torch
 
-    from .training import encode_example
+    from .training import collate, encode_examples
 
-    encoded = [encode_example(tokenizer, prompt, answer) for answer in answers]
-    length = max(len(ids) for ids, _ in encoded)
+    ids, n_prompt = encode_examples(tokenizer, prompts, answers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(encoded), length), int(pad), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for row, (seq, n_prompt) in enumerate(encoded):
-        seq = torch.as_tensor(seq, dtype=torch.long)
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-        labels[row, n_prompt : len(seq)] = seq[n_prompt:]
     device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    targets = labels[:, 1:].to(device)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                            reduction="none")
-    counts = (targets != -100).sum(dim=1).clamp(min=1)
-    return torch.exp(nll.sum(dim=1) / counts).cpu().numpy()
+    step = batch_size or len(ids)
+    sums, counts = [], []
+    for start in range(0, len(ids), step):
+        batch = collate(list(zip(ids[start : start + step], n_prompt[start : start + step])), int(pad))
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()  # fmt: skip
+        targets = batch["labels"][:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
+                                                reduction="none")
+        sums.append(nll.sum(dim=1).cpu())
+        counts.append((targets != -100).sum(dim=1).cpu())
+    return torch.cat(sums).numpy(), torch.cat(counts).numpy()
+
+
+def answer_perplexities(model, tokenizer, prompt, answers):
+    """Perplexity of each answer given ``prompt``: exp of the mean NLL over answer tokens (+ EOS) only."""
+    nll, counts = answer_nll(model, tokenizer, [prompt] * len(answers), answers)
+    return np.exp(nll / np.maximum(counts, 1))
 
 
 def ipt(model, tokenizer, template, structures, *, n_translations=20, seed=0, progress=False):

@@ -30,27 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware  # noqa: E402
 
 
-def answer_nll(model, tokenizer, prompts, answers, batch_size=16):
-    """Summed NLL (nats) of each answer given its prompt (EOS included, as in training)."""
-    import torch
-
-    from ase_crystal_llm.training import collate, encode_examples
-
-    ids, n_prompt = encode_examples(tokenizer, prompts, answers)
-    out = []
-    for start in range(0, len(ids), batch_size):
-        chunk = slice(start, start + batch_size)
-        batch = collate(list(zip(ids[chunk], n_prompt[chunk])), tokenizer.pad_token_id)
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.extend((-(picked * mask).sum(dim=1)).tolist())
-    return np.array(out)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="model directory (default: the shipped model)")
@@ -64,6 +43,7 @@ def main(argv=None):
 
     from ase_crystal_llm import settings
     from ase_crystal_llm.datasets import read_structures
+    from ase_crystal_llm.metrics import answer_nll
     from ase_crystal_llm.text import atoms_to_text
     from transformers.utils import logging as hf_logging
 
@@ -76,11 +56,12 @@ def main(argv=None):
     answers = [atoms_to_text(a) for a in crystals]
     # A derangement that never pairs two crystals of the same formula.
     other = [formulas[(i + 1 + k) % len(formulas)] for i, k in enumerate(_shift(formulas))]
-    nll = {
-        "own": answer_nll(model, tokenizer, [template.generation_prompt({"formula": f}) for f in formulas], answers),
-        "other": answer_nll(model, tokenizer, [template.generation_prompt({"formula": f}) for f in other], answers),
-        "none": answer_nll(model, tokenizer, [template.generation_prompt()] * len(answers), answers),
+    prompts = {
+        "own": [template.generation_prompt({"formula": f}) for f in formulas],
+        "other": [template.generation_prompt({"formula": f}) for f in other],
+        "none": [template.generation_prompt()] * len(answers),
     }
+    nll = {k: answer_nll(model, tokenizer, p, answers, batch_size=16)[0] for k, p in prompts.items()}
     result = {
         "benchmark": "conditioning_nll",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
