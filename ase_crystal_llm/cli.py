@@ -198,6 +198,9 @@ def _add_generate(sub):
     p.add_argument("--max-atoms", type=positive_int, default=None, help="most atoms per crystal (default 30)")
     p.add_argument("--min-distance", type=non_negative_float, metavar="ANGSTROM",
                    help="re-sample crystals with atoms closer than this (default 0.5, CDVAE's structural validity; 0 keeps all)")
+    p.add_argument("--no-spacing-guard", action="store_true",
+                   help="let the model place atoms alone (too-close crystals are then only re-sampled); by default "
+                   "decoding refuses coordinates closer than --min-distance to an atom already written")
     p.add_argument("--symmetrize", type=positive_float, metavar="SYMPREC", help="snap samples to their space group at this tolerance")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -221,6 +224,7 @@ def _run_generate(args):
         max_attempts=args.max_attempts, max_atoms=args.max_atoms, symmetrize=args.symmetrize,
         seed=args.seed, resume=args.resume, fast=not args.plain, progress=True,
         **({} if args.min_distance is None else {"min_distance": args.min_distance}),
+        **({"spacing_guard": False} if args.no_spacing_guard else {}),
     )
     if summary is not None:
         print(summary, file=sys.stderr)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from .spacing import RowSpacing
 from .text import ELEMENTS
 
 DIGITS = frozenset("0123456789")
@@ -517,14 +518,16 @@ class CrystalGrammar:
             return True
         return can_end(state, n_atoms) and (target is None or target.complete(counts))
 
-    def processor(self, formulas=None):
+    def processor(self, formulas=None, min_distance=None):
         """A fresh :class:`CrystalLogitsProcessor` for one generation run.
 
         ``formulas`` (optional) gives one formula or ``None`` per batch row:
         rows with a formula are held to whole multiples of it.
+        ``min_distance`` (angstrom, optional) keeps new atoms that far from
+        those already written (:mod:`.spacing`).
         """
         targets = None if formulas is None else [None if f is None else self.target(f) for f in formulas]
-        return CrystalLogitsProcessor(self, targets)
+        return CrystalLogitsProcessor(self, targets, min_distance=min_distance)
 
 
 def _prefixes(symbols):
@@ -552,10 +555,17 @@ class CrystalLogitsProcessor(LogitsProcessor):
     targets : list of FormulaTarget or None, optional
         One per batch row (``None``: a free row); the batch must have that
         many rows.  Default: every row free.
+    min_distance : float, optional
+        Also refuse coordinate tokens that put an atom closer than this
+        (angstrom) to an atom already written, periodic images included
+        (:class:`~ase_crystal_llm.spacing.RowSpacing`).  A row with no
+        allowed token left keeps the grammar's mask.
     """
 
-    def __init__(self, grammar, targets=None):
+    def __init__(self, grammar, targets=None, min_distance=None):
         self.grammar = grammar
+        self.min_distance = min_distance or None
+        self.spacing = None
         self._row_targets = None if targets is None else list(targets)
         self.states = None
         self.n_atoms = None
@@ -571,12 +581,16 @@ class CrystalLogitsProcessor(LogitsProcessor):
         self.n_atoms = [0] * batch_size
         self.targets = list(self._row_targets) if self._row_targets is not None else [None] * batch_size
         self.counts = [None if t is None else t.zero for t in self.targets]
+        if self.min_distance:
+            self.spacing = [RowSpacing(self.min_distance) for _ in range(batch_size)]
 
     def advance(self, tokens):
         """Move every row on by its newly generated token (tensor or list)."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
         g = self.grammar
         for row, token in enumerate(tokens):
+            if self.spacing is not None and self.states[row] != DONE and token not in g.eos_ids:
+                self.spacing[row].feed(g.strings[token] if token < len(g.strings) else "")
             self.states[row], self.n_atoms[row], self.counts[row] = g._advance(
                 self.states[row], self.n_atoms[row], self.counts[row], self.targets[row], token)
 
@@ -587,6 +601,8 @@ class CrystalLogitsProcessor(LogitsProcessor):
         self.n_atoms = [self.n_atoms[r] for r in rows]
         self.targets = [self.targets[r] for r in rows]
         self.counts = [self.counts[r] for r in rows]
+        if self.spacing is not None:
+            self.spacing = [self.spacing[r] for r in rows]
 
     @property
     def finished(self):
@@ -596,11 +612,29 @@ class CrystalLogitsProcessor(LogitsProcessor):
         """``scores`` with forbidden tokens set to ``-inf`` (a new tensor)."""
         allowed = self.grammar.rows_mask(self.states, self.n_atoms, scores.device, self.targets,
                                          self.counts)[:, : scores.shape[-1]]
+        if self.spacing is not None:
+            self._refuse_crowded(allowed)
         if allowed.shape[-1] < scores.shape[-1]:
             pad = torch.zeros(allowed.shape[0], scores.shape[-1] - allowed.shape[-1], dtype=torch.bool,
                               device=scores.device)
             allowed = torch.cat([allowed, pad], dim=-1)
         return scores.masked_fill(~allowed, float("-inf"))
+
+    def _refuse_crowded(self, allowed):
+        """Clear, in place, the tokens that would write an atom onto a taken site."""
+        strings = self.grammar.strings
+        table = allowed.cpu().numpy()  # one transfer, not one per row
+        rows, tokens = [], []
+        for row, spacing in enumerate(self.spacing):
+            if not spacing.active or self.states[row] == DONE:
+                continue
+            candidates = np.flatnonzero(table[row])
+            refused = [t for t in candidates.tolist() if t < len(strings) and not spacing.fits(strings[t])]
+            if refused and len(refused) < len(candidates):  # else the row keeps the grammar's mask
+                rows += [row] * len(refused)
+                tokens += refused
+        if rows:
+            allowed[rows, tokens] = False
 
     def __call__(self, input_ids, scores):
         length = input_ids.shape[1]

@@ -563,6 +563,12 @@ class CrystalGenerator:
             0.1 A^3: CDVAE's structural validity, 0.5 A by default.  They
             count as attempts, so validity over all attempts stays
             measurable.  ``None`` or 0 keeps every parsed crystal.
+        spacing_guard : bool
+            While decoding, refuse coordinate tokens that would put an atom
+            closer than ``min_distance`` to one already written (see
+            :mod:`.spacing`), so that few samples are wasted.  ``False``:
+            the model places atoms alone (to measure its own validity).
+            Off when ``min_distance`` is off.
         fast : bool
             Use the lean decoding loop (default) or ``model.generate``.
 
@@ -579,7 +585,7 @@ class CrystalGenerator:
     def iter_generate(self, n, *, formula=None, spacegroup=None, e_above_hull=None, band_gap=None,
                       formation_energy=None, elements=None, constrain_formula=True, temperature=None,
                       top_p=None, batch_size=None, seed=None, max_attempts=DEFAULT_MAX_ATTEMPTS, symmetrize=None,
-                      max_atoms=DEFAULT_MAX_ATOMS, min_distance=MIN_DISTANCE, fast=True, start_index=0,
+                      max_atoms=DEFAULT_MAX_ATOMS, min_distance=MIN_DISTANCE, spacing_guard=True, fast=True, start_index=0,
                       run_id=None, rank=0, indices=None):
         """Like :meth:`generate`, but yield each crystal as soon as its batch finishes.
 
@@ -630,12 +636,13 @@ class CrystalGenerator:
         job = dict(conditions=conditions, prompts=prompts, formulas=formulas, grammar=grammar, max_new=max_new,
                    sampler=sampler, params={"temperature": temperature, "top_p": top_p}, batch_size=batch_size,
                    seed=seed, max_attempts=max_attempts, max_atoms=max_atoms, symmetrize=symmetrize, elements=elements,
-                   min_distance=min_distance or None, run_id=run_id, rank=rank, indices=indices)
+                   min_distance=min_distance or None, guard=(min_distance or None) if spacing_guard else None,
+                   run_id=run_id, rank=rank, indices=indices)
         # Arguments are checked above, when called; sampling starts on iteration.
         return self._run(n, **job)
 
     def _run(self, n, *, conditions, prompts, formulas, grammar, max_new, sampler, params, batch_size, seed,
-             max_attempts, max_atoms, symmetrize, elements, min_distance, run_id, rank, indices):
+             max_attempts, max_atoms, symmetrize, elements, min_distance, guard, run_id, rank, indices):
         stats = self.stats
         temperature, top_p = params["temperature"], params["top_p"]
         attempts = [0] * n
@@ -648,7 +655,7 @@ class CrystalGenerator:
             gen = torch.Generator(device=self.device).manual_seed(_seed_stream(seed, rank, indices[0], n_batch))
             n_batch += 1
             texts, ended = sampler(self.model, self.tokenizer, [prompts[id(conditions[s])] for s in slots],
-                                   grammar.processor([formulas[id(conditions[s])] for s in slots]),
+                                   grammar.processor([formulas[id(conditions[s])] for s in slots], guard),
                                    max_new_tokens=max_new, temperature=temperature,
                                    top_p=top_p, generator=gen)
             finished = []

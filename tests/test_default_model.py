@@ -9,6 +9,7 @@ from ase_crystal_llm import CrystalGenerator, settings
 from ase_crystal_llm.cli import main
 from ase_crystal_llm.metrics import structure_valid
 from ase_crystal_llm.modelcard import ModelCard
+from ase_crystal_llm.outputs import read_run_records
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,18 @@ def test_readme_run_command(tmp_path, monkeypatch):
     images = ase.io.read(tmp_path / "out.extxyz", index=":")
     assert 1 <= len(images) <= 3
     assert all(a.pbc.all() for a in images)
+
+
+def test_spacing_guard_spends_no_attempt_on_crowded_crystals(generator):
+    """With the guard (default) a crowded crystal is never written; without it the model writes some."""
+    guarded = generator.generate(48, seed=3, batch_size=48, max_attempts=1)
+    assert generator.stats.rejected == 0
+    assert all(structure_valid(a) for a in guarded)
+    generator.generate(48, seed=3, batch_size=48, max_attempts=1, spacing_guard=False)
+    assert generator.stats.rejected > 0
+
+
+def test_cli_no_spacing_guard_is_recorded(tmp_path):
+    out = tmp_path / "free.extxyz"
+    assert main(["generate", "-n", "2", "-o", str(out), "--seed", "0", "--no-spacing-guard"]) == 0
+    assert read_run_records(out)[-1]["settings"]["spacing_guard"] is False

@@ -1,0 +1,94 @@
+"""What the spacing guard (``generate(spacing_guard=...)``) costs and saves, guard on against off.
+
+    nice python benchmarks/spacing_guard.py                 # the shipped model
+    nice python benchmarks/spacing_guard.py --model DIR --relax 0
+
+For each setting of the guard the script
+
+* samples ``-n`` unconditional crystals with one draw each (``max_attempts=1``,
+  seed 11) and counts those returned, i.e. structurally valid (it also times
+  the sampling, which includes the guard's work);
+* samples one crystal for each of 100 validation formulas (``pandas.sample``,
+  ``random_state=0``, as ``evaluate_default_model.sh``), formula-constrained,
+  at most 5 draws each (seed 1), and counts the draws and the give-ups;
+* with ``--relax K`` (default 150): relaxes the first ``K`` valid
+  (structure and SMACT) unconditional crystals with M3GNet and gives their
+  metastable rate against the MP-20 hull, as ``tune_sampling.py --relax``.
+
+Conditions and seeds never touch the test split.  Results:
+``benchmarks/results/spacing_guard.json`` (or ``--output``).
+"""
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hardware  # noqa: E402
+
+
+def val_formulas(data, n=100):
+    import pandas as pd
+
+    return list(pd.read_csv(Path(data) / "mp_20" / "val.csv.gz").sample(n, random_state=0)["pretty_formula"])
+
+
+def run_setting(gen, guard, args, formulas):
+    from ase_crystal_llm import metrics
+    from tune_sampling import metastable_rate
+
+    start = time.perf_counter()
+    crystals = gen.generate(args.n, seed=11, max_attempts=1, spacing_guard=guard)
+    seconds = time.perf_counter() - start
+    flags = metrics.validity_flags(crystals)
+    valid = [a for a, ok in zip(crystals, flags["valid"]) if ok]
+    row = {"draws": gen.stats.attempts, "returned": len(crystals), "valid": len(valid),
+           "sampling_seconds": round(seconds, 2)}
+    gen.generate(len(formulas), formula=formulas, seed=1, max_attempts=5, spacing_guard=guard)
+    row["formula"] = {"asked": len(formulas), "returned": gen.stats.returned, "draws": gen.stats.attempts,
+                      "gave_up": gen.stats.gave_up}
+    if args.relax:
+        stability = metastable_rate(valid, args.relax, args.cache, args.data)
+        row["stability"] = stability
+        row["metastable_per_draw"] = stability["metastable"] * row["valid"] / row["draws"]
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="model directory (default: the shipped model)")
+    p.add_argument("-n", type=int, default=300, help="unconditional draws per setting (default 300)")
+    p.add_argument("--relax", type=int, default=150, metavar="K", help="valid crystals relaxed per setting (0: none)")
+    p.add_argument("--data", help="folder with mp_20/ and hull/ (default $CRYSTAL_LLM_DATA or ../shared/data)")
+    p.add_argument("--cache", help="cache folder for relaxations")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output", default=str(Path(__file__).parent / "results" / "spacing_guard.json"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    from ase_crystal_llm import settings
+    from ase_crystal_llm.generation import CrystalGenerator
+
+    torch.set_num_threads(args.threads)
+    args.data = str(args.data or settings.data_dir())
+    gen = CrystalGenerator.from_pretrained(args.model, device="cpu")
+    formulas = val_formulas(args.data)
+    gen.generate(8, seed=0)  # warm-up: the first batch pays for grammar masks
+    result = {"benchmark": "spacing_guard", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "hardware": hardware(), "model": str(gen.model_dir), "settings": vars(args), "guard": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # give-ups are counted, not warned about
+        for guard in (True, False):
+            result["guard"]["on" if guard else "off"] = run_setting(gen, guard, args, formulas)
+            print(guard, json.dumps(result["guard"]["on" if guard else "off"]), flush=True)
+    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

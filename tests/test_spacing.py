@@ -1,0 +1,117 @@
+"""The spacing guard refuses exactly the sites that structural validity would reject."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.geometry import cellpar_to_cell
+
+from ase_crystal_llm.constraints import CrystalGrammar
+from ase_crystal_llm.metrics import structure_valid
+from ase_crystal_llm.prompts import PromptTemplate
+from ase_crystal_llm.spacing import GRID, FreeSites, RowSpacing, blocked_steps, coordinate_sites
+from ase_crystal_llm.tokenizer import tokenizer_for_template
+
+LATTICE = "5.0 5.0 5.0\n90 90 90\n"  # 0.01 of a coordinate is 0.05 A
+
+
+def _valid_with(cell, sites, site):
+    frac = np.array([*sites, site], dtype=float) / GRID
+    return structure_valid(Atoms("H" * len(frac), scaled_positions=frac, cell=cell, pbc=True))
+
+
+@pytest.mark.parametrize("cellpar", [(4.0, 4.0, 4.0, 90, 90, 90), (5.1, 6.3, 7.2, 80, 95, 110),
+                                     (2.5, 2.5, 6.0, 90, 90, 120), (3.0, 9.0, 3.2, 60, 70, 65)])
+def test_free_sites_agree_with_structure_valid(cellpar):
+    cell = cellpar_to_cell(cellpar)
+    steps, self_image = blocked_steps(cell, 0.5)
+    assert not self_image
+    sites = FreeSites(steps)
+    rng = np.random.default_rng(0)
+    placed = []
+    for _ in range(4):  # each new atom on a site the guard calls free
+        free = np.argwhere(sites.free)
+        site = tuple(int(v) for v in free[rng.integers(len(free))])
+        placed.append(site)
+        sites.place(site)
+    for site in rng.integers(0, GRID, size=(300, 3)):
+        assert sites.free[tuple(site)] == _valid_with(cell, placed, site), site
+    assert (sites.free_x == sites.free.any(axis=(1, 2))).all()
+    assert (sites.free_xy == sites.free.any(axis=2)).all()
+
+
+def test_a_too_short_lattice_vector_leaves_no_site():
+    steps, self_image = blocked_steps(cellpar_to_cell([0.4, 5, 5, 90, 90, 90]), 0.5)
+    assert self_image
+    assert not FreeSites(steps, full=self_image).free.any()
+
+
+def test_degenerate_or_flat_cells_leave_the_guard_off():
+    assert blocked_steps(np.zeros((3, 3)), 0.5) == (None, False)
+    assert blocked_steps(cellpar_to_cell([9, 9, 9, 1, 1, 1]), 0.5) == (None, False)
+    row = RowSpacing(0.5)
+    row.feed("9.0 9.0 9.0\n1 1 1\nNa\n0.00 0.00 0.00\nCl\n0.00 0.00 0.0")
+    assert not row.active and row.fits("0")
+
+
+@pytest.mark.parametrize("line, complete, sites", [
+    ("", False, [None, None, None]),
+    ("0", False, [None, None, None]),
+    ("0.", False, [None, None, None]),
+    ("0.2", False, [slice(20, 30), None, None]),
+    ("0.2", True, [20, None, None]),
+    ("0.25 0.5", False, [25, slice(50, 60), None]),
+    ("0.25 0.5", True, [25, 50, None]),
+    ("1 0.07 0.3", True, [0, 7, 30]),  # 1.00 wraps to 0.00
+    ("0.253 0.1 ", False, [25, 10, None]),  # a third decimal is ignored
+])
+def test_coordinate_sites(line, complete, sites):
+    assert coordinate_sites(line, complete) == tuple(sites)
+
+
+def test_row_refuses_digits_that_lead_onto_a_taken_site():
+    row = RowSpacing(0.5)
+    row.feed(LATTICE + "Na\n0.00 0.00 0.00\nCl\n0.00 0.00 0.")
+    assert row.active
+    assert not row.fits("0")  # 0.00-0.09: at most 0.45 A from Na
+    assert row.fits("1") and row.fits("5")
+    assert not row.fits("9")  # 0.90-0.99: at most 0.50 A from Na's image (exactly 0.5 is refused too)
+    assert row.fits("8")
+    row.feed("1")
+    assert not row.fits("0") and row.fits("1")  # 0.10 is 0.50 A from Na, 0.11 is 0.55 A
+    assert not row.fits("0\n") and row.fits("1\n")
+    assert not row.fits("\n")  # "0.1" is 0.10
+    assert row.fits("")  # end-of-sequence
+
+
+def test_a_full_cell_refuses_a_new_atom():
+    row = RowSpacing(0.5)
+    row.feed("2.0 2.0 2.0\n90 90 90\n")
+    text = ""
+    while row.sites.free.any():  # fill the cell, each atom on the first free site
+        x, y, z = np.argwhere(row.sites.free)[0]
+        line = f"H\n0.{x:02d} 0.{y:02d} 0.{z:02d}\n"
+        assert row.fits(line[:1])
+        row.feed(line)
+        text += line
+    assert not row.fits("H")
+    assert row.fits("")  # end-of-sequence
+    frac = np.array([[float(v) for v in ln.split()] for ln in text.splitlines()[1::2]])
+    assert structure_valid(Atoms("H" * len(frac), scaled_positions=frac, cell=[2, 2, 2], pbc=True))
+
+
+def test_processor_applies_the_guard_per_row():
+    tok = tokenizer_for_template(PromptTemplate())
+    grammar = CrystalGrammar(tok, max_atoms=4)
+    text = LATTICE + "Na\n0.00 0.00 0.00\nCl\n0.00 0.00 0."
+    ids = tok.encode(text, add_special_tokens=False)
+    zero, one = tok.convert_tokens_to_ids("0"), tok.convert_tokens_to_ids("1")
+    for min_distance, refused in ((0.5, True), (None, False)):
+        proc = grammar.processor(min_distance=min_distance)
+        proc.reset(2)
+        for token in ids:
+            proc.advance([token, token])
+        proc.select([1])  # rows keep their own spacing through compaction
+        masked = proc.mask(torch.zeros(1, len(tok)))
+        assert bool(torch.isinf(masked[0, zero])) is refused
+        assert torch.isfinite(masked[0, one])
