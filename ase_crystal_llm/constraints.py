@@ -558,8 +558,9 @@ class CrystalLogitsProcessor(LogitsProcessor):
     min_distance : float, optional
         Also refuse coordinate tokens that put an atom closer than this
         (angstrom) to an atom already written, periodic images included
-        (:class:`~ase_crystal_llm.spacing.RowSpacing`).  A row with no
-        allowed token left keeps the grammar's mask.
+        (:class:`~ase_crystal_llm.spacing.RowSpacing`), in rows without a
+        formula target.  A row with no allowed token left keeps the
+        grammar's mask.
     """
 
     def __init__(self, grammar, targets=None, min_distance=None):
@@ -582,14 +583,17 @@ class CrystalLogitsProcessor(LogitsProcessor):
         self.targets = list(self._row_targets) if self._row_targets is not None else [None] * batch_size
         self.counts = [None if t is None else t.zero for t in self.targets]
         if self.min_distance:
-            self.spacing = [RowSpacing(self.min_distance) for _ in range(batch_size)]
+            # Formula rows are left alone: they cannot end at will, and guarded they pack
+            # whole extra formula units into cells far too small (absurd densities).
+            self.spacing = [RowSpacing(self.min_distance) if t is None else None for t in self.targets]
 
     def advance(self, tokens):
         """Move every row on by its newly generated token (tensor or list)."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
         g = self.grammar
         for row, token in enumerate(tokens):
-            if self.spacing is not None and self.states[row] != DONE and token not in g.eos_ids:
+            if self.spacing is not None and self.spacing[row] is not None and self.states[row] != DONE \
+                    and token not in g.eos_ids:
                 self.spacing[row].feed(g.strings[token] if token < len(g.strings) else "")
             self.states[row], self.n_atoms[row], self.counts[row] = g._advance(
                 self.states[row], self.n_atoms[row], self.counts[row], self.targets[row], token)
@@ -626,7 +630,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
         table = allowed.cpu().numpy()  # one transfer, not one per row
         rows, tokens = [], []
         for row, spacing in enumerate(self.spacing):
-            if not spacing.active or self.states[row] == DONE:
+            if spacing is None or not spacing.active or self.states[row] == DONE:
                 continue
             candidates = np.flatnonzero(table[row])
             refused = [t for t in candidates.tolist() if t < len(strings) and not spacing.fits(strings[t])]

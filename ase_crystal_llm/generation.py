@@ -568,7 +568,9 @@ class CrystalGenerator:
             closer than ``min_distance`` to one already written (see
             :mod:`.spacing`), so that few samples are wasted.  ``False``:
             the model places atoms alone (to measure its own validity).
-            Off when ``min_distance`` is off.
+            Off when ``min_distance`` is off, and in formula-constrained
+            rows (held to a formula, the guard let the model pack extra
+            formula units into far too small cells).
         fast : bool
             Use the lean decoding loop (default) or ``model.generate``.
 

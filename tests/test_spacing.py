@@ -115,3 +115,17 @@ def test_processor_applies_the_guard_per_row():
         masked = proc.mask(torch.zeros(1, len(tok)))
         assert bool(torch.isinf(masked[0, zero])) is refused
         assert torch.isfinite(masked[0, one])
+
+
+def test_formula_rows_are_not_guarded():
+    """Held to a formula, a row cannot end at will: guarded, it would pack extra units into a tiny cell."""
+    tok = tokenizer_for_template(PromptTemplate())
+    proc = CrystalGrammar(tok, max_atoms=4).processor(["NaCl", None], min_distance=0.5)
+    proc.reset(2)
+    assert proc.spacing[0] is None and proc.spacing[1] is not None
+    text = LATTICE + "Na\n0.00 0.00 0.00\nCl\n0.00 0.00 0."
+    for token in tok.encode(text, add_special_tokens=False):
+        proc.advance([token, token])
+    masked = proc.mask(torch.zeros(2, len(tok)))
+    zero = tok.convert_tokens_to_ids("0")
+    assert torch.isfinite(masked[0, zero]) and torch.isinf(masked[1, zero])
