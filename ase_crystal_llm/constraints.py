@@ -626,16 +626,14 @@ class CrystalLogitsProcessor(LogitsProcessor):
 
     def _refuse_crowded(self, allowed):
         """Clear, in place, the tokens that would write an atom onto a taken site."""
-        active = [row for row, spacing in enumerate(self.spacing)
-                  if spacing is not None and spacing.active and self.states[row] != DONE]
-        if not active:  # lattice lines, formula rows: nothing to check, no transfer
-            return
         strings = self.grammar.strings
-        table = allowed[active].cpu().numpy()  # one transfer, not one per row
+        table = allowed.cpu().numpy()  # one transfer, not one per row
         rows, tokens = [], []
-        for row, row_mask in zip(active, table):
-            candidates = np.flatnonzero(row_mask).tolist()
-            refused = [t for t in candidates if t < len(strings) and not self.spacing[row].fits(strings[t])]
+        for row, spacing in enumerate(self.spacing):
+            if spacing is None or not spacing.active or self.states[row] == DONE:
+                continue
+            candidates = np.flatnonzero(table[row])
+            refused = [t for t in candidates.tolist() if t < len(strings) and not spacing.fits(strings[t])]
             if refused and len(refused) < len(candidates):  # else the row keeps the grammar's mask
                 rows += [row] * len(refused)
                 tokens += refused

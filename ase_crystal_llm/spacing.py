@@ -22,9 +22,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from ase.cell import Cell
-
-from .text import CrystalTextError, check_cell
+from ase.geometry import cellpar_to_cell
 
 GRID = 100  # sites per axis: fractional coordinates have two decimals
 MARGIN = 1e-6  # angstrom
@@ -157,20 +155,21 @@ class RowSpacing:
             if n == 0:
                 self.lengths = [float(v) for v in line.split()]
             elif n == 1:
-                self._start(self.lengths, [float(v) for v in line.split()])
+                self._start(self.lengths + [float(v) for v in line.split()])
             elif n % 2 == 1 and self.sites is not None:
                 self.sites.place(coordinate_sites(line, complete=True))
         except (ValueError, TypeError, IndexError):
             self.sites = None  # unreadable text: the grammar or the parser deals with it
 
-    def _start(self, lengths, angles):
-        if len(lengths) != 3 or len(angles) != 3:
+    def _start(self, cellpar):
+        if len(cellpar) != 6:
             return
         try:
-            check_cell(lengths, angles)
-        except CrystalTextError:  # impossible angles, degenerate cell: the parser rejects the crystal
+            with np.errstate(all="ignore"):
+                cell = cellpar_to_cell(cellpar)
+        except AssertionError:  # impossible angles: the parser rejects the crystal
             return
-        steps, self_image = blocked_steps(Cell.new(lengths + angles).array, self.min_distance)
+        steps, self_image = blocked_steps(cell, self.min_distance)
         if steps is not None:
             self.sites = FreeSites(steps, full=self_image)
 

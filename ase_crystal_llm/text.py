@@ -146,8 +146,7 @@ def cell_volume(lengths, angles):
     return float(np.prod(lengths) * np.sqrt(arg))
 
 
-def check_cell(lengths, angles):
-    """Raise :class:`CrystalTextError` unless ``lengths`` and ``angles`` make a usable cell."""
+def _check_cell(lengths, angles):
     if min(lengths) <= 0:
         raise CrystalTextError(f"degenerate cell: lattice lengths must be positive, got {lengths}")
     if max(lengths) > MAX_LENGTH:
@@ -182,7 +181,7 @@ def text_to_atoms(text, *, max_atoms=MAX_ATOMS):
         raise CrystalTextError("missing lattice lines: need lengths and angles")
     lengths = _numbers(lines[0], "lattice lengths", 1)
     angles = _numbers(lines[1], "lattice angles", 2)
-    check_cell(lengths, angles)
+    _check_cell(lengths, angles)
     body = lines[2:]
     if not body:
         raise CrystalTextError("no atoms after the lattice lines")

@@ -10,9 +10,9 @@ drawn from the validation split (seed 0), through
 ``CrystalGenerator.generate`` with its usual re-sampling of output that does
 not parse (``max_attempts``).  Every parsed crystal is kept (``min_distance=None``
 where ``generate`` has that option, which also turns the spacing guard off), so
-validity is measured on what the model itself writes; where ``generate`` can
-force the asked formula (``constrain_formula``) the script turns that off, so
-formula match measures the model.  All settings use the same seeds.
+validity is measured on what the model itself writes; where ``generate`` can force the asked formula
+(``constrain_formula``) the script turns that off, so formula match measures
+the model.  All settings use the same seeds.
 
 Per setting, for the unconditional crystals:
 
