@@ -201,6 +201,9 @@ def _add_generate(sub):
     p.add_argument("--no-spacing-guard", action="store_true",
                    help="let the model place atoms alone (too-close crystals are then only re-sampled); by default "
                    "decoding refuses coordinates closer than --min-distance to an atom already written")
+    p.add_argument("--no-charge-guard", action="store_true",
+                   help="let the model end crystals alone; by default decoding refuses to end a crystal whose "
+                   "composition is not charge balanced (SMACT), for at most 8 more atoms")
     p.add_argument("--symmetrize", type=positive_float, metavar="SYMPREC", help="snap samples to their space group at this tolerance")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -225,6 +228,7 @@ def _run_generate(args):
         seed=args.seed, resume=args.resume, fast=not args.plain, progress=True,
         **({} if args.min_distance is None else {"min_distance": args.min_distance}),
         **({"spacing_guard": False} if args.no_spacing_guard else {}),
+        **({"charge_guard": False} if args.no_charge_guard else {}),
     )
     if summary is not None:
         print(summary, file=sys.stderr)

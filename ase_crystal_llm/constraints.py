@@ -21,6 +21,10 @@ still become ``k`` times the formula (``1 <= k``, ``k`` formula units within
 ``max_atoms``), and end-of-sequence needs counts of exactly such a ``k``.
 Targets are per row, so one batch can mix formulas and free rows.
 
+A free row may also be held to a charge-balanced end (:class:`RowComposition`):
+end-of-sequence is refused while its composition fails SMACT's
+charge-neutrality test, for at most :data:`EXTRA_ATOMS` more atoms.
+
 Per-step cost is low: each token's string is computed once per tokenizer,
 the allowed-token mask of every state is computed once (first characters
 filtered with numpy, survivors simulated) and cached as a boolean tensor, and
@@ -38,10 +42,14 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from .metrics import counts_valid
 from .spacing import RowSpacing
 from .text import ELEMENTS
 
 DIGITS = frozenset("0123456789")
+#: Atoms a row may add, past its first refused end, while its composition is
+#: not charge balanced (:class:`RowComposition`); then it may end anyway.
+EXTRA_ATOMS = 8
 
 # Field specs: (max integer digits, max decimals).  atoms_to_text writes one
 # decimal for lengths, none for angles, two for coordinates; one spare digit
@@ -518,16 +526,18 @@ class CrystalGrammar:
             return True
         return can_end(state, n_atoms) and (target is None or target.complete(counts))
 
-    def processor(self, formulas=None, min_distance=None):
+    def processor(self, formulas=None, min_distance=None, charge_guard=False):
         """A fresh :class:`CrystalLogitsProcessor` for one generation run.
 
         ``formulas`` (optional) gives one formula or ``None`` per batch row:
         rows with a formula are held to whole multiples of it.
         ``min_distance`` (angstrom, optional) keeps new atoms that far from
-        those already written (:mod:`.spacing`).
+        those already written (:mod:`.spacing`); ``charge_guard`` holds the
+        end of free rows until their composition is charge balanced
+        (:class:`RowComposition`).
         """
         targets = None if formulas is None else [None if f is None else self.target(f) for f in formulas]
-        return CrystalLogitsProcessor(self, targets, min_distance=min_distance)
+        return CrystalLogitsProcessor(self, targets, min_distance=min_distance, charge_guard=charge_guard)
 
 
 def _prefixes(symbols):
@@ -539,6 +549,47 @@ def _eos_ids(tokenizer):
     if eos is None:
         raise ValueError("the tokenizer has no end-of-sequence token")
     return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])
+
+
+class RowComposition:
+    """Counts the element symbols one row has written, to hold its end until they are charge balanced.
+
+    Lines 0 and 1 are the lattice, then symbol and coordinate lines
+    alternate (see :mod:`ase_crystal_llm.text`).  "Charge balanced" is
+    compositional validity (:func:`ase_crystal_llm.metrics.counts_valid`:
+    SMACT charge neutrality with the Pauling test; single elements and
+    all-metal alloys pass).  A row that fails it may not end, but only for
+    ``extra_atoms`` atoms past its first refused end: a composition that
+    cannot be balanced must not grow without bound.
+    """
+
+    __slots__ = ("extra_atoms", "counts", "line", "n_lines", "held_at")
+
+    def __init__(self, extra_atoms=EXTRA_ATOMS):
+        self.extra_atoms = int(extra_atoms)
+        self.counts = {}
+        self.line = ""
+        self.n_lines = 0
+        self.held_at = None  # atom count at the first refused end
+
+    def feed(self, text):
+        """Read generated ``text``."""
+        for char in text:
+            if char != "\n":
+                self.line += char
+                continue
+            if self.n_lines >= 2 and self.n_lines % 2 == 0:  # a symbol line is complete
+                symbol = self.line.strip(" ")
+                self.counts[symbol] = self.counts.get(symbol, 0) + 1
+            self.line, self.n_lines = "", self.n_lines + 1
+
+    def holds_end(self, n_atoms):
+        """True when the row, able to end with ``n_atoms`` atoms, should write another atom instead."""
+        if counts_valid(self.counts):
+            return False
+        if self.held_at is None:
+            self.held_at = n_atoms
+        return n_atoms < self.held_at + self.extra_atoms
 
 
 class CrystalLogitsProcessor(LogitsProcessor):
@@ -561,12 +612,18 @@ class CrystalLogitsProcessor(LogitsProcessor):
         (:class:`~ase_crystal_llm.spacing.RowSpacing`), in rows without a
         formula target.  A row with no allowed token left keeps the
         grammar's mask.
+    charge_guard : bool
+        Refuse end-of-sequence in rows without a formula target while their
+        composition is not charge balanced (:class:`RowComposition`), when
+        other tokens are allowed.
     """
 
-    def __init__(self, grammar, targets=None, min_distance=None):
+    def __init__(self, grammar, targets=None, min_distance=None, charge_guard=False):
         self.grammar = grammar
         self.min_distance = min_distance or None
+        self.charge_guard = bool(charge_guard)
         self.spacing = None
+        self.charge = None
         self._row_targets = None if targets is None else list(targets)
         self.states = None
         self.n_atoms = None
@@ -586,15 +643,19 @@ class CrystalLogitsProcessor(LogitsProcessor):
             # Formula rows are left alone: they cannot end at will, and guarded they pack
             # whole extra formula units into cells far too small (absurd densities).
             self.spacing = [RowSpacing(self.min_distance) if t is None else None for t in self.targets]
+        if self.charge_guard:  # a formula row's composition is fixed by its target
+            self.charge = [RowComposition() if t is None else None for t in self.targets]
 
     def advance(self, tokens):
         """Move every row on by its newly generated token (tensor or list)."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
         g = self.grammar
         for row, token in enumerate(tokens):
-            if self.spacing is not None and self.spacing[row] is not None and self.states[row] != DONE \
-                    and token not in g.eos_ids:
-                self.spacing[row].feed(g.strings[token] if token < len(g.strings) else "")
+            if self.states[row] != DONE and token not in g.eos_ids:
+                text = g.strings[token] if token < len(g.strings) else ""
+                for readers in (self.spacing, self.charge):
+                    if readers is not None and readers[row] is not None:
+                        readers[row].feed(text)
             self.states[row], self.n_atoms[row], self.counts[row] = g._advance(
                 self.states[row], self.n_atoms[row], self.counts[row], self.targets[row], token)
 
@@ -607,6 +668,8 @@ class CrystalLogitsProcessor(LogitsProcessor):
         self.counts = [self.counts[r] for r in rows]
         if self.spacing is not None:
             self.spacing = [self.spacing[r] for r in rows]
+        if self.charge is not None:
+            self.charge = [self.charge[r] for r in rows]
 
     @property
     def finished(self):
@@ -618,6 +681,8 @@ class CrystalLogitsProcessor(LogitsProcessor):
                                          self.counts)[:, : scores.shape[-1]]
         if self.spacing is not None:
             self._refuse_crowded(allowed)
+        if self.charge is not None:
+            self._hold_unbalanced_ends(allowed)
         if allowed.shape[-1] < scores.shape[-1]:
             pad = torch.zeros(allowed.shape[0], scores.shape[-1] - allowed.shape[-1], dtype=torch.bool,
                               device=scores.device)
@@ -639,6 +704,15 @@ class CrystalLogitsProcessor(LogitsProcessor):
                 tokens += refused
         if rows:
             allowed[rows, tokens] = False
+
+    def _hold_unbalanced_ends(self, allowed):
+        """Clear, in place, end-of-sequence in rows whose composition is not yet charge balanced."""
+        eos = sorted(self.grammar.eos_ids)
+        for row, composition in enumerate(self.charge):
+            if composition is None or not can_end(self.states[row], self.n_atoms[row]):
+                continue
+            if composition.holds_end(self.n_atoms[row]) and allowed[row].sum() > allowed[row, eos].sum():
+                allowed[row, eos] = False  # another atom can still be written
 
     def __call__(self, input_ids, scores):
         length = input_ids.shape[1]

@@ -571,6 +571,12 @@ class CrystalGenerator:
             Off when ``min_distance`` is off, and in formula-constrained
             rows (held to a formula, the guard let the model pack extra
             formula units into far too small cells).
+        charge_guard : bool
+            While decoding, refuse to end a crystal whose composition is not
+            charge balanced (SMACT's test, as compositional validity), for at
+            most ``constraints.EXTRA_ATOMS`` more atoms: the model writes
+            another atom instead.  ``False``: the model ends crystals alone.
+            Rows held to a formula are not affected.
         fast : bool
             Use the lean decoding loop (default) or ``model.generate``.
 
@@ -587,7 +593,8 @@ class CrystalGenerator:
     def iter_generate(self, n, *, formula=None, spacegroup=None, e_above_hull=None, band_gap=None,
                       formation_energy=None, elements=None, constrain_formula=True, temperature=None,
                       top_p=None, batch_size=None, seed=None, max_attempts=DEFAULT_MAX_ATTEMPTS, symmetrize=None,
-                      max_atoms=DEFAULT_MAX_ATOMS, min_distance=MIN_DISTANCE, spacing_guard=True, fast=True, start_index=0,
+                      max_atoms=DEFAULT_MAX_ATOMS, min_distance=MIN_DISTANCE, spacing_guard=True, charge_guard=True,
+                      fast=True, start_index=0,
                       run_id=None, rank=0, indices=None):
         """Like :meth:`generate`, but yield each crystal as soon as its batch finishes.
 
@@ -639,12 +646,13 @@ class CrystalGenerator:
                    sampler=sampler, params={"temperature": temperature, "top_p": top_p}, batch_size=batch_size,
                    seed=seed, max_attempts=max_attempts, max_atoms=max_atoms, symmetrize=symmetrize, elements=elements,
                    min_distance=min_distance or None, guard=(min_distance or None) if spacing_guard else None,
-                   run_id=run_id, rank=rank, indices=indices)
+                   charge_guard=bool(charge_guard), run_id=run_id, rank=rank, indices=indices)
         # Arguments are checked above, when called; sampling starts on iteration.
         return self._run(n, **job)
 
     def _run(self, n, *, conditions, prompts, formulas, grammar, max_new, sampler, params, batch_size, seed,
-             max_attempts, max_atoms, symmetrize, elements, min_distance, guard, run_id, rank, indices):
+             max_attempts, max_atoms, symmetrize, elements, min_distance, guard, charge_guard, run_id, rank,
+             indices):
         stats = self.stats
         temperature, top_p = params["temperature"], params["top_p"]
         attempts = [0] * n
@@ -657,7 +665,8 @@ class CrystalGenerator:
             gen = torch.Generator(device=self.device).manual_seed(_seed_stream(seed, rank, indices[0], n_batch))
             n_batch += 1
             texts, ended = sampler(self.model, self.tokenizer, [prompts[id(conditions[s])] for s in slots],
-                                   grammar.processor([formulas[id(conditions[s])] for s in slots], guard),
+                                   grammar.processor([formulas[id(conditions[s])] for s in slots], guard,
+                                                     charge_guard),
                                    max_new_tokens=max_new, temperature=temperature,
                                    top_p=top_p, generator=gen)
             finished = []

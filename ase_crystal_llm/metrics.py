@@ -28,7 +28,7 @@ import functools
 import json
 import math
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,16 +127,21 @@ def composition_valid(structure):
     by :func:`_smact_valid_reduced` (memoised, pruned) instead of smact's
     enumeration of every oxidation-state combination.
     """
+    atoms = as_atoms(structure)
+    return counts_valid(Counter(atoms.get_chemical_symbols()))
+
+
+def counts_valid(counts):
+    """:func:`composition_valid` of element counts, e.g. ``{"Na": 1, "Cl": 1}`` (``False`` when empty)."""
     settings.require("smact")
     from pymatgen.core import Composition
 
-    atoms = as_atoms(structure)
-    if len(atoms) == 0:
+    counts = {el: c for el, c in counts.items() if c}
+    if not counts:
         return False
-    comp = Composition(atoms.get_chemical_formula(mode="hill"))
-    key = _reduced_key(comp.as_dict())
+    key = _reduced_key(counts)
     answer = _smact_valid_reduced(key) if key is not None else None
-    return _smact_validity(comp) if answer is None else answer
+    return _smact_validity(Composition(counts)) if answer is None else answer
 
 
 def _smact_validity(comp):

@@ -32,7 +32,7 @@ M3GNET_NAME = "M3GNet-MP-2021.2.8-PES"
 EXTRAS = {
     "bitsandbytes": ("quant", "4-bit/8-bit quantised training and loading"),
     "chgnet": ("chgnet", "the CHGNet potential"),
-    "smact": ("metrics", "compositional validity"),
+    "smact": ("all", "compositional validity and the charge guard (a core dependency)"),
     "matminer": ("metrics", "coverage fingerprints"),
     "matplotlib": ("metrics", "evaluation plots"),
     "psycopg2": ("postgres", "PostgreSQL-backed ase.db"),

@@ -19,6 +19,10 @@ both over *all* structures of the row, failures included):
   score.  Uniqueness, novelty against the training split and S.U.N. are
   reported too.
 
+Each row also gives the structural and compositional validity of its
+structures as given (for ``mp20_test``: the data's own, the ceiling of a
+generator that matches it).
+
     python benchmarks/calibration.py                   # 1000 / 250 / 1000 structures
     python benchmarks/calibration.py --n-test 10 --n-paper 5 --n-swap 10 --out /tmp/cal.json
 
@@ -129,6 +133,8 @@ def judge(structures, calc, hull, args, *, leave_out=False, unique=None, novel=N
     finite = [e for e in e_hull if e is not None]
     summary = {
         "n": len(structures),
+        # Of the structures as given: the data's own validity is the ceiling for a generator's.
+        "validity": metrics.validity_rates(metrics.validity_flags(structures)),
         "relaxation": _relaxation_summary(relaxed, computed),
         "relaxed_ok": sum(not a.info.get("relax_failed") for a in relaxed),
         "hull_ok": len(finite),

@@ -24,8 +24,8 @@ crystal-llm generate -n 1000 -o samples.extxyz --seed 0
 # Formula-conditioned: with the composition constraint (the default) and with the model alone.
 crystal-llm generate -n 100 -o formula.extxyz --seed 1 --formula "$(cat formulas.txt)"
 crystal-llm generate -n 100 -o formula_free.extxyz --seed 1 --formula "$(cat formulas.txt)" --free-formula
-# The model alone, without the spacing guard: its own structural validity over its draws.
-crystal-llm generate -n 300 -o samples_unguarded.extxyz --seed 0 --no-spacing-guard
+# The model alone, without the spacing and charge guards: its own validity over its draws.
+crystal-llm generate -n 300 -o samples_unguarded.extxyz --seed 0 --no-spacing-guard --no-charge-guard
 # Space group: training always puts the formula first, so ask for each val row's formula and space group.
 crystal-llm generate -n 100 -o spacegroup.extxyz --seed 2 --formula "$(cat formulas.txt)" --spacegroup "$(cat spacegroups.txt)"
 

@@ -9,8 +9,8 @@ unconditional crystals and one crystal for each of ``--n-formulas`` formulas
 drawn from the validation split (seed 0), through
 ``CrystalGenerator.generate`` with its usual re-sampling of output that does
 not parse (``max_attempts``).  Every parsed crystal is kept (``min_distance=None``
-where ``generate`` has that option, which also turns the spacing guard off), so
-validity is measured on what the model itself writes; where ``generate`` can force the asked formula
+where ``generate`` has that option, which also turns the spacing guard off, and
+``charge_guard=False``), so validity is measured on what the model itself writes; where ``generate`` can force the asked formula
 (``constrain_formula``) the script turns that off, so formula match measures
 the model.  All settings use the same seeds.
 
@@ -97,6 +97,8 @@ def generate_kwargs(gen):
         extra["min_distance"] = None  # keep every parsed crystal: validity is what we measure
     if "constrain_formula" in params:
         extra["constrain_formula"] = False  # the model, not the grammar, must get the formula right
+    if "charge_guard" in params:
+        extra["charge_guard"] = False  # the model, not the decoder, ends each crystal
     return extra
 
 

@@ -27,7 +27,9 @@ from ase.io import read, write
 
 pytestmark = pytest.mark.slow
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# PYTHONFAULTHANDLER: a command stopped for taking too long prints where it was (SIGABRT, below).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONFAULTHANDLER": "1"}
 
 
 
@@ -51,7 +53,8 @@ def kill_when(cmd, ready, *, timeout=240, log=None):
                     pytest.fail(f"{cmd[3]} ended (status {proc.returncode}) before it could be killed:\n"
                                 f"{log.read_text()[-3000:]}")
                 if time.monotonic() > deadline:
-                    pytest.fail(f"{cmd[3]} made no progress in {timeout} s:\n{log.read_text()[-3000:]}")
+                    _abort(proc)
+                    pytest.fail(f"{cmd[3]} made no progress in {timeout} s:\n{log.read_text()[-6000:]}")
                 time.sleep(0.1)
         finally:
             if proc.poll() is None:
@@ -61,10 +64,29 @@ def kill_when(cmd, ready, *, timeout=240, log=None):
     return log.read_text()
 
 
+def _abort(proc):
+    """Stop ``proc`` with SIGABRT, so that its faulthandler prints every thread's traceback."""
+    proc.send_signal(signal.SIGABRT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run(cmd, timeout=240):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # read the pipes while it prints its tracebacks
+        try:
+            err = proc.communicate(timeout=30)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1]
+        pytest.fail(f"{cmd[3]} did not finish in {timeout} s:\n{err[-6000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _read_all(path):

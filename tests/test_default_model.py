@@ -7,7 +7,7 @@ from ase.formula import Formula
 
 from ase_crystal_llm import CrystalGenerator, settings
 from ase_crystal_llm.cli import main
-from ase_crystal_llm.metrics import structure_valid
+from ase_crystal_llm.metrics import composition_valid, structure_valid
 from ase_crystal_llm.modelcard import ModelCard
 from ase_crystal_llm.outputs import read_run_records
 
@@ -73,3 +73,16 @@ def test_cli_no_spacing_guard_is_recorded(tmp_path):
     out = tmp_path / "free.extxyz"
     assert main(["generate", "-n", "2", "-o", str(out), "--seed", "0", "--no-spacing-guard"]) == 0
     assert read_run_records(out)[-1]["settings"]["spacing_guard"] is False
+
+
+def test_charge_guard_ends_more_crystals_charge_balanced(generator):
+    """With the guard (default) fewer crystals end on a composition that is not charge balanced."""
+    guarded = generator.generate(48, seed=3, batch_size=48, max_attempts=1)
+    alone = generator.generate(48, seed=3, batch_size=48, max_attempts=1, charge_guard=False)
+    assert sum(map(composition_valid, guarded)) > sum(map(composition_valid, alone))
+
+
+def test_cli_no_charge_guard_is_recorded(tmp_path):
+    out = tmp_path / "free.extxyz"
+    assert main(["generate", "-n", "2", "-o", str(out), "--seed", "0", "--no-charge-guard"]) == 0
+    assert read_run_records(out)[-1]["settings"]["charge_guard"] is False
