@@ -929,9 +929,10 @@ class RelaxCache:
         self.db = connect(str(self.path), type="db")
 
     def get(self, key):
-        try:
-            row = self.db.get(relax_key=key)
-        except KeyError:
+        # Two processes sharing a cache (or one relaxing a duplicate sample) may both have
+        # written a key: any of its rows is the same relaxation.
+        row = next(iter(self.db.select(relax_key=key, limit=1)), None)
+        if row is None:
             return None
         atoms = row.toatoms(add_additional_information=False)
         info = {k: row.key_value_pairs[k] for k in self._INFO if k in row.key_value_pairs}

@@ -1,5 +1,6 @@
 """Potentials, the M3GNet known-answer check, relax and relax_many (batched, cached)."""
 
+import ase.db
 import numpy as np
 import pytest
 from ase import Atoms
@@ -230,6 +231,21 @@ def test_cache_reuse_and_resume(tmp_path):
     fourth = CountingEMT()
     relax_many(structures[:1], fourth, cache=db, fmax=0.01)
     assert fourth.calls > 0
+
+
+def test_cache_shared_by_two_writers_of_the_same_structure(tmp_path):
+    """Two processes (or a duplicate sample) can both store one relaxation: reading it must still work."""
+    atoms = strained_copper(0.02, seed=0)
+    db = tmp_path / "relax.db"
+    for _ in range(2):  # two caches, no lookup between them, like two processes
+        relax_many([atoms.copy()], CountingEMT(), cache=db, workers=1)
+        with ase.db.connect(db) as con:
+            row = next(con.select(limit=1))
+            con.write(row.toatoms(), **row.key_value_pairs)  # the same key again
+    calc = CountingEMT()
+    out = relax_many([atoms, atoms.copy()], calc, cache=db)
+    assert calc.calls == 0
+    assert out[0].info["energy"] == pytest.approx(out[1].info["energy"])
 
 
 def test_structure_hash_is_stable_under_wrapping():
