@@ -501,8 +501,12 @@ class CrystalGenerator:
         return {name: sha256_file(self.model_dir / name) for name in weight_files(self.model_dir)}
 
     # -- sampling settings -----------------------------------------------------------------
-    def _sampling_defaults(self):
+    def _sampling_defaults(self, formula_constrained=False):
+        """The card's ``(temperature, top_p)``; its ``formula_constrained`` entry, where it has one,
+        for runs whose every crystal is held to a formula."""
         sampling = _card_get(self.card, "sampling") or {}
+        if formula_constrained:
+            sampling = {**sampling, **(sampling.get("formula_constrained") or {})}
         return (sampling.get("temperature", DEFAULT_TEMPERATURE), sampling.get("top_p", DEFAULT_TOP_P))
 
     def grammar(self, elements=None, max_atoms=DEFAULT_MAX_ATOMS):
@@ -544,7 +548,9 @@ class CrystalGenerator:
             (to measure the model's own formula skill).  Recorded per
             crystal as ``info["formula_constrained"]``.
         temperature, top_p : float, optional
-            Default: the card's recommended values, else 0.7 / 0.9.
+            Default: the card's recommended values, else 0.7 / 0.9; when
+            every crystal is held to a formula, the card's
+            ``sampling["formula_constrained"]`` values where it has them.
             ``temperature=0`` is greedy decoding.
         batch_size : int, optional
             Rows per batch (default 64 on CPU, the best in benchmarks/generation_cpu.py; 256 on GPU).
@@ -611,15 +617,16 @@ class CrystalGenerator:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         if min_distance is not None and not min_distance >= 0:
             raise ValueError(f"min_distance must be a non-negative distance in angstrom, got {min_distance}")
-        t_default, p_default = self._sampling_defaults()
-        temperature = t_default if temperature is None else float(temperature)
-        top_p = p_default if top_p is None else float(top_p)
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         if isinstance(elements, str):
             elements = [e.strip() for e in elements.split(",") if e.strip()]
         conditions = condition_sets(n, formula=formula, spacegroup=spacegroup, e_above_hull=e_above_hull,
                                     band_gap=band_gap, formation_energy=formation_energy)
+        held = bool(constrain_formula and conditions and all(c.get("formula") for c in conditions))
+        t_default, p_default = self._sampling_defaults(formula_constrained=held)
+        temperature = t_default if temperature is None else float(temperature)
+        top_p = p_default if top_p is None else float(top_p)
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         for c in {id(c): c for c in conditions}.values():
             _check_conditions(c)
             _check_formula(c, elements, max_atoms, constrain_formula)

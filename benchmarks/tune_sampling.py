@@ -89,15 +89,19 @@ def val_formulas(path, n, seed=0):
     return [formulas[i] for i in picked]
 
 
-def generate_kwargs(gen):
-    """Options of ``gen.generate`` that this script sets when the installed version has them."""
+def generate_kwargs(gen, guards=False):
+    """Options of ``gen.generate`` that this script sets when the installed version has them.
+
+    ``guards``: keep ``generate``'s own decoding (spacing and charge guards on,
+    too-close crystals re-sampled), to choose the settings users get.
+    """
     params = {**inspect.signature(gen.generate).parameters, **inspect.signature(gen.iter_generate).parameters}
     extra = {}
-    if "min_distance" in params:
+    if "min_distance" in params and not guards:
         extra["min_distance"] = None  # keep every parsed crystal: validity is what we measure
     if "constrain_formula" in params:
         extra["constrain_formula"] = False  # the model, not the grammar, must get the formula right
-    if "charge_guard" in params:
+    if "charge_guard" in params and not guards:
         extra["charge_guard"] = False  # the model, not the decoder, ends each crystal
     return extra
 
@@ -195,6 +199,9 @@ def parse_args(argv=None):
     ap.add_argument("--ref-size", type=int, default=500, help="validation crystals for coverage (default 500)")
     ap.add_argument("--relax", type=int, default=0, metavar="K",
                     help="M3GNet metastable rate of the first K valid crystals per setting (default 0: off)")
+    ap.add_argument("--guards", action="store_true",
+                    help="sample with generate's default decoding (spacing and charge guards, re-sampling of "
+                    "too-close crystals) instead of the model alone")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every setting")
     ap.add_argument("--batch-size", type=int, help="generation batch size (default: generate's)")
     ap.add_argument("--device", help="torch device (default: cuda when available)")
@@ -224,7 +231,7 @@ def run(args):
     t0 = time.perf_counter()
     formulas = val_formulas(val_path, args.n_formulas) if args.n_formulas else []
     gen = CrystalGenerator.from_pretrained(args.model, device=args.device)
-    extra = generate_kwargs(gen)
+    extra = generate_kwargs(gen, args.guards)
     if args.batch_size:
         extra["batch_size"] = args.batch_size
     ref = evaluation.reference_fingerprints(val_path, size=args.ref_size, seed=0, cache=args.cache, progress=False)

@@ -86,3 +86,15 @@ def test_cli_no_charge_guard_is_recorded(tmp_path):
     out = tmp_path / "free.extxyz"
     assert main(["generate", "-n", "2", "-o", str(out), "--seed", "0", "--no-charge-guard"]) == 0
     assert read_run_records(out)[-1]["settings"]["charge_guard"] is False
+
+
+def test_card_sampling_defaults_per_task(generator):
+    """Free crystals take the card's temperature; crystals all held to a formula its formula_constrained one."""
+    sampling = generator.card.sampling
+    free = generator.generate(2, seed=0, batch_size=2)
+    assert {a.info["temperature"] for a in free} == {sampling["temperature"]}
+    held = generator.generate(2, formula="NaCl", seed=0, batch_size=2, max_attempts=20)
+    assert {a.info["temperature"] for a in held} == {sampling["formula_constrained"]["temperature"]}
+    assert sampling["formula_constrained"]["temperature"] != sampling["temperature"]
+    alone = generator.generate(2, formula="NaCl", constrain_formula=False, seed=0, batch_size=2)
+    assert {a.info["temperature"] for a in alone} == {sampling["temperature"]}
