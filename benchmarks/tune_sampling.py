@@ -10,7 +10,8 @@ drawn from the validation split (seed 0), through
 ``CrystalGenerator.generate`` with its usual re-sampling of output that does
 not parse (``max_attempts``).  Every parsed crystal is kept (``min_distance=None``
 where ``generate`` has that option, which also turns the spacing guard off, and
-``charge_guard=False``), so validity is measured on what the model itself writes; where ``generate`` can force the asked formula
+``charge_guard=False``; ``--guards`` keeps ``generate``'s own decoding, both guards on), so
+validity is measured on what the model itself writes; where ``generate`` can force the asked formula
 (``constrain_formula``) the script turns that off, so formula match measures
 the model.  All settings use the same seeds.
 
