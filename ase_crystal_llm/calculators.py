@@ -43,6 +43,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from . import settings
+from .settings import torch_threads  # noqa: F401 (re-exported: its old home)
 
 ENERGY_SCALES = ("mp_raw", "mp2020")  # the scales the MP hull accepts
 
@@ -402,7 +403,7 @@ class RelaxationFailed(RuntimeError):
     """A structure exploded, collapsed or could not be evaluated."""
 
 
-def relax(atoms, calculator, fmax=0.1, steps=500):
+def relax(atoms, calculator, fmax=0.1, steps=500, threads=None):
     """Relax cell and positions with FIRE on ``FrechetCellFilter``.
 
     Parameters
@@ -415,6 +416,8 @@ def relax(atoms, calculator, fmax=0.1, steps=500):
         Force criterion in eV/A (the filter also scales the stress).
     steps : int
         Maximum number of FIRE steps.
+    threads : int, optional
+        torch CPU threads (default: one per idle core, :func:`settings.default_threads`).
 
     Returns
     -------
@@ -432,7 +435,7 @@ def relax(atoms, calculator, fmax=0.1, steps=500):
     job.attach(slot)
     try:
         evaluator = BatchEvaluator(calculator)
-        with _small_matrix_threads():
+        with _small_matrix_threads(), torch_threads(threads or settings.default_threads()):
             while not job.done:
                 slot.store(job.atoms, *evaluator.evaluate([job.atoms])[0])
                 job.advance()
@@ -480,9 +483,10 @@ def relax_many(
     device : str, optional
         torch device (default CPU).
     threads : int, optional
-        torch CPU threads while relaxing (default: unchanged in this process,
-        cores / workers in workers).  On a busy machine 1 is often several
-        times faster than more: small graphs make threads wait on each other.
+        torch CPU threads while relaxing (default: one per idle core in this
+        process, :func:`settings.default_threads`; cores / workers in workers).
+        Threads beyond the idle cores wait on each other: on a busy 2-core
+        machine 2 threads relaxed ~24x slower than 1.
     progress : bool
         Show a tqdm progress bar.
 
@@ -530,7 +534,7 @@ def relax_many(
 
     settings_ = dict(fmax=fmax, steps=steps, batch_size=int(batch_size), backend=backend)
     if workers == 1 or len(todo) <= 1:
-        with torch_threads(threads):
+        with torch_threads(threads or settings.default_threads()):
             _relax_indices(structures, todo, calculator, settings_, finished)
     else:
         spec = potential if isinstance(potential, Calculator) else str(potential)
@@ -782,22 +786,6 @@ class _GradientOnce:
     def set_x(self, x):
         self._gradient = None
         self._inner.set_x(x)
-
-
-@contextlib.contextmanager
-def torch_threads(threads=None):
-    """Temporarily run torch with ``threads`` CPU threads (None: leave as is)."""
-    if not threads:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

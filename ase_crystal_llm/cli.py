@@ -126,8 +126,25 @@ def _add_train(sub):
     p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read instead of primitive Niggli cells")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
     p.add_argument("--no-cache", action="store_true", help="do not cache the canonicalised structures ($CRYSTAL_LLM_CACHE)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    _add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+THREADS_HELP = ("torch CPU threads (default: 1 to decode with a model under 50 M parameters, else one per idle "
+                "core: the cores minus the load average)")
+
+
+def _add_threads(p):
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
+
+
+def _set_threads(args):
+    """The process-wide torch threads for commands that run no language model."""
+    import torch
+
+    from . import settings
+
+    torch.set_num_threads(args.threads or settings.default_threads())
 
 
 def _quiet_training_libraries():
@@ -144,10 +161,7 @@ def _quiet_training_libraries():
 def _run_train(args):
     import os
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     _quiet_training_libraries()
     from .training import train
 
@@ -224,6 +238,7 @@ def _add_generate(sub):
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: keep OUTPUT and add only the crystals it lacks")
     p.add_argument("--plain", action="store_true", help="decode with model.generate instead of the fast sampler")
+    _add_threads(p)
 
 
 def _run_generate(args):
@@ -239,7 +254,7 @@ def _run_generate(args):
         elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
         temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
         max_attempts=args.max_attempts, max_atoms=args.max_atoms, symmetrize=args.symmetrize,
-        seed=args.seed, resume=args.resume, fast=not args.plain, progress=True,
+        seed=args.seed, resume=args.resume, fast=not args.plain, progress=True, threads=args.threads,
         **({} if args.min_distance is None else {"min_distance": args.min_distance}),
         **({"spacing_guard": False} if args.no_spacing_guard else {}),
         **({"charge_guard": False} if args.no_charge_guard else {}),
@@ -266,6 +281,7 @@ def _add_evaluate(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the reference subsample and IPT translations")
     p.add_argument("--cache-dir", help="folder for cached reference fingerprints (default: $CRYSTAL_LLM_CACHE or ~/.cache/ase-crystal-llm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(p)
 
 
 def _run_evaluate(args):
@@ -275,7 +291,7 @@ def _run_evaluate(args):
         args.samples, args.output, reference=args.reference, data_dir=args.data_dir, potential=args.potential,
         fmax=args.fmax, steps=args.steps, workers=args.workers, model=args.model, limit=args.limit,
         coverage_size=args.coverage_size, ipt_size=args.ipt_size, seed=args.seed, cache=args.cache_dir,
-        progress=not args.no_progress,
+        progress=not args.no_progress, threads=args.threads,
     )
     valid = result["validity"]["returned"]["valid"]
     meta = result["stability"]["metastable"]
@@ -298,6 +314,7 @@ def _add_mutate(sub):
     p.add_argument("--relax", metavar="POTENTIAL", help="relax each child with this potential (e.g. m3gnet)")
     p.add_argument("--device", help="torch device for the model and potential (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int)
+    _add_threads(p)
 
 
 def _run_mutate(args):
@@ -319,7 +336,8 @@ def _run_mutate(args):
     else:
         from .generation import CrystalGenerator
 
-        generator = CrystalGenerator.from_pretrained(args.model, device=args.device, base=args.base)
+        generator = CrystalGenerator.from_pretrained(args.model, device=args.device, base=args.base,
+                                                     threads=args.threads)
         temperature = 1.0 if args.temperature is None else args.temperature
         operator = LLMElementMutation(generator, temperature=temperature, tolerance=args.tolerance,
                                       restrict_to_template=not args.any_element, rng=rng)
@@ -332,7 +350,7 @@ def _run_mutate(args):
     with StructureWriter(args.output) as writer:  # each child is on disk before the next
         for child in mutate_structures(parents, args.n, operator):
             if calculator is not None:
-                child = relax(child, calculator)
+                child = relax(child, calculator, threads=args.threads)
                 failed += bool(child.info.get("relax_failed"))
             writer.write(child)
     note = f" ({failed} relaxations failed, written unrelaxed)" if failed else ""
@@ -344,9 +362,11 @@ def _add_merge(sub):
     p.add_argument("model", help="adapter model directory written by 'crystal-llm train'")
     p.add_argument("-o", "--output", required=True, help="directory for the merged full model")
     p.add_argument("--base", help="location of the base model, if it moved")
+    _add_threads(p)
 
 
 def _run_merge(args):
+    _set_threads(args)
     _quiet_training_libraries()
     from .training import merge_adapter
 

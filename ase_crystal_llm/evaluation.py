@@ -217,7 +217,7 @@ def e_above_hull_many(relaxed, hull, *, exclude=None):
 
 def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3gnet", fmax=0.1, steps=500,
              workers=None, model=None, limit=None, coverage_size=None, ipt_size=IPT_SIZE, seed=0,
-             cache=None, progress=True, plots=True):
+             cache=None, progress=True, plots=True, threads=None):
     """Evaluate generated crystals and write a report.
 
     Parameters
@@ -233,7 +233,7 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
         against the training split, hull from all of MP-20.
     data_dir : path, optional
         Folder holding ``mp_20/`` and ``hull/`` (default: :func:`settings.data_dir`).
-    potential, fmax, steps, workers
+    potential, fmax, steps, workers, threads
         Relaxation settings, passed to :func:`calculators.relax_many`.
     model : path, optional
         A model directory: also compute IPT on ``ipt_size`` test crystals.
@@ -303,7 +303,7 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
         cache_path = out_dir / "relax_cache.db"
         before = _cache_rows(cache_path)
         relaxed = calculators.relax_many(valid, potential, fmax=fmax, steps=steps, workers=workers,
-                                         cache=cache_path, progress=progress) if valid else []
+                                         cache=cache_path, progress=progress, threads=threads) if valid else []
         computed = _cache_rows(cache_path) - before
     with timer("hull"):
         ref_hull = hull_module.ReferenceHull.from_mp20(data_dir) if relaxed else None

@@ -428,12 +428,19 @@ class CrystalGenerator:
         Prompt wording; default: the card's, else the package default.
     model_dir : path, optional
         Where the model was loaded from (recorded with every run).
+    threads : int, optional
+        torch CPU threads while decoding and scoring (default
+        :func:`settings.default_threads`: 1 for a model under 50 M parameters,
+        else one per idle core); ignored on a GPU.  Set ``gen.threads`` to change it.
     """
 
-    def __init__(self, model, tokenizer, card=None, *, template=None, model_dir=None):
+    def __init__(self, model, tokenizer, card=None, *, template=None, model_dir=None, threads=None):
         self.model = model
         self.tokenizer = tokenizer
         self.card = card
+        if threads is None and next(model.parameters()).device.type == "cpu":
+            threads = settings.default_threads(sum(p.numel() for p in model.parameters()))
+        self.threads = threads
         if template is None:
             template = _card_get(card, "template")
         if template is None:
@@ -449,7 +456,7 @@ class CrystalGenerator:
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path=None, device=None, base=None, quantize=None):
+    def from_pretrained(cls, path=None, device=None, base=None, quantize=None, threads=None):
         """Load a model directory written by ``crystal-llm train``.
 
         Parameters
@@ -464,6 +471,8 @@ class CrystalGenerator:
             (for an adapter moved to another machine).
         quantize : {"4bit", "8bit"}, optional
             Load an adapter's base quantised (bitsandbytes).
+        threads : int, optional
+            torch CPU threads while decoding (default: see :class:`CrystalGenerator`).
         """
         if path is None:
             path = settings.DEFAULT_MODEL_DIR
@@ -483,7 +492,7 @@ class CrystalGenerator:
         if hasattr(model, "merge_and_unload") and not quantize:
             model = model.merge_and_unload()  # merged LoRA weights decode faster
         model.eval()
-        return cls(model, tokenizer, card, model_dir=path)
+        return cls(model, tokenizer, card, model_dir=path, threads=threads)
 
     @property
     def device(self):
@@ -671,11 +680,12 @@ class CrystalGenerator:
             # Distinct streams per rank and per resumed part (first index) of a run.
             gen = torch.Generator(device=self.device).manual_seed(_seed_stream(seed, rank, indices[0], n_batch))
             n_batch += 1
-            texts, ended = sampler(self.model, self.tokenizer, [prompts[id(conditions[s])] for s in slots],
-                                   grammar.processor([formulas[id(conditions[s])] for s in slots], guard,
-                                                     charge_guard),
-                                   max_new_tokens=max_new, temperature=temperature,
-                                   top_p=top_p, generator=gen)
+            with settings.torch_threads(self.threads):
+                texts, ended = sampler(self.model, self.tokenizer, [prompts[id(conditions[s])] for s in slots],
+                                       grammar.processor([formulas[id(conditions[s])] for s in slots], guard,
+                                                         charge_guard),
+                                       max_new_tokens=max_new, temperature=temperature,
+                                       top_p=top_p, generator=gen)
             finished = []
             for slot, ids, stop in zip(slots, texts, ended):
                 attempts[slot] += 1
@@ -831,7 +841,7 @@ def _summary(output, records):
 
 
 def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None, resume=False, fast=True,
-                     progress=False, max_attempts=None, max_atoms=None, generator=None, **kwargs):
+                     progress=False, max_attempts=None, max_atoms=None, generator=None, threads=None, **kwargs):
     """Sample ``n`` crystals into ``output`` as they come (the ``crystal-llm generate`` workflow).
 
     Every structure is durable once written, so an interrupted run keeps what
@@ -892,7 +902,7 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
     run_id, seed, existing = _broadcast(state, [run_id, seed, existing])
 
     _check_request(n, kwargs, max_atoms)  # before the (slow) model load
-    gen = generator or CrystalGenerator.from_pretrained(model, device=device, base=base)
+    gen = generator or CrystalGenerator.from_pretrained(model, device=device, base=base, threads=threads)
     todo = [i for i in range(rank, int(n), world) if i not in existing]
     part = output if server else _part_path(output, rank, world)
     stream = gen.iter_generate(len(todo), indices=todo, run_id=run_id, rank=rank, seed=seed,

@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 from ase.data import atomic_masses, atomic_numbers
 
+from . import settings
 from .text import ELEMENTS, atoms_to_text, is_element, mask_element
 
 try:  # ase_ga is the GA's home since ASE 3.26; older ASE ships it as ase.ga
@@ -218,7 +219,7 @@ def element_log_likelihoods(generator, atoms, element, candidates=None):
 
     device = next(model.parameters()).device
     keep = width + 1  # logits at positions len(prompt)-1 ... end
-    with torch.no_grad():
+    with torch.no_grad(), settings.torch_threads(getattr(generator, "threads", None)):
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), **_forward_kwargs(model, keep))
     logits = out.logits[:, -keep:-1].float()  # logits[:, j] predicts answer token j
     logp = torch.log_softmax(logits, dim=-1).cpu()

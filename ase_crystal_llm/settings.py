@@ -20,6 +20,7 @@ CRYSTAL_LLM_POSTGRES_URL
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -67,6 +68,48 @@ def named_base_file(name: str) -> Path | None:
     if path is None or not path.is_file():
         raise FileNotFoundError(f"base model {name!r} is not installed: {install}")
     return path
+
+
+#: Below this many parameters a model decodes fastest on one CPU thread: its
+#: matrices are too small to share between threads (benchmarks/threads.py).
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def idle_cores() -> int:
+    """Cores this process may use that no other work keeps busy: the cores it may run on
+    minus the 1-minute load average, rounded, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+def default_threads(parameters: int | None = None) -> int:
+    """torch CPU threads when the user chose none (every command's ``--threads``).
+
+    One thread for a model under :data:`SMALL_MODEL_PARAMETERS` parameters;
+    otherwise (larger models, ML potentials, training) one per idle core.
+    Threads beyond the idle cores wait on each other: on a 2-core machine with one
+    core busy, two threads made decoding and relaxation 10-50x slower than one.
+    """
+    if parameters is not None and parameters < SMALL_MODEL_PARAMETERS:
+        return 1
+    return idle_cores()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None = None):
+    """Temporarily run torch with ``threads`` CPU threads (None: leave as is)."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def require(module):
