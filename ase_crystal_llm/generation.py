@@ -41,7 +41,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from . import settings
 from .constraints import FIELDS, CrystalGrammar, FormulaTarget, formula_composition
 from .metrics import MIN_DISTANCE, structure_valid
-from .text import CrystalTextError, is_element, text_to_atoms
+from .text import CrystalTextError, is_element, one_line, text_to_atoms
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.9
@@ -409,6 +409,12 @@ def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def new_run_id() -> str:
+    """12 characters that start with a letter: an all-hex id such as ``"123e45678901"``
+    would read back from extxyz as a number."""
+    return "r" + uuid.uuid4().hex[:11]
+
+
 def _seed_stream(seed, *keys):
     return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -651,7 +657,7 @@ class CrystalGenerator:
         if batch_size is None:
             batch_size = 256 if self.device.type == "cuda" else 64
         seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
-        run_id = run_id or uuid.uuid4().hex[:12]
+        run_id = run_id or new_run_id()
         indices = list(range(start_index, start_index + n)) if indices is None else list(indices)
         if len(indices) != n:
             raise ValueError(f"got {len(indices)} indices for {n} crystals")
@@ -730,7 +736,7 @@ class CrystalGenerator:
         if "formula" in conditions:
             info["formula_constrained"] = constrained_to is not None
         info.update(params)
-        info.update(generated_text=text, attempts=attempts, seed=seed, run_id=run_id, rank=int(rank),
+        info.update(generated_text=one_line(text), attempts=attempts, seed=seed, run_id=run_id, rank=int(rank),
                     sample_index=int(index))
         return info
 
@@ -893,7 +899,7 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
                     existing = {i for r, i in w.existing if r == run_id}
         else:
             seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
-            run_id = uuid.uuid4().hex[:12]
+            run_id = new_run_id()
             # A server keeps other runs' rows: the new run id keeps them apart.
             for path in [] if server else [output, run_record_path(output), Path(str(output) + ".ids"), *parts]:
                 path.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from ase.db.core import reserved_keys, word
 
-from .text import atoms_to_text, split_crystals, text_to_atoms
+from .text import LINE_SEPARATOR, atoms_to_text, split_crystals, text_to_atoms
 
 FORMATS = {
     ".extxyz": "extxyz",
@@ -199,9 +199,9 @@ class _ExtxyzBackend(_TextBackend):
     def render(self, atoms):
         atoms = atoms.copy()
         for key, value in list(atoms.info.items()):
-            # extxyz comment lines are single lines: newlines become " | ".
+            # extxyz comment lines are single lines (generated_text is one line already).
             if isinstance(value, str) and "\n" in value:
-                atoms.info[key] = value.replace("\n", " | ")
+                atoms.info[key] = value.replace("\n", LINE_SEPARATOR)
             elif isinstance(value, dict):
                 del atoms.info[key]
         buf = io.StringIO()

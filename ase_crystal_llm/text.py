@@ -125,8 +125,20 @@ def _numbers(line, what, lineno):
     return values
 
 
+#: How crystal text is kept on one line (``atoms.info["generated_text"]``): every
+#: ASE format that stores ``info`` (extxyz comment lines above all) takes it as is.
+LINE_SEPARATOR = " | "
+
+
+def one_line(text: str) -> str:
+    """Crystal text on one line, lines joined by :data:`LINE_SEPARATOR`; :func:`text_to_atoms` reads it."""
+    return LINE_SEPARATOR.join(line.strip() for line in text.strip().splitlines())
+
+
 def _crystal_lines(text):
     """Non-blank lines up to the first blank line after the crystal starts."""
+    if "\n" not in text and LINE_SEPARATOR in text:
+        text = text.replace(LINE_SEPARATOR, "\n")  # the one-line form of :func:`one_line`
     lines = []
     for line in text.splitlines():
         line = line.strip()

@@ -27,7 +27,7 @@ from ase_crystal_llm.generation import (
     seen_in_training,
 )
 from ase_crystal_llm.metrics import structure_valid
-from ase_crystal_llm.text import ELEMENTS
+from ase_crystal_llm.text import ELEMENTS, one_line
 
 NACL = "4.0 4.0 4.0\n60 60 60\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50"
 
@@ -136,7 +136,7 @@ def test_generate_returns_periodic_atoms_with_info(tok):
         assert sorted(atoms.get_chemical_symbols()) == ["Cl", "Na"]
         info = atoms.info
         assert info["condition_formula"] == "NaCl"
-        assert info["generated_text"] == NACL
+        assert info["generated_text"] == one_line(NACL) and "\n" not in info["generated_text"]
         assert info["temperature"] == 0.7 and info["top_p"] == 0.9
         assert info["attempts"] == 1 and info["sample_index"] == i and info["seed"] == 0
         assert info["rank"] == 0 and info["run_id"]
@@ -437,7 +437,7 @@ def test_db_output_has_valid_key_value_pairs(tok, tmp_path):
     assert kvp["condition_formula"] == "NaCl" and kvp["condition_spacegroup"] == 225
     assert kvp["spacegroup_number"] == 225 and kvp["sample_index"] in (0, 1)
     assert kvp["formula_constrained"] is True
-    assert rows[0].data["generated_text"].startswith("4.0 4.0 4.0\n")
+    assert rows[0].data["generated_text"].startswith("4.0 4.0 4.0 | ")
     assert db.metadata["runs"][0]["seed"] == 0
     assert len(list(db.select(condition_formula="NaCl"))) == 2
 

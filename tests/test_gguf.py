@@ -148,7 +148,8 @@ def test_adapter_reloads_generates_and_scores(adapter):
     stats = gen.stats
     assert stats.attempts >= 4 and not stats.parse_failures.get("truncated")
     for atoms in crystals:
-        assert len(atoms) == 1 and gen.grammar().accepts(atoms.info["generated_text"])
+        text = atoms.info["generated_text"].replace(" | ", "\n")
+        assert len(atoms) == 1 and gen.grammar().accepts(text)
     scores = propose_elements(gen, _rocksalt(), "Na", candidates=["N", "Na", "K"])
     assert set(scores) == {"N", "Na", "K"} and abs(sum(scores.values()) - 1) < 1e-6
 

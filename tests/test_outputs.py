@@ -153,3 +153,23 @@ def test_bad_paths_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="output folder does not exist"):
         StructureWriter(tmp_path / "no" / "x.extxyz")
     assert output_format("A.CIF") == "cif" and ".crystxt" in FORMATS
+
+
+@pytest.mark.parametrize("ext", ["extxyz", "traj", "json", "db"])
+def test_generated_info_survives_ase_own_writers(tmp_path, crystal_model, ext):
+    """ase.io.write (not the package's writer) on generate()'s output reads back with the same info."""
+    from ase_crystal_llm.generation import CrystalGenerator
+    from ase_crystal_llm.text import text_to_atoms
+
+    crystals = CrystalGenerator.from_pretrained(crystal_model, device="cpu").generate(3, seed=0)
+    assert crystals
+    path = tmp_path / f"ase.{ext}"
+    ase.io.write(path, crystals)
+    back = ase.io.read(path, ":")
+    assert len(back) == len(crystals)
+    for before, after in zip(crystals, back):
+        assert after.get_chemical_symbols() == before.get_chemical_symbols()
+        if ext in ("json", "db"):
+            continue  # ASE's own db writers store no info at all
+        assert after.info == before.info
+        assert len(text_to_atoms(after.info["generated_text"])) == len(before)
