@@ -64,14 +64,13 @@ def positive_float(text):
 
 
 def spacegroups(text):
-    """argparse type: comma-separated space group numbers, 1-230."""
+    """argparse type: comma-separated space groups, numbers 1-230 or Hermann-Mauguin symbols (Fm-3m)."""
+    from .prompts import spacegroup_number
+
     try:
-        numbers = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid space group list: {text!r}") from None
-    if not all(1 <= g <= 230 for g in numbers):
-        raise argparse.ArgumentTypeError(f"space group numbers run from 1 to 230, got {text}")
-    return numbers
+        return [spacegroup_number(part.strip()) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err}" + (f" (in {text!r})" if "," in text else "")) from None
 
 
 def non_negative_float(text):
@@ -214,7 +213,7 @@ def _add_generate(sub):
     p.add_argument("--free-formula", action="store_true",
                    help="write --formula into the prompt only and let the model choose the composition "
                    "(measures the model's own formula skill)")
-    p.add_argument("--spacegroup", type=spacegroups, help="space group number condition (comma-separated for several)")
+    p.add_argument("--spacegroup", type=spacegroups, help="space group condition: a number or Hermann-Mauguin symbol, e.g. 225 or Fm-3m (comma-separated for several)")
     p.add_argument("--e-above-hull", type=float, help="energy above hull condition, eV/atom")
     p.add_argument("--band-gap", type=float, help="band gap condition, eV")
     p.add_argument("--formation-energy", type=float, help="formation energy condition, eV/atom")
@@ -237,6 +236,7 @@ def _add_generate(sub):
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: keep OUTPUT and add only the crystals it lacks")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (refused otherwise)")
     p.add_argument("--plain", action="store_true", help="decode with model.generate instead of the fast sampler")
     _add_threads(p)
 
@@ -254,7 +254,8 @@ def _run_generate(args):
         elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
         temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
         max_attempts=args.max_attempts, max_atoms=args.max_atoms, symmetrize=args.symmetrize,
-        seed=args.seed, resume=args.resume, fast=not args.plain, progress=True, threads=args.threads,
+        seed=args.seed, resume=args.resume, overwrite=args.overwrite, fast=not args.plain, progress=True,
+        threads=args.threads,
         **({} if args.min_distance is None else {"min_distance": args.min_distance}),
         **({"spacing_guard": False} if args.no_spacing_guard else {}),
         **({"charge_guard": False} if args.no_charge_guard else {}),
@@ -281,11 +282,19 @@ def _add_evaluate(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the reference subsample and IPT translations")
     p.add_argument("--cache-dir", help="folder for cached reference fingerprints (default: $CRYSTAL_LLM_CACHE or ~/.cache/ase-crystal-llm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report in OUTPUT if it holds one (its relaxation cache is reused)")
     _add_threads(p)
 
 
 def _run_evaluate(args):
+    from pathlib import Path
+
     from .evaluation import evaluate
+
+    if (Path(args.output) / "metrics.json").exists() and not args.overwrite:
+        raise UsageError(f"{args.output} already holds a report: pass --overwrite to replace it "
+                         "(finished relaxations are reused from its cache)")
 
     result = evaluate(
         args.samples, args.output, reference=args.reference, data_dir=args.data_dir, potential=args.potential,
@@ -314,6 +323,7 @@ def _add_mutate(sub):
     p.add_argument("--relax", metavar="POTENTIAL", help="relax each child with this potential (e.g. m3gnet)")
     p.add_argument("--device", help="torch device for the model and potential (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (refused otherwise)")
     _add_threads(p)
 
 
@@ -322,11 +332,12 @@ def _run_mutate(args):
 
     from .datasets import read_structures
     from .infill import LLMElementMutation, TemplateElementMutation, mutate_structures
-    from .outputs import StructureWriter, output_format
+    from .outputs import StructureWriter, check_output, output_format
 
     if args.baseline and (args.temperature is not None or args.model or args.any_element):
         raise UsageError("--baseline uses no model: drop --temperature, --model and --any-element")
     output_format(args.output)  # a bad extension fails before any work
+    check_output(args.output, overwrite=args.overwrite, resume=None)
     parents = read_structures(args.input, canonical=False)
     if not parents:
         raise UsageError(f"no structures in {args.input}")
@@ -362,6 +373,7 @@ def _add_merge(sub):
     p.add_argument("model", help="adapter model directory written by 'crystal-llm train'")
     p.add_argument("-o", "--output", required=True, help="directory for the merged full model")
     p.add_argument("--base", help="location of the base model, if it moved")
+    p.add_argument("--overwrite", action="store_true", help="write into OUTPUT even if it holds a model")
     _add_threads(p)
 
 
@@ -370,6 +382,10 @@ def _run_merge(args):
     _quiet_training_libraries()
     from .training import merge_adapter
 
+    from pathlib import Path
+
+    if (Path(args.output) / "crystal_llm.json").exists() and not args.overwrite:
+        raise UsageError(f"{args.output} already holds a model: pass --overwrite to replace it")
     merge_adapter(args.model, args.output, base=args.base)
     print(f"merged model written to {args.output}")
 
@@ -382,6 +398,7 @@ def _add_convert(sub):
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
     p.add_argument("--order-disordered", action="store_true", help="give partially occupied sites their majority occupant instead of failing")
     p.add_argument("--limit", type=positive_int, help="convert only the first N structures")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (refused otherwise)")
 
 
 def _output_format(path):
@@ -416,7 +433,10 @@ def _run_convert(args):
 
     from .datasets import read_structures
 
+    from .outputs import check_output
+
     fmt = _output_format(args.output)
+    check_output(args.output, overwrite=args.overwrite, resume=None)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

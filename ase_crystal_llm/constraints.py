@@ -153,7 +153,7 @@ def formula_composition(formula, elements=None):
     try:
         count = Formula(str(formula), strict=True).count()
     except ValueError as err:
-        raise ValueError(f"invalid formula {formula!r}: {err}") from None
+        raise ValueError(f"invalid formula {formula!r}: {str(err) or _formula_reason(str(formula))}") from None
     if not count:
         raise ValueError(f"invalid formula {formula!r}: no elements")
     unknown = [s for s in count if s not in ELEMENTS]
@@ -168,6 +168,31 @@ def formula_composition(formula, elements=None):
             raise ValueError(f"formula {formula!r} needs {', '.join(missing)}, not in elements "
                              f"({', '.join(sorted(elements))})")
     return count
+
+
+def _formula_reason(text):
+    """Why ``text`` is no formula, with the one capitalised reading where there is one ('nacl': 'NaCl')."""
+    if text and text == text.lower():
+        readings = _capitalised(text.strip(), limit=2)
+        hint = f": did you mean {readings[0]!r}?" if len(readings) == 1 else " (e.g. 'NaCl', 'LiFePO4')"
+        return "element symbols start with a capital letter" + hint
+    return "write element symbols with their counts, e.g. 'NaCl', 'Li2FeSiO4', 'Ca(OH)2'"
+
+
+def _capitalised(text, limit):
+    """Up to ``limit`` ways to read lower-case ``text`` as element symbols, digits and brackets."""
+    if not text:
+        return [""]
+    if text[0].isdigit() or text[0] in "()":
+        return [text[0] + rest for rest in _capitalised(text[1:], limit)][:limit]
+    found = []
+    for size in (2, 1):
+        symbol = text[:size].capitalize()
+        if len(symbol) == size and symbol in ELEMENTS:
+            found += [symbol + rest for rest in _capitalised(text[size:], limit - len(found))]
+        if len(found) >= limit:
+            break
+    return found[:limit]
 
 
 class FormulaTarget:

@@ -41,13 +41,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 from . import settings
 from .constraints import FIELDS, CrystalGrammar, FormulaTarget, formula_composition
 from .metrics import MIN_DISTANCE, structure_valid
+from .prompts import CONDITION_KEYS, spacegroup_number
 from .text import CrystalTextError, is_element, one_line, text_to_atoms
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_ATOMS = 30
 DEFAULT_MAX_ATTEMPTS = 5
-CONDITION_KEYS = ("formula", "formation_energy", "band_gap", "e_above_hull", "spacegroup")
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -331,7 +331,7 @@ def condition_sets(n, **conditions):
             value = conditions.get(key)
             value = value[j] if isinstance(value, (list, tuple)) else value
             if value is not None:
-                one[key] = value
+                one[key] = spacegroup_number(value) if key == "spacegroup" else value
         sets.append(one)
     return [sets[i % k] for i in range(n)]
 
@@ -347,26 +347,16 @@ def _check_request(n, kwargs, max_atoms=DEFAULT_MAX_ATOMS):
     elements = kwargs.get("elements")
     _check_elements(elements)
     keys = {k: kwargs.get(k) for k in CONDITION_KEYS}
-    for c in {id(c): c for c in condition_sets(max(int(n), 1), **keys)}.values():
+    for c in {id(c): c for c in condition_sets(max(whole_number(n, "n"), 1), **keys)}.values():
         _check_conditions(c)
         _check_formula(c, elements, max_atoms, kwargs.get("constrain_formula", True))
 
 
 def _check_conditions(conditions):
-    formula = conditions.get("formula")
-    if formula is not None:
-        from ase.formula import Formula
-
-        try:
-            symbols = Formula(str(formula), strict=True).count()
-        except ValueError as err:
-            raise ValueError(f"invalid formula {formula!r}: {err}") from None
-        bad = [s for s in symbols if not is_element(s)]
-        if bad or not symbols:
-            raise ValueError(f"invalid formula {formula!r}: unknown element(s) {', '.join(bad)}")
-    sg = conditions.get("spacegroup")
-    if sg is not None and (int(sg) != float(sg) or not 1 <= int(sg) <= 230):
-        raise ValueError(f"spacegroup must be an integer from 1 to 230, got {sg!r}")
+    if conditions.get("formula") is not None:
+        formula_composition(conditions["formula"])
+    if conditions.get("spacegroup") is not None:
+        spacegroup_number(conditions["spacegroup"])
 
 
 def _check_formula(conditions, elements, max_atoms, constrain):
@@ -407,6 +397,14 @@ def _card_get(card, name, default=None):
 
 def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def whole_number(value, name: str) -> int:
+    """``value`` as an int; 2.5, "3" or True are refused (silently truncating them hides mistakes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not (isinstance(value, (float, np.floating)) and float(value).is_integer()):
+            raise TypeError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def new_run_id() -> str:
@@ -625,7 +623,7 @@ class CrystalGenerator:
         for exactly the ones it still needs; ``run_id`` and ``rank`` are
         recorded in every ``info``.
         """
-        n = int(n)
+        n = whole_number(n, "n")
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
         if max_attempts < 1:
@@ -846,13 +844,15 @@ def _summary(output, records):
             + f"; {seconds:.1f} s, {speed:.2f} crystals/s")
 
 
-def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None, resume=False, fast=True,
-                     progress=False, max_attempts=None, max_atoms=None, generator=None, threads=None, **kwargs):
+def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None, resume=False, overwrite=False,
+                     fast=True, progress=False, max_attempts=None, max_atoms=None, generator=None, threads=None,
+                     **kwargs):
     """Sample ``n`` crystals into ``output`` as they come (the ``crystal-llm generate`` workflow).
 
     Every structure is durable once written, so an interrupted run keeps what
     it finished; ``resume=True`` adds only the crystals the output lacks
-    (same run id and seed, taken from ``<output>.run.json``).  Under
+    (same run id and seed, taken from ``<output>.run.json``); an existing
+    output is otherwise refused unless ``overwrite=True``.  Under
     ``accelerate launch`` the crystals are split over the processes (each
     with its own random stream) and gathered into ``output`` at the end.
 
@@ -861,15 +861,15 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
     str or None
         A one-line summary (on the main process).
     """
-    from .outputs import (StructureWriter, is_db_url, merge_outputs, output_format, read_run_records,
-                          run_record_path)
+    from .outputs import (StructureWriter, check_output, is_db_url, merge_outputs, output_format,
+                          read_run_records, run_record_path)
 
     server = is_db_url(str(output))  # a database server: every process writes into it directly
     output = str(output) if server else Path(output)
     output_format(output)
-    if not server and not output.parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {output.parent}")
     state = _distributed()
+    if state is None or state.is_main_process:
+        check_output(output, overwrite=overwrite, resume=resume)
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     main = rank == 0
     if device is None and state is not None:

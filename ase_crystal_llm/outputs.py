@@ -117,6 +117,32 @@ def _fsync(fd):
 # -- run records ----------------------------------------------------------------------
 
 
+def check_output(path, *, overwrite=False, resume=False, what="output"):
+    """Refuse, before any slow work, an output that exists (without ``overwrite`` or
+    ``resume``) or whose folder is missing or not writable.
+
+    Raises
+    ------
+    FileExistsError, FileNotFoundError, PermissionError
+        One line saying what is wrong and which option would do what was meant.
+    """
+    if is_db_url(str(path)):
+        return
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder does not exist: {folder}")
+    exists = path.exists() or run_record_path(path).exists()
+    if exists and not (overwrite or resume):
+        again = " or --resume to add what it lacks" if resume is not None else ""
+        raise FileExistsError(f"{what} {path} already exists: pass --overwrite to replace it{again}")
+    try:  # root ignores permission bits: only a real write tells
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".crystal-llm-check-"):
+            pass
+    except OSError as err:
+        raise PermissionError(f"cannot write into {folder}: {err.strerror or err}") from None
+
+
 def run_record_path(path):
     return Path(str(path) + ".run.json")
 

@@ -83,6 +83,34 @@ def conditions_from_info(info):
     return conditions
 
 
+def spacegroup_number(value) -> int:
+    """A space group as its number: ``225``, ``"225"`` or a Hermann-Mauguin symbol (``"Fm-3m"``, ``"P6_3/mmc"``).
+
+    Raises
+    ------
+    ValueError
+        Saying what was given and what is accepted.
+    """
+    if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+        from pymatgen.symmetry.groups import SpaceGroup
+
+        try:
+            return SpaceGroup(value.strip()).int_number
+        except ValueError:
+            raise ValueError(
+                f"unknown space group {value!r}: give a number from 1 to 230 or a Hermann-Mauguin "
+                f"symbol as pymatgen writes it, e.g. 'Fm-3m', 'P6_3/mmc', 'P2_1/c'"
+            ) from None
+    try:
+        number = int(value)
+        integral = number == float(value)
+    except (TypeError, ValueError):
+        integral = False
+    if not integral or not 1 <= number <= 230:
+        raise ValueError(f"space group must be a number from 1 to 230 or a symbol such as 'Fm-3m', got {value!r}")
+    return number
+
+
 @dataclass
 class PromptTemplate:
     """The prompt strings of the paper, stored with every trained model.
@@ -148,10 +176,7 @@ class PromptTemplate:
         if key == "formula":
             return str(value).strip()
         if key == "spacegroup":
-            number = int(value)
-            if number != float(value) or not 1 <= number <= 230:
-                raise ValueError(f"spacegroup must be an integer from 1 to 230, got {value!r}")
-            return str(number)
+            return str(spacegroup_number(value))
         return format_number(value, self.decimals)
 
     def generation_prompt(self, conditions=None):

@@ -107,6 +107,20 @@ CASES = [
                                         "--spacegroup", "12,231"), ("1 to 230", "12,231"), needs_model=True),
     Case("generate", "negative-min-distance", ("generate", "-n", "1", "-o", "{out}/g.extxyz", "--model", "{model}",
                                                "--min-distance", "-1"), ("--min-distance", ">= 0"), needs_model=True),
+    Case("generate", "spacegroup-symbol", ("generate", "-n", "1", "-o", "{out}/g.extxyz", "--model", "{model}",
+                                           "--spacegroup", "Fm3x"), ("unknown space group", "Fm-3m"), needs_model=True),
+    Case("generate", "lowercase-formula", ("generate", "-n", "1", "-o", "{out}/g.extxyz", "--model", "{model}",
+                                           "--formula", "nacl"), ("capital letter", "NaCl"), needs_model=True),
+    Case("generate", "existing-output", ("generate", "-n", "1", "-o", "{good}", "--model", "{model}"),
+         ("already exists", "--overwrite", "--resume"), needs_model=True),
+    Case("generate", "unwritable-output", ("generate", "-n", "1", "-o", "/sys/g.extxyz", "--model", "{model}"),
+         ("cannot write", "/sys"), needs_model=True),
+    Case("convert", "existing-output", ("convert", "{good}", "-o", "{good}"), ("already exists", "--overwrite")),
+    Case("mutate", "existing-output", ("mutate", "{good}", "-n", "1", "--baseline", "-o", "{good}"),
+         ("already exists", "--overwrite")),
+    Case("evaluate", "existing-report", ("evaluate", "{good}", "-o", "{report}", *EVAL), ("already holds a report", "--overwrite")),
+    Case("merge", "existing-output", ("merge", "{model}", "-o", "{model}"), ("already holds a model", "--overwrite"),
+         needs_model=True),
     # train
     Case("train", "missing-file", ("train", "--data", "{missing}", "--out", "{out}/t", *TRAIN), ("not found", "{missing}")),
     Case("train", "empty-file", ("train", "--data", "{empty}", "--out", "{out}/t", *TRAIN), ("empty",)),
@@ -147,7 +161,10 @@ def inputs(tmp_path_factory):
         "unknown_element": root / "unknown_element.crystxt",
         "good": root / "good.extxyz",
         "empty_dir": root / "empty_dir",
+        "report": root / "report",
     }
+    paths["report"].mkdir()
+    (paths["report"] / "metrics.json").write_text("{}")
     paths["empty"].write_text("")
     paths["junk"].write_text("this is not\na structure file\n")
     write(paths["molecule"], molecule("H2O"))

@@ -327,7 +327,7 @@ def test_unseen_condition_combination_warns(random_gen):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"formula": "NaXy"}, "invalid formula"),
-    ({"formula": "NaCl", "spacegroup": 231}, "spacegroup"),
+    ({"formula": "NaCl", "spacegroup": 231}, "space group"),
     ({"temperature": -1}, "temperature"),
     ({"max_attempts": 0}, "max_attempts"),
 ])
@@ -600,3 +600,19 @@ def test_cli_generate_splits_over_processes(model_dir, tmp_path):
     assert sum(r["stats"]["requested"] for r in runs) == 5 and len({r["run_id"] for r in runs}) == 1
     assert not list(tmp_path.glob("multi.part*"))
     assert len(ase.io.read(out, ":")) == sum(r["stats"]["returned"] for r in runs)
+
+
+def test_spacegroup_symbols_and_whole_numbers(random_gen):
+    from ase_crystal_llm.prompts import spacegroup_number
+
+    assert spacegroup_number("Fm-3m") == 225 and spacegroup_number("P6_3/mmc") == 194 and spacegroup_number("14") == 14
+    assert condition_sets(2, spacegroup="Fm-3m") == [{"spacegroup": 225}] * 2
+    out = random_gen.generate(1, spacegroup="Fm-3m", seed=0, max_atoms=2, max_attempts=1, min_distance=None)
+    assert all(a.info["condition_spacegroup"] == 225 for a in out)
+    with pytest.raises(ValueError, match="unknown space group 'Fm3x'.*'Fm-3m'"):
+        random_gen.generate(1, spacegroup="Fm3x")
+    for bad in (2.5, "3", True):
+        with pytest.raises(TypeError, match="whole number"):
+            random_gen.generate(bad)
+    with pytest.raises(ValueError, match="capital letter: did you mean 'NaCl'"):
+        random_gen.generate(1, formula="nacl")

@@ -72,7 +72,7 @@ def test_condition_values_and_errors():
     assert t.condition_text({"band_gap": float("nan"), "formula": None}) == ""
     with pytest.raises(ValueError, match="unknown condition"):
         t.condition_text({"bandgap": 1.0})
-    with pytest.raises(ValueError, match="spacegroup"):
+    with pytest.raises(ValueError, match="space group"):
         t.condition_text({"spacegroup": 231})
 
 
