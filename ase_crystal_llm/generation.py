@@ -931,10 +931,14 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
         writer.write_run_record(record("running"))
         try:
             last = time.monotonic()
+            written = 0
             for atoms in stream:
                 writer.write(atoms)
-                if bar is not None:
-                    bar.update(1)
+                written += 1
+                if bar is not None and written == gen.stats.returned:
+                    # A batch arrives all at once: count it in one update, so the first
+                    # rate and time estimate are per batch, not one crystal per batch time.
+                    bar.update(written - bar.n)
                 if time.monotonic() - last > 10:  # statistics survive a kill, up to 10 s old
                     writer.write_run_record(record("running"))
                     last = time.monotonic()

@@ -170,9 +170,16 @@ def write_run_record(path, record):
     _atomic_write_text(run_record_path(path), json.dumps({"runs": runs}, indent=1, default=str) + "\n")
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_text(path, text):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a record is as readable as its output
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -363,7 +370,9 @@ class _TrajBackend:
         self.traj = Trajectory(path, "a" if append else "w")
 
     def write(self, atoms):
+        calc = _stored_results(atoms)
         atoms = atoms.copy()
+        atoms.calc = calc
         atoms.info = {k: _plain(v) for k, v in atoms.info.items()}
         self.traj.write(atoms)
         fd = getattr(self.traj.backend, "fd", None)
@@ -385,6 +394,14 @@ def _session_last_id(cur):
     return int(cur.fetchone()[0])
 
 
+def _stored_results(atoms):
+    """A relaxed structure's SinglePointCalculator (energy, forces, stress) to store with it;
+    None for a live calculator, which must not be run by a writer."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    return atoms.calc if isinstance(atoms.calc, SinglePointCalculator) else None
+
+
 class _DbBackend:
     def __init__(self, path, append):
         import ase.db
@@ -404,6 +421,7 @@ class _DbBackend:
     def write(self, atoms):
         kvp, data = split_info(atoms.info)
         bare = atoms.copy()
+        bare.calc = _stored_results(atoms)  # row.energy, `ase db` columns
         bare.info = {}
         self.db.write(bare, key_value_pairs=kvp, data=data)  # one transaction
 

@@ -31,6 +31,7 @@ Design points
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -520,6 +521,24 @@ def _compute_dtype(device):
     return torch.float32
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No weight-loading progress bars: transformers' own (its switch) and its GGUF reader's (plain tqdm)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bar = gguf_loading.tqdm
+    gguf_loading.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = bar
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_base_model(base, *, quantize=None, device=None, dtype=None):
     """Load a causal LM (optionally 4-bit NF4 / 8-bit) from a hub id or directory."""
     import torch
@@ -544,7 +563,7 @@ def load_base_model(base, *, quantize=None, device=None, dtype=None):
         index = device.index if device.index is not None else 0
         kwargs["device_map"] = {"": index if device.type == "cuda" else "cpu"}
     source, extra = pretrained_args(resolve_base(base))
-    with _base_errors(base):
+    with _base_errors(base), quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra)
     if "gguf_file" in extra and not quantize:
         _forget_gguf_quantizer(model)
@@ -567,7 +586,7 @@ def load_base_tokenizer(base):
     from transformers import AutoTokenizer
 
     source, extra = pretrained_args(resolve_base(base))
-    with _base_errors(base):
+    with _base_errors(base), quiet_loading():
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {base} has no end-of-sequence token")
@@ -626,7 +645,8 @@ def load_trained(model_dir, *, base=None, device=None, quantize=None, verify=Tru
         model = load_base_model(base, quantize=quantize, device=device)
         model = PeftModel.from_pretrained(model, model_dir)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_compute_dtype(device)).to(device)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_compute_dtype(device)).to(device)
     model.eval()
     return model, tokenizer, card
 

@@ -95,3 +95,12 @@ def test_generate_option_types():
     for bad in ("-0.1", "inf", "nan", "a"):
         with pytest.raises(Exception):
             non_negative_float(bad)
+
+
+def test_every_option_has_help():
+    from ase_crystal_llm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    missing = [(name, a.option_strings) for name, parser in sub.choices.items() for a in parser._actions
+               if a.option_strings and not a.help]
+    assert not missing

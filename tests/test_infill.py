@@ -544,6 +544,10 @@ def test_ga_search_example_runs(m3gnet_dir, tiny_model_dir, tmp_path, capsys):
     for row in rows:
         assert row.raw_score == pytest.approx(-row.e_above_hull)
         assert row.toatoms().get_chemical_symbols().count("O") == 3 and row.natoms == 5
+    # the same --out again: a one-line refusal (exit 2), not a traceback
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "run")])
+    assert stop.value.code == 2 and "--overwrite" in capsys.readouterr().err
 
 
 def test_mutate_structures_needs_crystals():

@@ -2,6 +2,7 @@
 survives a half-written tail, and keeps a run record beside the output."""
 
 import json
+import os
 
 import ase.db
 import ase.io
@@ -173,3 +174,31 @@ def test_generated_info_survives_ase_own_writers(tmp_path, crystal_model, ext):
             continue  # ASE's own db writers store no info at all
         assert after.info == before.info
         assert len(text_to_atoms(after.info["generated_text"])) == len(before)
+
+
+@pytest.mark.parametrize("ext", ["db", "traj"])
+def test_relaxed_energy_is_stored_as_the_calculators(tmp_path, ext):
+    """mutate --relax output: the energy shows as row.energy / atoms.get_potential_energy()."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms = sample(1)
+    atoms.calc = SinglePointCalculator(atoms, energy=-7.25, forces=np.zeros((2, 3)))
+    atoms.info["energy"] = -7.25
+    path = tmp_path / f"relaxed.{ext}"
+    with StructureWriter(path) as w:
+        w.write(atoms)
+    if ext == "db":
+        row = next(ase.db.connect(path).select())
+        assert row.energy == pytest.approx(-7.25)
+    assert ase.io.read(path).get_potential_energy() == pytest.approx(-7.25)
+
+
+def test_run_record_is_readable_like_its_output(tmp_path):
+    from ase_crystal_llm.outputs import run_record_path, write_run_record
+
+    out = tmp_path / "x.extxyz"
+    out.write_text("")
+    write_run_record(out, {"run_id": "r1", "rank": 0, "session": "s"})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert run_record_path(out).stat().st_mode & 0o777 == 0o666 & ~mask

@@ -93,7 +93,8 @@ class Evaluator:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="crystal-llm model directory (default: the shipped model)")
-    parser.add_argument("--out", default="ga_run", help="run folder (must not hold a ga.db yet)")
+    parser.add_argument("--out", default="ga_run", help="run folder (must not hold a ga.db yet, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="delete the ga.db of an earlier run in --out")
     parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--children", type=int, default=6, help="children per generation")
@@ -102,13 +103,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (5-atom cells: more threads mostly wait on each other)")
     args = parser.parse_args(argv)
+    db = Path(args.out) / "ga.db"
+    if db.exists():
+        if not args.overwrite:
+            parser.error(f"{db} already exists: pass --overwrite to start again, or choose another --out")
+        db.unlink()
     import torch
 
     torch.set_num_threads(args.threads)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    db = out / "ga.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(args.seed)  # ase_ga's Population uses the legacy API
     pool = [A_SITE, B_SITE]  # A and B sites swap within their own group; O stays
     start = time.perf_counter()
