@@ -318,8 +318,8 @@ def _add_mutate(sub):
     p.add_argument("--temperature", type=float, help="softmax temperature of the model's proposal; 0 is greedy (default 1.0)")
     p.add_argument("--baseline", action="store_true", help="use the template (ionic radius) swap instead of the model")
     p.add_argument("--any-element", action="store_true",
-                   help="let the model choose among all elements, not only the template swap-table entry")
-    p.add_argument("--tolerance", type=float, default=0.1, help="ionic radius tolerance of the swap table, A (default 0.1)")
+                   help="let the model choose among all elements, not only the chemically alike substitutes")
+    p.add_argument("--tolerance", type=float, default=0.1, help="ionic radius tolerance for alike substitutes, A (default 0.1, the paper's; see docs/infill.md)")
     p.add_argument("--relax", metavar="POTENTIAL", help="relax each child with this potential (e.g. m3gnet)")
     p.add_argument("--device", help="torch device for the model and potential (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, help="random seed of the swaps (default: a fresh one)")

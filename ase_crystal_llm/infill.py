@@ -37,7 +37,9 @@ __all__ = [
     "element_log_likelihoods",
     "infill_prompt",
     "mutate_structures",
+    "oxidation_states",
     "propose_elements",
+    "substitutes",
     "swap_table",
     "template_candidates",
 ]
@@ -109,6 +111,106 @@ def swap_table(tolerance=0.1):
     return table
 
 
+@functools.lru_cache(maxsize=4096)
+def oxidation_states(formula: str) -> dict[str, int]:
+    """The oxidation state of each element of a composition: pymatgen's most likely
+    charge-balanced guess; ``{}`` when there is none (intermetallics, elements)."""
+    from pymatgen.core import Composition
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            guesses = Composition(formula).oxi_state_guesses(max_sites=-1)
+        except ValueError:
+            guesses = ()
+    # A zero state (an element, an alloy) says nothing about charge: no entry.
+    return {el: int(round(v)) for el, v in guesses[0].items() if round(v)} if guesses else {}
+
+
+def _radius(symbol, state):
+    return _all_ionic_radii()[symbol].get(state)
+
+
+@functools.lru_cache(maxsize=None)
+def _common_states():
+    """Common oxidation states of each element, kept only where they make chemical sense
+    as a substitute: no positive states for halogens and noble gases (Br+5 is no cation
+    for Ga3+ or P5+ sites), no negative states for metals."""
+    from pymatgen.core import Element
+
+    states = {}
+    for symbol in ELEMENTS:
+        element = Element(symbol)
+        common = set(element.common_oxidation_states)
+        if element.is_halogen or element.is_noble_gas:
+            common = {s for s in common if s < 0}
+        if element.is_metal:
+            common = {s for s in common if s > 0}
+        states[symbol] = common
+    return states
+
+
+@functools.lru_cache(maxsize=None)
+def _is_metal(symbol):
+    from pymatgen.core import Element
+
+    return bool(Element(symbol).is_metal)
+
+
+@functools.lru_cache(maxsize=None)
+def _usable(candidate, element):
+    """No radioactive substitute (Tc, Pm, Po and heavier) for a stable element."""
+    from pymatgen.core import Element
+
+    return not Element(candidate).is_radioactive or Element(element).is_radioactive
+
+
+def _group_neighbours(symbol):
+    """Elements of the same periodic-table group one period above or below."""
+    from pymatgen.core import Element
+
+    me = Element(symbol)
+    if me.is_lanthanoid or me.is_actinoid or symbol == "H":
+        return ()
+    return tuple(s for s in ELEMENTS if s not in (symbol, "H") and (e := Element(s)).group == me.group
+                 and abs(e.row - me.row) == 1 and not (e.is_lanthanoid or e.is_actinoid))
+
+
+def substitutes(atoms, element: str, tolerance: float = 0.1, nearest: int = 3) -> tuple[str, ...]:
+    """Elements that may replace every ``element`` atom of ``atoms``, most alike first.
+
+    The oxidation state ``element`` has *in this compound* (:func:`oxidation_states`)
+    decides, so Cl in NaCl (-1) pairs with F, Br, never with N (which shares only
+    Cl's +5).  In order: elements that commonly take that state with an ionic radius
+    within ``tolerance`` (the paper's template rule), nearest radius first; then the
+    element's group neighbours (one period up or down) that commonly take the state;
+    when both are empty, the ``nearest`` same-charge elements by radius.  A compound
+    without a charge-balanced guess falls back to the :func:`swap_table` entry, and
+    then to the group neighbours.
+    """
+    formula = atoms.get_chemical_formula() if hasattr(atoms, "get_chemical_formula") else str(atoms)
+    return _substitutes(formula, element, float(tolerance), int(nearest))
+
+
+@functools.lru_cache(maxsize=4096)
+def _substitutes(formula, element, tolerance, nearest):
+    _check_element(element)
+    state = oxidation_states(formula).get(element)
+    if state is None:  # metals stay metals, non-metals non-metals
+        metal = _is_metal(element)
+        return tuple(s for s in swap_table(tolerance)[element] + _group_neighbours(element)
+                     if _is_metal(s) == metal and _usable(s, element))
+    common = _common_states()
+    mine = _radius(element, state)
+    charged = [s for s in ELEMENTS if s != element and state in common[s] and _usable(s, element)]
+    by_radius = sorted((abs(_radius(s, state) - mine), s) for s in charged
+                       if mine is not None and _radius(s, state) is not None)
+    close = [s for d, s in by_radius if round(d, 6) <= tolerance]
+    group = [s for s in _group_neighbours(element) if s in charged and s not in close]
+    found = close + group or [s for _, s in by_radius[:nearest]]
+    return tuple(found)
+
+
 def template_candidates(element, tolerance=0.1):
     """The swap-table entry of one element (see :func:`swap_table`)."""
     _check_element(element)
@@ -124,9 +226,9 @@ def _check_element(symbol):
 # Scoring candidates with the model
 
 
-def _candidate_list(element, candidates):
+def _candidate_list(atoms, element, candidates):
     if candidates is None:
-        candidates = template_candidates(element) or tuple(e for e in ELEMENTS if e != element)
+        candidates = substitutes(atoms, element) or tuple(e for e in ELEMENTS if e != element)
     elif isinstance(candidates, str):
         candidates = [candidates]
     candidates = list(dict.fromkeys(candidates))  # drop duplicates, keep order
@@ -189,8 +291,8 @@ def element_log_likelihoods(generator, atoms, element, candidates=None):
     element : str
         The element to replace.
     candidates : sequence of str, optional
-        Elements to score; default: the element's template swap-table entry,
-        or every element when the entry is empty.
+        Elements to score; default: :func:`substitutes` of the element in
+        ``atoms``, or every element when there is none.
 
     Returns
     -------
@@ -199,7 +301,7 @@ def element_log_likelihoods(generator, atoms, element, candidates=None):
     """
     import torch
 
-    candidates = _candidate_list(element, candidates)
+    candidates = _candidate_list(atoms, element, candidates)
     model, tokenizer = generator.model, generator.tokenizer
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -266,8 +368,8 @@ def propose_elements(generator, atoms, element, *, candidates=None, temperature=
     element : str
         The element to replace; it must occur in ``atoms``.
     candidates : sequence of str, optional
-        Allowed replacements; default: the template swap-table entry of
-        ``element``, or every other element when that entry is empty.
+        Allowed replacements; default: :func:`substitutes` of ``element`` in
+        ``atoms``, or every other element when there is none.
     temperature : float
         Softmax temperature (>= 0).
 
@@ -336,11 +438,25 @@ class _ElementSwapMutation(OffspringCreator):
         self.element_pool = element_pool
         self.groups = _element_groups(element_pool)
 
-    def candidates(self, element):
+    def candidates(self, atoms, element):
         raise NotImplementedError
 
     def choose(self, atoms, element, candidates):
         raise NotImplementedError
+
+    def _alike(self, atoms, element):
+        """Chemically alike replacements (:func:`substitutes`); with a pool, those in the
+        element's group and every group member that takes its oxidation state (most alike
+        first), and the whole group when none of them is in it."""
+        alike = substitutes(atoms, element, self.tolerance)
+        group = self.group(element)
+        if group is None:
+            return alike
+        others = [s for s in group if s != element]
+        state = oxidation_states(atoms.get_chemical_formula()).get(element)
+        charged = [s for s in others if state is not None and state in _common_states()[s]]
+        ranked = [s for s in alike if s in others] + [s for s in charged if s not in alike]
+        return tuple(ranked or others)
 
     def group(self, element):
         """Elements that may replace ``element`` under the pool (``None``: any)."""
@@ -348,15 +464,11 @@ class _ElementSwapMutation(OffspringCreator):
             return None
         return next((g for g in self.groups if element in g), ())
 
-    def _in_group(self, element, symbols):
-        group = self.group(element)
-        return tuple(symbols) if group is None else tuple(s for s in symbols if s in group)
-
     def get_new_individual(self, parents):
         """Return ``(child, description)``, or ``(None, reason)`` when no swap exists."""
         parent = parents[0]
         present = list(dict.fromkeys(parent.get_chemical_symbols()))
-        options = {el: c for el in present if (c := tuple(x for x in self.candidates(el) if x != el))}
+        options = {el: c for el in present if (c := tuple(x for x in self.candidates(parent, el) if x != el))}
         if not options:
             formula = parent.get_chemical_formula()
             return None, f"mutation: {self.descriptor} found no allowed swap for {formula}"
@@ -385,17 +497,20 @@ class TemplateElementMutation(_ElementSwapMutation):
 
     An element of the parent is picked uniformly (among those with at least
     one allowed replacement), its replacement uniformly from its
-    :func:`swap_table` entry, and every atom of that element is swapped.
+    :func:`substitutes` in the parent (same oxidation state as in this
+    compound, similar ionic radius, or group neighbours), and every atom of
+    that element is swapped.
 
     Parameters
     ----------
     element_pool : list of str, or list of lists of str, optional
         The chemical space, as for ASE's ``RandomElementMutation``: only
         elements of the pool are swapped, and only for elements of the same
-        group (``[["Ca", "Sr"], ["Ti", "Zr"]]`` keeps A and B sites apart).
-        Default: any element for any element.
+        group (``[["Ca", "Sr"], ["Ti", "Zr"]]`` keeps A and B sites apart);
+        within a group, every member that takes the element's oxidation state
+        is allowed.  Default: any element for any element.
     tolerance : float
-        Ionic radius tolerance of the swap table, Angstrom.
+        Ionic radius tolerance, Angstrom (paper: 0.1).
     rng : numpy.random, RandomState or Generator
         Source of randomness (ASE GA convention).
     verbose : bool
@@ -405,11 +520,11 @@ class TemplateElementMutation(_ElementSwapMutation):
     def __init__(self, element_pool=None, tolerance=0.1, rng=np.random, verbose=False):
         super().__init__(element_pool, rng=rng, verbose=verbose)
         self.tolerance = float(tolerance)
-        self.table = swap_table(self.tolerance)
+        swap_table(self.tolerance)  # checks the tolerance now, not at the first swap
         self.descriptor = "TemplateElementMutation"
 
-    def candidates(self, element):
-        return self._in_group(element, self.table.get(element, ()))
+    def candidates(self, atoms, element):
+        return self._alike(atoms, element)
 
     def choose(self, atoms, element, candidates):
         return str(self.rng.choice(list(candidates))), {}
@@ -435,11 +550,12 @@ class LLMElementMutation(_ElementSwapMutation):
         Softmax temperature of the proposal: lower is more conservative,
         higher more diverse, 0 is greedy.
     restrict_to_template : bool
-        Score only the template swap-table entry of the element (within its
+        Score only the chemically alike replacements of the template operator
+        (:func:`substitutes`, or the same-charge members of the element's
         ``element_pool`` group); otherwise score the whole group (or every
-        element).
+        element: the model alone decides).
     tolerance : float
-        Ionic radius tolerance of the swap table used for the restriction.
+        Ionic radius tolerance used for the restriction, Angstrom.
     rng : numpy.random, RandomState or Generator
         Source of randomness (ASE GA convention).
     verbose : bool
@@ -452,12 +568,13 @@ class LLMElementMutation(_ElementSwapMutation):
         self.generator = generator
         self.temperature = _check_temperature(temperature)
         self.restrict_to_template = bool(restrict_to_template)
-        self.table = swap_table(tolerance)
+        self.tolerance = float(tolerance)
+        swap_table(self.tolerance)  # checks the tolerance now, not at the first swap
         self.descriptor = "LLMElementMutation"
 
-    def candidates(self, element):
+    def candidates(self, atoms, element):
         if self.restrict_to_template:
-            return self._in_group(element, self.table.get(element, ()))
+            return self._alike(atoms, element)
         group = self.group(element)
         return ELEMENTS if group is None else group
 

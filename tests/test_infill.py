@@ -14,6 +14,7 @@ from ase_crystal_llm.infill import (
     TemplateElementMutation,
     element_log_likelihoods,
     propose_elements,
+    substitutes,
     swap_element,
     swap_table,
 )
@@ -154,12 +155,36 @@ def test_distribution_sums_to_one_and_respects_candidates(generator):
 
 def test_default_candidates(generator):
     cu = bulk("Cu", "fcc", a=3.6)
-    assert list(propose_elements(generator, cu, "Cu")) == list(swap_table()["Cu"])
-    # O has an empty swap-table entry: every other element is scored.
+    assert list(propose_elements(generator, cu, "Cu")) == list(substitutes(cu, "Cu"))
     mgo = bulk("MgO", "rocksalt", a=4.2)
-    probs = propose_elements(generator, mgo, "O")
-    assert set(probs) == set(ELEMENTS) - {"O"}
+    assert list(propose_elements(generator, mgo, "O")) == ["S"]  # O2- -> S2-, its group neighbour
+    # Solid hydrogen has no substitute: every other element is scored.
+    probs = propose_elements(generator, _hydrogen(), "H")
+    assert set(probs) == set(ELEMENTS) - {"H"}
     assert sum(probs.values()) == pytest.approx(1.0)
+
+
+def _hydrogen():
+    return Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], cell=[3, 3, 3], pbc=True)
+
+
+@pytest.mark.parametrize("formula, element, expected, never", [
+    ("NaCl", "Na", {"Li", "K"}, set()),
+    ("NaCl", "Cl", {"F", "Br"}, {"N"}),  # Cl-, not Cl5+: no NaN from NaCl
+    ("MgO", "Mg", {"Ca", "Zn", "Ni"}, {"H"}),
+    ("MgO", "O", {"S"}, {"F", "H"}),
+    ("SrTiO3", "Sr", {"Ca", "Ba", "Pb"}, set()),
+    ("SrTiO3", "Ti", {"Zr", "Sn"}, set()),
+    ("LiFePO4", "Li", {"Na"}, {"H"}),
+    ("LiFePO4", "Fe", {"Mn", "Co", "Ni", "Mg"}, set()),
+    ("LiFePO4", "P", {"As"}, {"Br", "Cl"}),
+    ("CsPbI3", "I", {"Br"}, {"At"}),  # no radioactive substitute
+])
+def test_substitutes_follow_chemical_common_sense(formula, element, expected, never):
+    """Same oxidation state as in the compound, similar radius or group neighbours; textbook cases."""
+    found = substitutes(formula, element)
+    assert expected <= set(found) and not never & set(found), found
+    assert element not in found
 
 
 def test_batched_scores_equal_one_sequence_at_a_time(generator):
@@ -291,7 +316,7 @@ def test_template_mutation_contract():
     for _ in range(30):
         child, description = op.get_new_individual([parent])
         old, new = _check_child(parent, child, description, "TemplateElementMutation")
-        assert new in swap_table()[old]
+        assert new in substitutes(parent, old)
         seen.add((old, new))
     assert {old for old, _ in seen} == {"Cu", "Ni"}  # elements picked uniformly
     assert parent == snapshot and parent.info == snapshot.info  # not modified in place
@@ -304,12 +329,21 @@ def test_element_pool_and_no_possible_swap():
     # As in ASE's element mutations, elements outside the pool are never swapped.
     child, reason = TemplateElementMutation(element_pool=["Ni", "Au"]).get_new_individual([_parent(bulk("Cu", "fcc", a=3.6))])
     assert child is None and "no allowed swap" in reason
-    # Argon has no ionic radius: no swap, no exception.
-    child, reason = op.get_new_individual([_parent(bulk("Ar", "fcc", a=5.3))])
+    # Hydrogen has no substitute: no swap, no exception.
+    child, reason = op.get_new_individual([_parent(_hydrogen())])
     assert child is None and reason.count(":") == 1 and "no allowed swap" in reason
-    # Na has no partner at 0.1 A: in NaCl only Cl can go (to N, Cl5+ ~ N5+).
-    child, _ = TemplateElementMutation().get_new_individual([_parent(_rocksalt())])
-    assert child.get_chemical_symbols() == ["Na", "N"]
+    # NaCl: Na -> Li or K, Cl -> F or Br (same charge), never Cl -> N (Cl5+ ~ N5+ in the radius table).
+    template = TemplateElementMutation(rng=np.random.default_rng(0))
+    swaps = {tuple(template.get_new_individual([_parent(_rocksalt())])[0].info["data"]["element_swap"])
+             for _ in range(20)}
+    assert swaps == {("Na", "Li"), ("Na", "K"), ("Cl", "F"), ("Cl", "Br")}
+    # A pool: the same-charge members of the element's group (the issue: "no allowed swap" every time).
+    pooled = TemplateElementMutation(element_pool=[["Na", "K", "Rb", "Li"], ["Cl", "Br", "I", "F"]],
+                                     rng=np.random.default_rng(0))
+    swaps = {tuple(pooled.get_new_individual([_parent(_rocksalt())])[0].info["data"]["element_swap"])
+             for _ in range(40)}
+    assert {new for old, new in swaps if old == "Na"} == {"Li", "K", "Rb"}
+    assert {new for old, new in swaps if old == "Cl"} == {"F", "Br", "I"}
     with pytest.raises(ValueError, match="unknown element"):
         TemplateElementMutation(element_pool=["Cu", "Qq"])
     with pytest.raises(ValueError, match="empty group"):
@@ -426,9 +460,8 @@ def _parents_file(tmp_path):
 
     cu = bulk("Cu", "fcc", a=3.6, cubic=True)
     cu[0].symbol = "Ni"
-    argon = bulk("Ar", "fcc", a=5.3)  # no allowed swap: leaves the rotation
     path = tmp_path / "parents.extxyz"
-    write(path, [cu, argon, _rocksalt()])
+    write(path, [cu, _hydrogen(), _rocksalt()])  # hydrogen has no allowed swap: leaves the rotation
     return path
 
 
@@ -445,8 +478,9 @@ def test_cli_mutate_baseline(tmp_path):
     assert [c.info["parent_index"] for c in children] == [0, 2, 0, 2, 0]
     for child in children:
         old, new = child.info["mutation"].split("->")
-        assert new in swap_table()[old] and child.info["origin"] == "TemplateElementMutation"
-    assert children[1].get_chemical_symbols() == ["Na", "N"]
+        parent = [None, None, _rocksalt()][child.info["parent_index"]] or read(_parents_file(tmp_path), 0)
+        assert new in substitutes(parent, old) and child.info["origin"] == "TemplateElementMutation"
+    assert "N" not in children[1].get_chemical_symbols()
 
 
 @pytest.mark.parametrize(
@@ -503,7 +537,7 @@ def test_cli_mutate_with_model(tiny_model_dir, tmp_path):
     for row in rows:
         assert row.origin == "LLMElementMutation" and 0 < row.swap_probability <= 1
         old, new = row.mutation.split("->")
-        assert new in swap_table()[old]
+        assert new in substitutes(row.parent_formula, old)
 
 
 def test_cli_mutate_relax(m3gnet_dir, tmp_path):
