@@ -651,6 +651,46 @@ def load_trained(model_dir, *, base=None, device=None, quantize=None, verify=Tru
     return model, tokenizer, card
 
 
+def checkpoints(run_dir) -> list[Path]:
+    """The finished checkpoints of a training run, oldest first (``<run>/checkpoints/step-*``)."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = sorted(root.glob("step-*")) if root.is_dir() else []
+    return [p for p in found if (p / STATE_NAME).is_file()]
+
+
+def load_checkpoint(checkpoint_dir, *, base=None, device=None):
+    """Load the model of one training checkpoint (to evaluate a learning curve).
+
+    A checkpoint has no model card: its ``trainer_state.json`` says how the run
+    was set up (from scratch, full weights over a base, or a LoRA adapter over
+    ``base``, which overrides where the base lives now).
+
+    Returns
+    -------
+    model, tokenizer, state : the model in eval mode, its tokenizer, the trainer state (dict)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint_dir = Path(checkpoint_dir)
+    state = json.loads((checkpoint_dir / STATE_NAME).read_text())
+    verify_hashes(checkpoint_dir, state.get("weights", {}))
+    device = torch.device(device or "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    fingerprint = state["fingerprint"]
+    if fingerprint.get("from_scratch") or fingerprint.get("full"):
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32).to(device)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_base_model(base or fingerprint["base"], device=device), checkpoint_dir)
+        model = model.merge_and_unload()
+    return model.eval(), tokenizer, state
+
+
 # --------------------------------------------------------------------------- training loop
 
 
@@ -662,8 +702,7 @@ class _Checkpoints:
         self.keep = keep
 
     def latest(self):
-        found = sorted(self.root.glob("step-*")) if self.root.is_dir() else []
-        found = [p for p in found if (p / STATE_NAME).is_file()]
+        found = checkpoints(self.root.parent)
         return found[-1] if found else None
 
     def staging(self, step):

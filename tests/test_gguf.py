@@ -243,3 +243,21 @@ def test_resume_with_more_steps_extends_the_run(tmp_path, crystals):
     assert np.allclose([s["lr"] for s in log["steps"][4:]], [s["lr"] for s in long_log["steps"][4:]])
     # the first 4 steps decayed towards 0 over 4 steps: a different (shorter) schedule
     assert log["steps"][3]["lr"] < long_log["steps"][3]["lr"]
+
+
+def test_checkpoints_load_like_the_final_model(adapter, tmp_path, crystals):
+    from ase_crystal_llm.training import checkpoints, load_checkpoint
+
+    last = checkpoints(adapter)[-1]
+    assert last.name == "step-0000004"
+    model, tokenizer, state = load_checkpoint(last)
+    final, _, _ = load_trained(adapter)
+    x = tokenizer("Na 0.50", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x).logits, final(input_ids=x).logits, atol=1e-4)
+    assert state["step"] == 4 and state["fingerprint"]["batch_size"] == 4
+    scratch = tmp_path / "scratch"
+    train(crystals[:8], scratch, from_scratch="tiny", max_steps=2, batch_size=4, save_every=1, keep_checkpoints=0,
+          progress=False)
+    assert [p.name for p in checkpoints(scratch)] == ["step-0000001", "step-0000002"]
+    assert type(load_checkpoint(checkpoints(scratch)[0])[0]).__name__ == "LlamaForCausalLM"
