@@ -461,6 +461,64 @@ def _run_convert(args):
     return 0
 
 
+def _add_data(sub):
+    p = sub.add_parser("data", help="get, check or link the data folder (MP-20, hull references, M3GNet weights)",
+                       description="Everything outside generation (evaluate, hull, novelty, coverage, IPT) reads "
+                                   "MP-20, the MP elemental references and the M3GNet weights from the data folder.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    fetch = actions.add_parser("fetch", help="download the files the data folder lacks (sha256-checked, resumable)")
+    fetch.add_argument("--dest", metavar="DIR",
+                       help="folder to fill (default: $CRYSTAL_LLM_CACHE/data or ~/.cache/ase-crystal-llm/data, "
+                            "which the package then finds by itself)")
+    fetch.add_argument("--mirror", metavar="URL",
+                       help="fetch from a copy laid out like the data folder instead of the public sources: "
+                            "a folder, file:///path or http(s)://host/path")
+    fetch.add_argument("--no-progress", action="store_true", help="no progress bars")
+    check = actions.add_parser("check", help="list the data files a folder holds (OK, missing, wrong sha256) "
+                                             "and the folder the package uses now; exit status 1 if any is "
+                                             "missing or wrong")
+    check.add_argument("dir", nargs="?", metavar="DIR",
+                       help="folder to check (default: the one the package uses now, else the fetch default)")
+    link = actions.add_parser("link", help="point the package at a data folder already on disk (offline sites)")
+    link.add_argument("source", metavar="DIR", help="a complete data folder (holding mp_20/, hull/, models/)")
+    link.add_argument("--dest", metavar="LINK",
+                      help="symbolic link to create (default: $CRYSTAL_LLM_CACHE/data or ~/.cache/ase-crystal-llm/data)")
+    for action in actions.choices.values():  # build_parser adds --debug to the top level only
+        action.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def _run_data(args):
+    from pathlib import Path
+
+    from . import data, settings
+
+    if args.action == "fetch":
+        dest = Path(args.dest).expanduser() if args.dest else data.default_dest()
+        todo = data.missing(dest)
+        data.fetch(dest, mirror=args.mirror, progress=not args.no_progress)
+        print(f"crystal-llm data: {len(todo)} files fetched into {dest} "
+              f"({len(data.MANIFEST) - len(todo)} already there)", file=sys.stderr)
+        print(data.describe_in_use(dest))
+        return 0
+    if args.action == "link":
+        dest = data.link(args.source, args.dest)
+        print(f"crystal-llm data: {dest} -> {Path(args.source).expanduser().resolve()}", file=sys.stderr)
+        print(data.describe_in_use(dest))
+        return 0
+    folder = Path(args.dir).expanduser() if args.dir else (settings.data_dir(required=False) or data.default_dest())
+    if not folder.is_dir():
+        raise UsageError(f"data folder not found: {folder}")
+    statuses = data.check(folder)
+    width = max(len(s.path) for s in statuses)
+    print(f"data folder: {folder}")
+    for status in statuses:
+        detail = f"  ({status.detail})" if status.detail else ""
+        print(f"  {status.state:<12}  {status.path:<{width}}{detail}")
+    print(data.describe_in_use())
+    bad = [s for s in statuses if s.state in (data.MISSING, data.WRONG)]
+    return 1 if bad else 0
+
+
 COMMANDS = {
     "train": (_add_train, _run_train),
     "generate": (_add_generate, _run_generate),
@@ -468,6 +526,7 @@ COMMANDS = {
     "mutate": (_add_mutate, _run_mutate),
     "merge": (_add_merge, _run_merge),
     "convert": (_add_convert, _run_convert),
+    "data": (_add_data, _run_data),
 }
 
 

@@ -7,7 +7,8 @@ Environment variables
 ---------------------
 CRYSTAL_LLM_DATA
     Folder holding ``mp_20/``, ``hull/`` and ``models/`` (default: ``shared/data``
-    beside the project checkout, when it exists).
+    beside the project checkout, when it exists, else the folder ``crystal-llm data
+    fetch`` fills, ``<cache>/data``).
 CRYSTAL_LLM_M3GNET
     A matgl M3GNet model directory (default: ``<data>/models/matgl/M3GNet-MP-2021.2.8-PES``).
 CRYSTAL_LLM_CACHE
@@ -134,7 +135,8 @@ def data_dir(path=None, *, required=True):
     """The data folder (holding ``mp_20/``, ``hull/``, ``models/``).
 
     Order: ``path``, then ``$CRYSTAL_LLM_DATA``, then ``shared/data`` beside the
-    project checkout or the current directory.
+    project checkout or the current directory, then ``cache_dir() / "data"``
+    (where ``crystal-llm data fetch`` puts it by default).
     """
     if path is not None:
         return _must_exist(Path(path), "data folder")
@@ -142,11 +144,13 @@ def data_dir(path=None, *, required=True):
     if env:
         return _must_exist(Path(env), "data folder ($CRYSTAL_LLM_DATA)")
     found = _first_existing(
-        [PACKAGE_DIR.parent.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+        [PACKAGE_DIR.parent.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
+         cache_dir() / "data"]
     )
     if found is None and required:
         raise FileNotFoundError(
-            "no data folder found: pass one or set CRYSTAL_LLM_DATA to the folder holding mp_20/ and hull/"
+            "no data folder found: run 'crystal-llm data fetch', pass one or set CRYSTAL_LLM_DATA "
+            "to the folder holding mp_20/ and hull/"
         )
     return found
 
