@@ -563,13 +563,36 @@ def load_base_model(base, *, quantize=None, device=None, dtype=None):
         index = device.index if device.index is not None else 0
         kwargs["device_map"] = {"": index if device.type == "cuda" else "cpu"}
     source, extra = pretrained_args(resolve_base(base))
+    if quantize and "gguf_file" in extra:
+        source, extra = _gguf_as_directory(Path(source) / extra["gguf_file"]), {}
     with _base_errors(base), quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra)
-    if "gguf_file" in extra and not quantize:
+    if "gguf_file" in extra:
         _forget_gguf_quantizer(model)
     if not quantize:
         model.to(device)
     return model
+
+
+def _gguf_as_directory(gguf_path):
+    """A GGUF base as a Hugging Face model directory, dequantised once and cached by the
+    file's sha256: transformers cannot apply a bitsandbytes config while it reads GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modelcard import sha256_file
+
+    gguf_path = Path(gguf_path)
+    target = settings.cache_dir() / "gguf" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
+    if (target / "config.json").is_file():
+        return str(target)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        _forget_gguf_quantizer(model)
+        model.save_pretrained(staging, safe_serialization=True)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(staging)
+    os.replace(staging, target)  # atomic: a second process finds a whole directory or none
+    return str(target)
 
 
 def _forget_gguf_quantizer(model):

@@ -261,3 +261,15 @@ def test_checkpoints_load_like_the_final_model(adapter, tmp_path, crystals):
           progress=False)
     assert [p.name for p in checkpoints(scratch)] == ["step-0000001", "step-0000002"]
     assert type(load_checkpoint(checkpoints(scratch)[0])[0]).__name__ == "LlamaForCausalLM"
+
+
+def test_qlora_on_a_gguf_base(tmp_path, monkeypatch, gguf_base, crystals):
+    """transformers refuses a bitsandbytes config while reading GGUF: the base is dequantised once into the cache."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("CRYSTAL_LLM_CACHE", str(tmp_path / "cache"))
+    card = train(crystals[:8], tmp_path / "qlora", base=str(gguf_base), quantize="4bit", max_steps=2, batch_size=4,
+                 progress=False)  # fmt: skip
+    assert card.quantization == "4bit" and card.extra["base"]["sha256"] == sha256_file(gguf_base)
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1  # one dequantised copy, reused
+    model, _, _ = load_trained(tmp_path / "qlora", quantize="4bit")
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
