@@ -37,6 +37,11 @@ def positive_int(text):
     return value
 
 
+def coverage_size(text):
+    """argparse type: ``all`` or a whole number >= 0 (0 also means all)."""
+    return "all" if text.strip().lower() == "all" else non_negative_int(text)
+
+
 def non_negative_int(text):
     """argparse type: an integer >= 0."""
     value = _int(text)
@@ -273,11 +278,12 @@ def _add_evaluate(sub):
     p.add_argument("--potential", default="m3gnet", help="m3gnet, chgnet or a matgl model directory")
     p.add_argument("--fmax", type=positive_float, default=0.1, help="relaxation force criterion, eV/A (default 0.1)")
     p.add_argument("--steps", type=positive_int, default=500, help="most FIRE steps per relaxation (default 500)")
-    p.add_argument("--workers", type=positive_int, help="parallel relaxation processes")
+    p.add_argument("--workers", type=positive_int, help="parallel processes for relaxations and reference fingerprints")
     p.add_argument("--model", help="model directory, for IPT (symmetry) evaluation")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N samples")
-    p.add_argument("--coverage-size", type=positive_int, metavar="N",
-                   help="subsample the test split to N crystals for coverage (default: all; fingerprints are cached)")
+    p.add_argument("--coverage-size", type=coverage_size, metavar="N",
+                   help="test crystals for coverage: a seeded subsample of N (default 1000), or all (or 0) for the "
+                   "whole split, the paper's protocol; fingerprints are cached as they are computed")
     p.add_argument("--ipt-size", type=positive_int, default=100, metavar="N", help="test crystals for IPT (with --model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the reference subsample and IPT translations")
     p.add_argument("--cache-dir", help="folder for cached reference fingerprints (default: $CRYSTAL_LLM_CACHE or ~/.cache/ase-crystal-llm)")

@@ -347,11 +347,17 @@ class Featurizer:
 _FEATURIZER = None  # one per process (worker processes build their own)
 
 
-def _featurize_one(item):
+def featurizer() -> Featurizer:
+    """This process's :class:`Featurizer`, built on first use (matminer's presets take a few seconds)."""
     global _FEATURIZER
     if _FEATURIZER is None:
         _FEATURIZER = Featurizer()
-    return _FEATURIZER.structure(item), _FEATURIZER.composition(item)
+    return _FEATURIZER
+
+
+def _featurize_one(item):
+    fz = featurizer()
+    return fz.structure(item), fz.composition(item)
 
 
 def _pool_map(func, items, workers, progress, desc):
@@ -386,6 +392,7 @@ class Fingerprints:
     composition: np.ndarray
     density: np.ndarray
     n_elements: np.ndarray
+    _ARRAYS = ("structure", "composition", "density", "n_elements")  # not a field: no annotation
 
     @classmethod
     def from_structures(cls, structures, *, workers=None, progress=False, desc="fingerprints"):
@@ -400,6 +407,19 @@ class Fingerprints:
         n_el = np.array([len(s.composition.elements) for s in structures], dtype=int)
         return cls(struct, comp, density, n_el)
 
+    @classmethod
+    def concatenate(cls, parts) -> "Fingerprints":
+        """The rows of several ``Fingerprints`` in order (an empty list gives zero rows)."""
+        parts = list(parts)
+        if not parts:
+            return cls(np.empty((0, STRUCT_FP_SIZE)), np.empty((0, COMP_FP_SIZE)), np.empty(0),
+                       np.empty(0, dtype=int))
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls._ARRAYS))
+
+    def take(self, rows) -> "Fingerprints":
+        """The given rows (indices or a boolean mask), as new ``Fingerprints``."""
+        return type(self)(*(getattr(self, name)[rows] for name in self._ARRAYS))
+
     def __len__(self):
         return len(self.density)
 
@@ -408,14 +428,23 @@ class Fingerprints:
         """Rows with a structure fingerprint and finite composition features."""
         return np.isfinite(self.structure).all(axis=1) & np.isfinite(self.composition).all(axis=1)
 
-    def save(self, path):
-        np.savez_compressed(path, structure=self.structure, composition=self.composition,
-                            density=self.density, n_elements=self.n_elements)
+    def save(self, path, **extra):
+        """Write a compressed ``.npz`` (``path`` may be an open binary file); ``extra`` arrays are stored beside."""
+        np.savez_compressed(path, **{name: getattr(self, name) for name in self._ARRAYS}, **extra)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path) -> "Fingerprints":
+        """Read :meth:`save`'s file; a file with missing arrays or wrong shapes raises ``ValueError``."""
         with np.load(path) as data:
-            return cls(data["structure"], data["composition"], data["density"], data["n_elements"])
+            try:
+                fps = cls(*(data[name] for name in cls._ARRAYS))
+            except KeyError as err:
+                raise ValueError(f"{path}: no array {err} in a fingerprint file") from None
+        n = len(fps)
+        if fps.structure.shape != (n, STRUCT_FP_SIZE) or fps.composition.shape != (n, COMP_FP_SIZE) \
+                or fps.n_elements.shape != (n,):
+            raise ValueError(f"{path}: fingerprint arrays of inconsistent shapes")
+        return fps
 
 
 class CompositionScaler:

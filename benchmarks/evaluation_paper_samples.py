@@ -67,7 +67,7 @@ def main():
         "timings_s": result["timings_s"],
         "metrics": {k: result[k] for k in ("validity", "coverage", "wasserstein", "diversity", "uniqueness",
                                            "novelty", "relaxation", "stability")},
-        "note": "reference fingerprints may come from the cache (see timings_s.coverage); "
+        "note": "reference fingerprints may come from the cache (see timings_s.reference_fingerprints); "
                 "the machine was shared with other jobs (load average above)",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """``crystal-llm evaluate`` end to end on a handful of MP-20 test crystals (CPU, M3GNet)."""
 
+import csv
 import json
 import math
 
 import ase.io
+import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk
@@ -50,7 +52,7 @@ def first_run(samples_file, tmp_path_factory, m3gnet_dir, data_dir):
         # an interrupted run: only the first 3 samples got relaxed
         assert _run(samples_file, out, "--limit", "3") == 0
         partial = json.loads((out / "metrics.json").read_text())
-        assert _run(samples_file, out) == 0
+        assert _run(samples_file, out, "--overwrite") == 0  # the same folder: its relaxations are reused
     finally:
         mp.undo()
     return out, partial, json.loads((out / "metrics.json").read_text())
@@ -70,7 +72,8 @@ def test_cli_writes_report(first_run):
     stab = result["stability"]
     assert stab["over_emitted"]["emitted"] == 9
     assert stab["over_emitted"]["metastable"] == pytest.approx(stab["metastable"] * stab["n"] / 9)
-    assert result["coverage"]["reference_size"] == 40
+    assert result["coverage"]["reference_size"] == 40 == result["settings"]["coverage_reference_size"]
+    assert result["coverage"]["reference"]["subsample"] and result["coverage"]["reference"]["split_size"] == 9046
     # (a random 40-crystal subsample of the test split need not contain anything like these 6)
     assert 0 <= result["coverage"]["recall"] <= 6 / 40 and 0 <= result["coverage"]["precision"] <= 6 / 8
     assert result["wasserstein"]["density"] >= 0
@@ -81,6 +84,7 @@ def test_cli_writes_report(first_run):
     assert cond["spacegroup"]["n"] == 1 and cond["spacegroup"]["match_symprec_0.1"] == 1.0
     report = (out / "report.md").read_text()
     assert "MP-20 only" in report or "MP-20 (plus elemental references) only" in report
+    assert "40-crystal subsample" in report and "not the full test split of the paper's protocol" in report
 
 
 def test_known_stable_crystals_are_metastable(first_run):
@@ -143,17 +147,125 @@ def test_bad_input_gives_one_line(tmp_path, capsys, data_dir):
     assert "not found" in capsys.readouterr().err
 
 
-def test_reference_fingerprints_are_cached(data_dir, tmp_path):
-    from ase_crystal_llm import settings
+# -- reference fingerprints: chunked, resumable, parallel, precomputed ------------------
+def _small_crystals():
+    """12 small hand-made crystals: a reference that needs no shared data."""
+    return [bulk("NaCl", "rocksalt", a=5.64), bulk("KCl", "rocksalt", a=6.3), bulk("Si"), bulk("Cu"),
+            bulk("MgO", "rocksalt", a=4.2), bulk("CsCl", "cesiumchloride", a=4.1), bulk("Al"), bulk("Fe"),
+            bulk("ZnS", "zincblende", a=5.41), bulk("GaAs", "zincblende", a=5.65), bulk("LiF", "rocksalt", a=4.03),
+            bulk("W")]
 
-    path = settings.mp20_path("test", data_dir)
-    first = evaluation.reference_fingerprints(path, size=5, seed=3, cache=tmp_path, progress=False)
-    files = list(tmp_path.glob("fingerprints-*.npz"))
-    assert len(files) == 1 and len(first) == 5
-    again = evaluation.reference_fingerprints(path, size=5, seed=3, cache=tmp_path, progress=False)
-    assert (again.structure[first.ok] == first.structure[first.ok]).all()
-    evaluation.reference_fingerprints(path, size=5, seed=4, cache=tmp_path, progress=False)
-    assert len(list(tmp_path.glob("fingerprints-*.npz"))) == 2
+
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory):
+    """A 12-crystal CSV with a ``cif`` column, and its fingerprints computed in one go (no chunks, no cache)."""
+    from ase_crystal_llm import metrics
+
+    cifs = [metrics.as_structure(a).to(fmt="cif") for a in _small_crystals()]
+    path = tmp_path_factory.mktemp("reference") / "ref.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["material_id", "cif"])
+        writer.writerows([f"x-{i}", cif] for i, cif in enumerate(cifs))
+    whole = metrics.Fingerprints.from_structures([evaluation._parse_cif(cif) for cif in cifs])
+    return path, whole
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(np.allclose(getattr(a, k), getattr(b, k), equal_nan=True)
+                                    for k in ("structure", "composition", "density", "n_elements"))
+
+
+def _chunk_files(cache):
+    return sorted(cache.glob("fingerprints-*/rows-*.npz"))
+
+
+def test_interrupted_reference_fingerprints_resume(small_reference, tmp_path, monkeypatch):
+    path, whole = small_reference
+    real, computed = evaluation._fingerprint_chunk, []
+
+    def interrupt_after_two(task, tick=None):
+        if len(computed) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the third chunk
+        computed.append(task[0])
+        return real(task, tick)
+
+    monkeypatch.setattr(evaluation, "_fingerprint_chunk", interrupt_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.reference_fingerprints(path, cache=tmp_path, chunk_size=4, progress=False)
+    assert len(_chunk_files(tmp_path)) == 2  # both finished chunks were saved at once
+
+    computed.clear()
+    monkeypatch.setattr(evaluation, "_fingerprint_chunk", lambda task, tick=None: computed.append(task[0]) or
+                        real(task, tick))
+    fps, info = evaluation._reference(path, cache=tmp_path, chunk_size=4, progress=False)
+    assert info["computed"] == 4 and info["from_cache"] == 8  # only the missing chunk
+    assert [list(rows) for rows in computed] == [[8, 9, 10, 11]]
+    assert _same(fps, whole)
+
+    # a damaged chunk (and a temporary file a kill -9 left mid-write) cost only that chunk
+    damaged = _chunk_files(tmp_path)[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (damaged.parent / f".{damaged.name}.123.tmp").write_bytes(b"half")
+    fps, info = evaluation._reference(path, cache=tmp_path, chunk_size=4, progress=False)
+    assert info["computed"] == 4 and _same(fps, whole)
+
+
+def test_subsamples_share_cached_rows_and_cached_runs_show_no_bar(small_reference, tmp_path, capsys):
+    path, whole = small_reference
+    part, info = evaluation._reference(path, size=5, seed=3, cache=tmp_path, chunk_size=4, label="tiny split")
+    rows = evaluation.subsample_rows(12, 5, 3)
+    assert info == {"size": 5, "split_size": 12, "subsample": True, "seed": 3, "precomputed": 0,
+                    "from_cache": 0, "computed": 5}
+    assert _same(part, whole.take(rows))
+    assert "reference fingerprints (tiny split, 5 of 12 crystals" in capsys.readouterr().err
+    full, info = evaluation._reference(path, cache=tmp_path, chunk_size=4, label="tiny split")
+    assert (info["from_cache"], info["computed"]) == (5, 7) and _same(full, whole)
+    assert "12 crystals, 5 already cached" in capsys.readouterr().err
+    again = evaluation.reference_fingerprints(path, size=5, seed=3, cache=tmp_path)
+    assert _same(again, part)
+    assert capsys.readouterr().err == ""  # everything cached: no bar
+
+
+def test_reference_fingerprints_in_worker_processes(small_reference, tmp_path):
+    path, whole = small_reference
+    fps, info = evaluation._reference(path, cache=tmp_path, chunk_size=4, workers=2, progress=False)
+    assert info["computed"] == 12 and len(_chunk_files(tmp_path)) == 3
+    assert _same(fps, whole)
+
+
+def test_precomputed_reference_file(small_reference, tmp_path, monkeypatch):
+    path, whole = small_reference
+    split = tmp_path / "split.csv"
+    split.write_bytes(path.read_bytes())
+    assert evaluation.precomputed_path(tmp_path / "test.csv.gz") == tmp_path / "test_fingerprints.npz"
+    marked = whole.take(np.arange(12))
+    marked.density = marked.density + 1000.0  # to tell the file's values from computed ones
+    marked.save(evaluation.precomputed_path(split))
+    real = evaluation._fingerprint_chunk
+    monkeypatch.setattr(evaluation, "_fingerprint_chunk", lambda *a, **k: pytest.fail("computed"))
+    fps, info = evaluation._reference(split, size=5, seed=1, cache=tmp_path / "cache", progress=False)
+    assert info["precomputed"] == 5 and _same(fps, marked.take(evaluation.subsample_rows(12, 5, 1)))
+    assert not (tmp_path / "cache").exists() or not _chunk_files(tmp_path / "cache")
+
+    monkeypatch.setattr(evaluation, "_fingerprint_chunk", real)
+    for stale in ({"version": np.array(evaluation.FINGERPRINT_VERSION + 1)}, {}):
+        rows = np.arange(12) if stale else np.arange(11)  # another version, or another row count
+        marked.take(rows).save(evaluation.precomputed_path(split), **stale)
+        with pytest.warns(UserWarning, match="ignoring"):
+            fps, info = evaluation._reference(split, cache=tmp_path / "cache", progress=False)
+        assert info["precomputed"] == 0 and _same(fps, whole)
+    fps, info = evaluation._reference(split, cache=tmp_path / "cache", precomputed=False, progress=False)
+    assert info["from_cache"] == 12
+
+
+def test_coverage_size_values():
+    assert evaluation._coverage_size(None) == evaluation.COVERAGE_SIZE
+    assert evaluation._coverage_size("all") is None and evaluation._coverage_size(0) is None
+    assert evaluation._coverage_size(40) == 40
+    for bad in (-1, "some", 2.5, True):
+        with pytest.raises(ValueError, match="coverage_size"):
+            evaluation._coverage_size(bad)
 
 
 def test_run_record_beside_samples_counts_every_attempt(tmp_path):
@@ -179,9 +291,15 @@ def test_structures_in_memory_are_checked(tmp_path):
         evaluation.evaluate([], tmp_path)
 
 
-def test_all_invalid_samples(tmp_path, data_dir):
+def test_all_invalid_samples(tmp_path, data_dir, monkeypatch):
     close = Atoms("Na2", positions=[[0, 0, 0], [0.3, 0, 0]], cell=[5, 5, 5], pbc=True)
-    result = evaluation.evaluate([close, close.copy()], tmp_path, coverage_size=5, progress=False)
+    monkeypatch.setattr(evaluation, "COVERAGE_SIZE", 5)  # the default subsample, kept small
+    result = evaluation.evaluate([close, close.copy()], tmp_path, progress=False)
+    ref = result["coverage"]["reference"]
+    assert (ref["size"], ref["split_size"], ref["subsample"], ref["seed"]) == (5, 9046, True, 0)
+    assert result["settings"]["coverage_reference_size"] == 5 == result["coverage"]["reference_size"]
+    report = (tmp_path / "report.md").read_text()
+    assert "subsample of 5 of the 9,046 MP-20 test crystals" in report and "not the full test split" in report
     assert result["validity"]["returned"]["valid"] == 0.0
     assert result["coverage"]["precision"] == 0.0 and result["coverage"]["recall"] == 0.0
     assert result["stability"]["metastable"] == 0.0

@@ -232,6 +232,23 @@ def test_fingerprints_save_load(small_fps, tmp_path):
     np.testing.assert_array_equal(back.n_elements, small_fps.n_elements)
 
 
+def test_fingerprints_take_concatenate_and_extra_arrays(small_fps, tmp_path):
+    parts = [small_fps.take([0, 1]), small_fps.take(np.arange(5) >= 2)]
+    joined = metrics.Fingerprints.concatenate(parts)
+    for name in ("structure", "composition", "density", "n_elements"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(small_fps, name))
+    empty = metrics.Fingerprints.concatenate([])
+    assert len(empty) == 0 and empty.structure.shape == (0, 61) and empty.composition.shape == (0, 132)
+    with open(tmp_path / "fp.npz", "wb") as handle:  # an open file: no ".npz" appended to a temporary name
+        small_fps.save(handle, rows=np.arange(5))
+    with np.load(tmp_path / "fp.npz") as data:
+        assert data["rows"].tolist() == [0, 1, 2, 3, 4]
+    assert len(metrics.Fingerprints.load(tmp_path / "fp.npz")) == 5
+    np.savez(tmp_path / "bad.npz", structure=small_fps.structure)
+    with pytest.raises(ValueError, match="no array"):
+        metrics.Fingerprints.load(tmp_path / "bad.npz")
+
+
 # -- stability and conditions ----------------------------------------------------
 def test_stability_rates_count_failures():
     e_hull = [-0.01, 0.0, 0.05, 0.2, None, float("nan")]
