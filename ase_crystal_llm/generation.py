@@ -868,8 +868,10 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
     output = str(output) if server else Path(output)
     output_format(output)
     state = _distributed()
-    if state is None or state.is_main_process:
-        check_output(output, overwrite=overwrite, resume=resume)
+    # Every process checks (so all fail alike) before the main one may change the output.
+    check_output(output, overwrite=overwrite, resume=resume)
+    if state is not None:
+        state.wait_for_everyone()
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     main = rank == 0
     if device is None and state is not None:
