@@ -399,7 +399,9 @@ def _run_merge(args):
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert structures between formats (e.g. to crystal text)")
     p.add_argument("input", help="structures: CSV(.gz) with a cif column, ase.db, or any ase.io file/glob")
-    p.add_argument("-o", "--output", required=True, type=output_file, help="output file; .crystxt writes crystal text")
+    p.add_argument("-o", "--output", required=True, type=output_file,
+                   help="output file (.crystxt writes crystal text), or one CIF per crystal: a .zip file or a "
+                   "folder (DIR/), the input of LeMat-GenBench and mattergen-evaluate")
     p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
     p.add_argument("--order-disordered", action="store_true", help="give partially occupied sites their majority occupant instead of failing")
@@ -439,10 +441,11 @@ def _run_convert(args):
 
     from .datasets import read_structures
 
-    from .outputs import check_output
+    from .outputs import check_output, is_cif_archive, write_cif_archive
 
-    fmt = _output_format(args.output)
-    check_output(args.output, overwrite=args.overwrite, resume=None)
+    archive = is_cif_archive(args.output)
+    fmt = "one CIF per crystal" if archive else _output_format(args.output)
+    check_output(args.output.rstrip("/"), overwrite=args.overwrite, resume=None)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -457,7 +460,10 @@ def _run_convert(args):
         print(f"crystal-llm convert: warning: {_one_line(warning.message)}", file=sys.stderr)
     if not images:
         raise UsageError(f"no structures read from {args.input}")
-    _write_atomically(args.output, images, fmt)
+    if archive:
+        write_cif_archive(images, args.output)
+    else:
+        _write_atomically(args.output, images, fmt)
     cells = "as read" if args.no_canonicalize else "primitive Niggli"
     print(
         f"crystal-llm convert: wrote {len(images)} structures ({cells} cells) to {args.output} "

@@ -143,6 +143,54 @@ def check_output(path, *, overwrite=False, resume=False, what="output"):
         raise PermissionError(f"cannot write into {folder}: {err.strerror or err}") from None
 
 
+def is_cif_archive(path) -> bool:
+    """True for an output that is one CIF per crystal: a ``.zip`` file or a folder (``dir/``)."""
+    text = str(path)
+    return text.lower().endswith(".zip") or text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def write_cif_archive(images, path) -> list[str]:
+    """One CIF per crystal (pymatgen's ``CifWriter``), as the input of outside benchmarks
+    (LeMat-GenBench, MatterGen's ``mattergen-evaluate``): a ``.zip`` file or a folder.
+
+    Files are named ``<index>_<reduced formula>.cif`` (index from 0, zero-padded) and
+    written under a temporary name first, so an interrupted export leaves nothing.
+
+    Returns
+    -------
+    list of str
+        The file names, in input order.
+    """
+    import zipfile
+
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.io.cif import CifWriter
+
+    images = list(images)
+    width = max(5, len(str(len(images) - 1)))
+    names, texts = [], []
+    for i, atoms in enumerate(images):
+        structure = AseAtomsAdaptor.get_structure(atoms)
+        names.append(f"{i:0{width}d}_{structure.composition.reduced_formula}.cif")
+        texts.append(str(CifWriter(structure)))
+    path = Path(str(path).rstrip("/" + os.sep))
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, text in zip(names, texts):
+                archive.writestr(name, text)
+    else:
+        staging.mkdir()
+        for name, text in zip(names, texts):
+            (staging / name).write_text(text)
+    if path.is_dir():
+        import shutil
+
+        shutil.rmtree(path)  # only reached with --overwrite (check_output refuses otherwise)
+    os.replace(staging, path)
+    return names
+
+
 def run_record_path(path):
     return Path(str(path) + ".run.json")
 

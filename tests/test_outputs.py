@@ -202,3 +202,37 @@ def test_run_record_is_readable_like_its_output(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert run_record_path(out).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("target", ["cifs.zip", "cifs/"])
+def test_convert_to_one_cif_per_crystal(tmp_path, target):
+    """The export outside benchmarks read: each CIF reads back with ase.io and, without warnings, pymatgen."""
+    import warnings
+    import zipfile
+
+    from pymatgen.core import Structure
+
+    from ase_crystal_llm.cli import main
+
+    source = tmp_path / "in.extxyz"
+    crystals = [bulk("NaCl", "rocksalt", a=5.64), bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6)]
+    ase.io.write(source, crystals)
+    out = tmp_path / target
+    arg = str(out) + ("/" if target.endswith("/") else "")  # a folder is named with its trailing slash
+    assert main(["convert", str(source), "-o", arg, "--no-canonicalize"]) == 0
+    folder = tmp_path / "unzipped"
+    if target.endswith(".zip"):
+        zipfile.ZipFile(out).extractall(folder)
+    else:
+        folder = out
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == ["00000_NaCl.cif", "00001_Si.cif", "00002_Cu.cif"]
+    for path, atoms in zip(files, crystals):
+        assert ase.io.read(path).get_chemical_formula() == atoms.get_chemical_formula()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            structure = Structure.from_file(path)
+        assert structure.composition.reduced_formula == path.stem.split("_")[1]
+    assert main(["convert", str(source), "-o", arg]) == 2  # exists: refused without --overwrite
+    assert main(["convert", str(source), "-o", arg, "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".*partial"))
