@@ -1,6 +1,7 @@
 """Interatomic potentials as ASE calculators, and relaxation of one or many crystals.
 
-``get_calculator`` turns a name (``"m3gnet"``, ``"chgnet"``), a matgl model
+``get_calculator`` turns a name (``"m3gnet"``, ``"chgnet"``, ``"sevennet"``,
+``"sevennet-l3i5"``), a matgl model
 directory or any ASE calculator into a calculator that declares which potential
 it is (``potential_name``) and on which energy scale it predicts
 (``energy_scale``, see docs/architecture.md "Energies"):
@@ -10,6 +11,7 @@ potential                 scale       meaning
 ========================  ==========  ============================================
 M3GNet-MP-2021.2.8-PES    ``mp_raw``  raw GGA/GGA+U: the MP2020 correction applies
 CHGNet (0.3.0 weights)    ``mp2020``  already MP2020-corrected: never correct again
+SevenNet-0, SevenNet-l3i5 ``mp_raw``  raw GGA/GGA+U (MPtrj): the MP2020 correction applies
 MatPES models             ``matpes``  other functional: refused by the MP hull
 any other calculator      ``unknown`` unless the caller sets ``calc.energy_scale``
 ========================  ==========  ============================================
@@ -71,8 +73,10 @@ def get_calculator(spec="m3gnet", *, device=None):
     ----------
     spec : str, path or ase.calculators.calculator.Calculator
         ``"m3gnet"`` (M3GNet-MP-2021.2.8-PES from ``$CRYSTAL_LLM_M3GNET`` or the
-        shared data folder), ``"chgnet"`` (weights inside the chgnet wheel), a
-        matgl model directory, or a calculator, returned as is (set its
+        shared data folder), ``"chgnet"`` (weights inside the chgnet wheel),
+        ``"sevennet"`` / ``"sevennet-l3i5"`` (SevenNet-0 11Jul2024 / SevenNet-l3i5,
+        weights inside the sevenn wheel), a matgl model directory, or a
+        calculator, returned as is (set its
         ``energy_scale`` attribute to ``"mp_raw"`` or ``"mp2020"`` to compare it
         with the MP hull).
     device : str, optional
@@ -90,13 +94,15 @@ def get_calculator(spec="m3gnet", *, device=None):
     name = str(spec)
     if name.lower() == "chgnet":
         return _chgnet_calculator(device)
+    if name.lower() in SEVENNET:
+        return _sevennet_calculator(name.lower(), device)
     if name.lower() in ("m3gnet", settings.M3GNET_NAME.lower()):
         return _matgl_calculator(settings.m3gnet_dir(), device)
     path = Path(name).expanduser()
     if path.is_dir():
         return _matgl_calculator(path, device)
     raise ValueError(
-        f"unknown potential {name!r}: use 'm3gnet', 'chgnet' or a matgl model directory "
+        f"unknown potential {name!r}: use 'm3gnet', 'chgnet', 'sevennet', 'sevennet-l3i5' or a matgl model directory "
         "(model.json, model.pt, state.pt); matgl's by-name loading needs the Hugging Face hub, "
         "so offline pass the directory or set CRYSTAL_LLM_M3GNET"
     )
@@ -273,6 +279,24 @@ def _chgnet_calculator(device=None):
         calc = CHGNetCalculator(model, use_device=_torch_device(device))
     calc.potential_name = "chgnet"
     calc.energy_scale = "mp2020"
+    return calc
+
+
+# name -> (sevenn's model keyword, the name recorded on relaxed structures).  Both were trained
+# on MPtrj's raw GGA/GGA+U energies: rock-salt NaCl gives -3.38 eV/atom, like M3GNet
+# (-3.37), where the MP2020-corrected CHGNet gives -3.67.
+SEVENNET = {"sevennet": ("7net-0", "sevennet-0-11jul2024"), "sevennet-l3i5": ("7net-l3i5", "sevennet-l3i5")}
+
+
+def _sevennet_calculator(name, device=None):
+    settings.require("sevenn")
+    from sevenn.calculator import SevenNetCalculator
+
+    keyword, recorded = SEVENNET[name]
+    with _quiet():
+        calc = SevenNetCalculator(keyword, device=_torch_device(device))
+    calc.potential_name = recorded
+    calc.energy_scale = "mp_raw"
     return calc
 
 

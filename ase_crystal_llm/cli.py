@@ -275,7 +275,7 @@ def _add_evaluate(sub):
     p.add_argument("-o", "--output", required=True, help="report directory (metrics.json, report.md, plots)")
     p.add_argument("--reference", default="mp20", help="reference data for hull, coverage and novelty (default: mp20)")
     p.add_argument("--data-dir", help="folder holding mp_20/ and hull/ (default: $CRYSTAL_LLM_DATA)")
-    p.add_argument("--potential", default="m3gnet", help="m3gnet, chgnet or a matgl model directory")
+    p.add_argument("--potential", default="m3gnet", help="m3gnet, chgnet, sevennet, sevennet-l3i5 or a matgl model directory (default m3gnet)")
     p.add_argument("--fmax", type=positive_float, default=0.1, help="relaxation force criterion, eV/A (default 0.1)")
     p.add_argument("--steps", type=positive_int, default=500, help="most FIRE steps per relaxation (default 500)")
     p.add_argument("--workers", type=positive_int, help="parallel processes for relaxations and reference fingerprints")
@@ -326,7 +326,7 @@ def _add_mutate(sub):
     p.add_argument("--any-element", action="store_true",
                    help="let the model choose among all elements, not only the chemically alike substitutes")
     p.add_argument("--tolerance", type=float, default=0.1, help="ionic radius tolerance for alike substitutes, A (default 0.1, the paper's; see docs/infill.md)")
-    p.add_argument("--relax", metavar="POTENTIAL", help="relax each child with this potential (e.g. m3gnet)")
+    p.add_argument("--relax", metavar="POTENTIAL", help="relax each child with this potential (m3gnet, chgnet, sevennet, sevennet-l3i5)")
     p.add_argument("--device", help="torch device for the model and potential (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, help="random seed of the swaps (default: a fresh one)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (refused otherwise)")

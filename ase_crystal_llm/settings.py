@@ -40,6 +40,7 @@ EXTRAS = {
     "matplotlib": ("metrics", "evaluation plots"),
     "psycopg2": ("postgres", "PostgreSQL-backed ase.db"),
     "gguf": ("gguf", "GGUF base models (e.g. smollm2-135m)"),
+    "sevenn": ("sevennet", "the SevenNet potentials (sevennet, sevennet-l3i5)"),
 }
 
 

@@ -1,5 +1,7 @@
 """Potentials, the M3GNet known-answer check, relax and relax_many (batched, cached)."""
 
+import importlib.util
+
 import ase.db
 import numpy as np
 import pytest
@@ -131,6 +133,25 @@ def test_chgnet_declares_corrected_scale_and_batches():
         assert energy == pytest.approx(atoms.get_potential_energy(), abs=1e-3)
         assert np.allclose(forces, atoms.get_forces(), atol=1e-3)
         assert np.allclose(stress, atoms.get_stress(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name, recorded, reference", [
+    ("sevennet", "sevennet-0-11jul2024", -3.3827),
+    ("sevennet-l3i5", "sevennet-l3i5", -3.3854),
+])
+def test_sevennet_on_rock_salt_against_stored_energy(name, recorded, reference):
+    """SevenNet from the weights inside its wheel; raw MP scale (like M3GNet, unlike the MP2020-corrected CHGNet)."""
+    if importlib.util.find_spec("sevenn") is None:
+        pytest.skip("the sevennet extra is not installed: pip install 'ase-crystal-llm[sevennet]'")
+    calc = get_calculator(name)
+    assert calc.potential_name == recorded and calc.energy_scale == "mp_raw"
+    atoms = bulk("NaCl", "rocksalt", a=5.64)
+    atoms.calc = calc
+    # stored: eV/atom at a = 5.64 A, sevenn 0.13 (CPU, float32)
+    assert atoms.get_potential_energy() / len(atoms) == pytest.approx(reference, abs=2e-3)
+    relaxed = relax(bulk("NaCl", "rocksalt", a=5.9), name, fmax=0.05, steps=200)
+    assert relaxed.info["relax_converged"] and relaxed.info["potential"] == recorded
+    assert relaxed.info["energy"] / 2 < reference  # relaxed below the strained start's reference cell
 
 
 # ------------------------------------------------------------------ relax
