@@ -512,6 +512,7 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
         ref_hull = hull_module.ReferenceHull.from_mp20(data_dir) if relaxed else None
         e_valid, err_valid = e_above_hull_many(relaxed, ref_hull)
         e_hull, errors = _spread(valid_idx, n, e_valid, err_valid, fill=(None, "invalid sample"))
+        (e_form,) = _spread(valid_idx, n, [_formation_energy(a, ref_hull) for a in relaxed], fill=(None,))
         for atoms, i in zip(relaxed, valid_idx):
             atoms.info["input_index"] = i
             if e_hull[i] is not None:
@@ -536,7 +537,10 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
             result["ipt"]["model"] = str(model)
     result["timings_s"] = timer.rounded()
 
-    _write_samples_csv(out_dir / "samples.csv", structures, flags, unique, novel, e_hull, errors)
+    result["settings"]["hull"] = ref_hull.name if relaxed else None
+    per_structure = _per_structure(structures, flags, unique, novel, dict(zip(valid_idx, relaxed)), e_form, e_hull,
+                                   errors, result["settings"]["hull"])
+    _write_samples_csv(out_dir / "samples.csv", per_structure)
     _write_relaxed(out_dir / "relaxed.extxyz", relaxed)
     _write_atomic(out_dir / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     figures = _plots(out_dir, result, e_hull, fps, ref) if plots else []
@@ -658,16 +662,46 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def _write_samples_csv(path, structures, flags, unique, novel, e_hull, errors):
+def _formation_energy(relaxed, hull):
+    if relaxed.info.get("relax_failed"):
+        return None
+    try:
+        return hull.formation_energy(relaxed)
+    except (ValueError, KeyError):  # no reference for an element, an energy scale the hull cannot use
+        return None
+
+
+SAMPLE_COLUMNS = ("index", "formula", "structure_valid", "composition_valid", "unique", "novel", "potential",
+                  "energy_per_atom", "formation_energy_per_atom", "e_above_hull", "stable", "metastable", "hull",
+                  "failure")
+
+
+def _per_structure(structures, flags, unique, novel, relaxed, e_form, e_hull, errors, hull):
+    """One row per sample (``samples.csv``): validity, uniqueness, novelty, relaxed energies, thresholds met."""
+    rows = []
+    for i, atoms in enumerate(structures):
+        done = relaxed.get(i)
+        energy = done.info.get("energy") if done is not None else None
+        e = e_hull[i]
+        rows.append({
+            "index": i, "formula": atoms.get_chemical_formula(), "structure_valid": flags["structure"][i],
+            "composition_valid": flags["composition"][i], "unique": unique[i], "novel": novel[i],
+            "potential": done.info.get("potential", "") if done is not None else "",
+            "energy_per_atom": "" if energy is None else f"{energy / len(done):.6f}",
+            "formation_energy_per_atom": "" if e_form[i] is None else f"{e_form[i]:.6f}",
+            "e_above_hull": "" if e is None else f"{e:.6f}",
+            "stable": e is not None and e <= 0.0, "metastable": e is not None and e < metrics.METASTABLE,
+            "hull": hull or "", "failure": errors[i] or "",
+        })  # fmt: skip
+    return rows
+
+
+def _write_samples_csv(path, rows):
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "formula", "structure_valid", "composition_valid", "unique", "novel",
-                         "e_above_hull", "failure"])
-        for i, atoms in enumerate(structures):
-            writer.writerow([i, atoms.get_chemical_formula(), flags["structure"][i], flags["composition"][i],
-                             unique[i], novel[i], "" if e_hull[i] is None else f"{e_hull[i]:.6f}",
-                             errors[i] or ""])
+        writer = csv.DictWriter(handle, fieldnames=SAMPLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
     os.replace(tmp, path)
 
 

@@ -73,6 +73,7 @@ class ReferenceHull:
                 self._ids[str(entry_id)] = record
             count += 1
         self.n_entries = count
+        self.name = "custom"  # what numbers were judged against: recorded with every result
         self.cache_size = int(cache_size)
         self._cache: OrderedDict = OrderedDict()
 
@@ -97,7 +98,9 @@ class ReferenceHull:
             for mid, eform, formula in frame.itertuples(index=False):
                 rows.append((mid, _row_composition(formula, path, mid), eform))
         potentials = load_elemental_references(data / "hull" / ELEMENTAL_REFERENCES)
-        return cls(rows, potentials, **kwargs)
+        hull = cls(rows, potentials, **kwargs)
+        hull.name = f"MP-20 ({'+'.join(splits)}) + MP elemental references {ELEMENTAL_REFERENCES.split('-mp-')[0]}"
+        return hull
 
     @classmethod
     def from_entries(cls, entries, elemental_references=None, **kwargs):

@@ -58,12 +58,35 @@ def first_run(samples_file, tmp_path_factory, m3gnet_dir, data_dir):
     return out, partial, json.loads((out / "metrics.json").read_text())
 
 
+def _check_samples_table(path, result):
+    """Per-structure results: one row per sample, energies and thresholds consistent with E_hull."""
+    import csv
+
+    from ase_crystal_llm.evaluation import SAMPLE_COLUMNS
+
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == SAMPLE_COLUMNS and len(rows) == result["samples"]["n"]
+    assert result["settings"]["hull"].startswith("MP-20 (train+val+test) + MP elemental references 2023-02-07")
+    judged = [r for r in rows if r["e_above_hull"]]
+    assert judged and all(r["hull"] == result["settings"]["hull"] for r in judged)
+    for row in judged:
+        e = float(row["e_above_hull"])
+        assert row["stable"] == str(e <= 0) and row["metastable"] == str(e < 0.1)
+        assert row["potential"] == "M3GNet-MP-2021.2.8-PES"
+        assert float(row["formation_energy_per_atom"]) > -6 and float(row["energy_per_atom"]) < 0
+    invalid = [r for r in rows if r["structure_valid"] == "False"]
+    assert invalid and all(not r["e_above_hull"] and r["failure"] for r in invalid)
+    assert sum(r["metastable"] == "True" for r in rows) == round(result["stability"]["metastable"] * len(rows))
+
+
 def test_cli_writes_report(first_run):
     out, _, result = first_run
     for name in ("metrics.json", "report.md", "samples.csv", "relaxed.extxyz", "e_above_hull.png", "rates.png",
                  "density.png", "n_elements.png", "relax_cache.db"):
         assert (out / name).is_file(), name
     assert result["samples"] == {"source": result["samples"]["source"], "n": N_REAL + 2, "n_valid": N_REAL}
+    _check_samples_table(out / "samples.csv", result)
     v = result["validity"]["returned"]
     assert v["structure"] == pytest.approx(7 / 8) and v["composition"] == pytest.approx(7 / 8)
     assert v["valid"] == pytest.approx(6 / 8)
