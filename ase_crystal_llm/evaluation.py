@@ -498,7 +498,9 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
         result.update(_distribution_metrics(fps, ref, n))
         result["coverage"]["reference"] = {"split": "MP-20 test", **ref_info}
     with timer("novelty"):
-        unique, novel = _spread(valid_idx, n, *_uniqueness_novelty(valid, train_path, progress))
+        known = [train_path, settings.mp20_path("val", data_dir)]  # novel: in neither split the model could see
+        unique, novel = _spread(valid_idx, n, *_uniqueness_novelty(valid, known, progress))
+        result["settings"]["novelty_reference"] = "MP-20 train+val (pymatgen StructureMatcher)"
         result["uniqueness"] = _rate([unique[i] for i in valid_idx])
         result["novelty"] = _rate([novel[i] for i in valid_idx])
         result["unique_and_novel"] = _rate([unique[i] and novel[i] for i in valid_idx])
@@ -598,9 +600,9 @@ def _distribution_metrics(fps, ref, n):
     }
 
 
-def _uniqueness_novelty(valid, train_path, progress):
+def _uniqueness_novelty(valid, known_paths, progress):
     unique = metrics.unique_flags(valid)
-    index = metrics.NoveltyIndex.from_csv(train_path)
+    index = metrics.NoveltyIndex.from_csv(known_paths)
     novel = [index.is_novel(s) for s in _bar(valid, progress, "novelty")]
     return unique, novel
 

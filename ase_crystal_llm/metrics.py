@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -586,22 +587,23 @@ class NoveltyIndex:
 
     @classmethod
     def from_csv(cls, path, matcher=None):
-        """Index a CDVAE-style CSV (``cif`` column) without parsing every CIF."""
+        """Index CDVAE-style CSVs (``cif`` column) without parsing every CIF; ``path``: one or several."""
         import csv
         import gzip
 
         from pymatgen.core import Structure
 
-        opener = gzip.open if str(path).endswith(".gz") else open
         csv.field_size_limit(1 << 30)
         groups = defaultdict(list)
-        with opener(path, "rt", newline="") as handle, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pymatgen: "no Pauling electronegativity for He"
-            for row in csv.DictReader(handle):
-                cif = row["cif"]
-                formula = reduced_formula(row.get("pretty_formula") or "") or reduced_formula(
-                    Structure.from_str(cif, fmt="cif"))
-                groups[formula].append(_CifLoader(cif))
+        for one in [path] if isinstance(path, (str, os.PathLike)) else path:
+            opener = gzip.open if str(one).endswith(".gz") else open
+            with opener(one, "rt", newline="") as handle, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pymatgen: "no Pauling electronegativity for He"
+                for row in csv.DictReader(handle):
+                    cif = row["cif"]
+                    formula = reduced_formula(row.get("pretty_formula") or "") or reduced_formula(
+                        Structure.from_str(cif, fmt="cif"))
+                    groups[formula].append(_CifLoader(cif))
         return cls(dict(groups), matcher)
 
     def __len__(self):

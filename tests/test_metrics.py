@@ -329,3 +329,29 @@ def test_ipt_random_model(random_lm):
     assert math.isfinite(out["ipt"]) and out["ipt"] >= 0
     assert 0 <= out["ipt_normalized"] < 1 and len(out["values"]) == 2
     assert out == metrics.ipt(model, tokenizer, template, [nacl(), bulk("Si")], n_translations=5, seed=1)
+
+
+def test_novelty_index_over_several_splits(tmp_path):
+    """A structure known from either file is not novel (evaluate indexes MP-20 train + val)."""
+    import csv
+
+    from ase.build import bulk
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.io.cif import CifWriter
+
+    from ase_crystal_llm.metrics import NoveltyIndex
+
+    def write(path, crystals):
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["material_id", "pretty_formula", "cif"])
+            for i, atoms in enumerate(crystals):
+                structure = AseAtomsAdaptor.get_structure(atoms)
+                writer.writerow([f"x-{i}", structure.composition.reduced_formula, str(CifWriter(structure))])
+
+    nacl, si, cu = bulk("NaCl", "rocksalt", a=5.64), bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6)
+    write(tmp_path / "train.csv", [nacl])
+    write(tmp_path / "val.csv", [si])
+    both = NoveltyIndex.from_csv([tmp_path / "train.csv", tmp_path / "val.csv"])
+    assert [both.is_novel(a) for a in (nacl, si, cu)] == [False, False, True]
+    assert NoveltyIndex.from_csv(tmp_path / "train.csv").is_novel(si)  # one file: the old behaviour
