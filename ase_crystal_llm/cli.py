@@ -290,6 +290,8 @@ def _add_evaluate(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the report in OUTPUT if it holds one (its relaxation cache is reused)")
+    p.add_argument("--db", action="store_true",
+                   help="also write OUTPUT/samples.db: the per-structure table as an ase.db (relaxed structures, energies)")
     _add_threads(p)
 
 
@@ -306,7 +308,7 @@ def _run_evaluate(args):
         args.samples, args.output, reference=args.reference, data_dir=args.data_dir, potential=args.potential,
         fmax=args.fmax, steps=args.steps, workers=args.workers, model=args.model, limit=args.limit,
         coverage_size=args.coverage_size, ipt_size=args.ipt_size, seed=args.seed, cache=args.cache_dir,
-        progress=not args.no_progress, threads=args.threads,
+        progress=not args.no_progress, threads=args.threads, table_db=args.db,
     )
     valid = result["validity"]["returned"]["valid"]
     meta = result["stability"]["metastable"]

@@ -414,7 +414,7 @@ def e_above_hull_many(relaxed, hull, *, exclude=None):
 
 def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3gnet", fmax=0.1, steps=500,
              workers=None, model=None, limit=None, coverage_size=None, ipt_size=IPT_SIZE, seed=0,
-             cache=None, progress=True, plots=True, threads=None):
+             cache=None, progress=True, plots=True, threads=None, table_db=False):
     """Evaluate generated crystals and write a report.
 
     Parameters
@@ -445,6 +445,10 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
         Seed of the reference subsample and of IPT's translations.
     cache : path, optional
         Folder for cached reference fingerprints (default :func:`cache_dir`).
+    table_db : bool
+        Also write ``samples.db``: the per-structure table as an ase.db, one row per
+        sample (the relaxed structure with its energy where there is one, else the
+        sample), the columns of ``samples.csv`` as key-value pairs.
 
     Returns
     -------
@@ -543,6 +547,8 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
     per_structure = _per_structure(structures, flags, unique, novel, dict(zip(valid_idx, relaxed)), e_form, e_hull,
                                    errors, result["settings"]["hull"])
     _write_samples_csv(out_dir / "samples.csv", per_structure)
+    if table_db:
+        _write_samples_db(out_dir / "samples.db", structures, dict(zip(valid_idx, relaxed)), per_structure)
     _write_relaxed(out_dir / "relaxed.extxyz", relaxed)
     _write_atomic(out_dir / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     figures = _plots(out_dir, result, e_hull, fps, ref) if plots else []
@@ -704,6 +710,25 @@ def _write_samples_csv(path, rows):
         writer = csv.DictWriter(handle, fieldnames=SAMPLE_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _write_samples_db(path, structures, relaxed, rows):
+    """``samples.csv`` as an ase.db (``ase db samples.db metastable=True``), written whole or not at all."""
+    from .outputs import StructureWriter
+
+    numeric = ("energy_per_atom", "formation_energy_per_atom", "e_above_hull")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.db")
+    with StructureWriter(tmp) as writer:
+        for i, row in enumerate(rows):
+            done = relaxed.get(i)
+            use_relaxed = done is not None and not done.info.get("relax_failed")
+            atoms = (done if use_relaxed else structures[i]).copy()
+            atoms.calc = done.calc if use_relaxed else None  # row.energy of the relaxed structure
+            # ase.db reserves "index" and "formula" (the row has its own formula): renamed
+            names = {"index": "sample_index", "formula": "sample_formula"}
+            atoms.info = {names.get(k, k): float(v) if k in numeric else v for k, v in row.items() if v != ""}
+            writer.write(atoms)
     os.replace(tmp, path)
 
 

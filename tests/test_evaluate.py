@@ -52,7 +52,7 @@ def first_run(samples_file, tmp_path_factory, m3gnet_dir, data_dir):
         # an interrupted run: only the first 3 samples got relaxed
         assert _run(samples_file, out, "--limit", "3") == 0
         partial = json.loads((out / "metrics.json").read_text())
-        assert _run(samples_file, out, "--overwrite") == 0  # the same folder: its relaxations are reused
+        assert _run(samples_file, out, "--overwrite", "--db") == 0  # the same folder: its relaxations are reused
     finally:
         mp.undo()
     return out, partial, json.loads((out / "metrics.json").read_text())
@@ -80,6 +80,23 @@ def _check_samples_table(path, result):
     assert sum(r["metastable"] == "True" for r in rows) == round(result["stability"]["metastable"] * len(rows))
 
 
+def _check_samples_db(path, csv_path):
+    """--db: the same table as an ase.db, relaxed structures with their energies."""
+    import csv
+
+    from ase.db import connect
+
+    with open(csv_path) as handle:
+        table = list(csv.DictReader(handle))
+    rows = sorted(connect(path).select(), key=lambda r: r.sample_index)
+    assert [r.sample_index for r in rows] == [int(t["index"]) for t in table]
+    for row, line in zip(rows, table):
+        if line["e_above_hull"]:
+            assert row.e_above_hull == pytest.approx(float(line["e_above_hull"]))
+            assert row.metastable == (line["metastable"] == "True") and row.hull == line["hull"]
+            assert row.energy / row.natoms == pytest.approx(float(line["energy_per_atom"]), abs=1e-5)
+
+
 def test_cli_writes_report(first_run):
     out, _, result = first_run
     for name in ("metrics.json", "report.md", "samples.csv", "relaxed.extxyz", "e_above_hull.png", "rates.png",
@@ -87,6 +104,7 @@ def test_cli_writes_report(first_run):
         assert (out / name).is_file(), name
     assert result["samples"] == {"source": result["samples"]["source"], "n": N_REAL + 2, "n_valid": N_REAL}
     _check_samples_table(out / "samples.csv", result)
+    _check_samples_db(out / "samples.db", out / "samples.csv")
     v = result["validity"]["returned"]
     assert v["structure"] == pytest.approx(7 / 8) and v["composition"] == pytest.approx(7 / 8)
     assert v["valid"] == pytest.approx(6 / 8)
