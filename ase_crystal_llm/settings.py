@@ -72,8 +72,8 @@ def named_base_file(name: str) -> Path | None:
     return path
 
 
-#: Below this many parameters a model decodes fastest on one CPU thread: its
-#: matrices are too small to share between threads (benchmarks/threads.py).
+#: Below this many parameters a model decodes on one CPU thread by default.  Measured
+#: for the 2.7 M shipped model (benchmarks/threads.py); the threshold itself is a choice.
 SMALL_MODEL_PARAMETERS = 50_000_000
 
 
@@ -91,7 +91,8 @@ def default_threads(parameters: int | None = None) -> int:
     One thread for a model under :data:`SMALL_MODEL_PARAMETERS` parameters;
     otherwise (larger models, ML potentials, training) one per idle core.
     Threads beyond the idle cores wait on each other: on a 2-core machine with one
-    core busy, two threads made decoding and relaxation 10-50x slower than one.
+    core busy, two threads made decoding and relaxation 2.7-2.8x slower than one
+    (benchmarks/threads.py), and 5-25x under heavier load (issue #19).
     """
     if parameters is not None and parameters < SMALL_MODEL_PARAMETERS:
         return 1
