@@ -6,7 +6,7 @@ import subprocess
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 
-PACKAGES = ("ase-crystal-llm", "torch", "transformers", "peft", "ase", "pymatgen", "matgl")
+PACKAGES = ("ase-crystal-llm", "torch", "transformers", "peft", "ase", "pymatgen", "matgl", "chgnet", "sevenn", "gguf")
 
 
 def cpu_name():
