@@ -1,29 +1,56 @@
 """ase-crystal-llm: language-model crystal generation for ASE.
 
-Crystals are written as short text (:mod:`ase_crystal_llm.text`), a causal
-language model is fine-tuned on that text (:mod:`ase_crystal_llm.training`),
-and samples come back as :class:`ase.Atoms` (:mod:`ase_crystal_llm.generation`).
-Heavy modules (torch, transformers, matgl) load only when used.
+The package follows the data: crystals are written as text (:mod:`.text`),
+read from files (:mod:`.data`), a causal language model is trained on the text
+(:mod:`.model`), samples are decoded back into :class:`ase.Atoms`
+(:mod:`.generation`), relaxed, placed on a convex hull and scored
+(:mod:`.evaluation`), and the model's infill answers drive ASE's genetic
+algorithm (:mod:`.ga`).  Files are written by :mod:`.io`, chemistry shared by
+decoding and metrics lives in :mod:`.chemistry`, every default in
+:mod:`.settings`.
+
+The names below are the entry points; heavy libraries (torch, transformers,
+matgl) load only when one of them is first used.
 """
 
-from .text import CrystalTextError, atoms_to_text, mask_element, text_to_atoms
+from __future__ import annotations
+
+import importlib
+
+from . import _moved
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CrystalGenerator",
-    "CrystalTextError",
-    "__version__",
-    "atoms_to_text",
-    "mask_element",
-    "text_to_atoms",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "CrystalGenerator": "generation.generator",
+    "LLMElementMutation": "ga.operators",
+    "TemplateElementMutation": "ga.operators",
+    "propose_elements": "generation.infill",
+    "get_calculator": "evaluation.potentials",
+    "relax": "evaluation.relaxation",
+    "relax_many": "evaluation.relaxation",
+    "ReferenceHull": "evaluation.hull",
+    "evaluate": "evaluation.pipeline",
+    "train": "model.training",
+    "CrystalTextError": "text.format",
+    "atoms_to_text": "text.format",
+    "text_to_atoms": "text.format",
+    "mask_element": "text.format",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+_moved.install()
 
 
-def __getattr__(name):
-    # Keep `import ase_crystal_llm` light: torch and transformers load on first use.
-    if name == "CrystalGenerator":
-        from .generation import CrystalGenerator
-
-        return CrystalGenerator
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # resolve once
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

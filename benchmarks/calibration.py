@@ -61,6 +61,7 @@ def paper_file(name):
     """A paper sample file: a path, or a file name in ``<data>/paper_samples``."""
     from ase_crystal_llm import settings
 
+
     path = Path(name)
     if path.is_file():
         return path
@@ -74,11 +75,10 @@ def mp20_elements(split="train"):
     """The elements that occur in an MP-20 split (its ``elements`` column)."""
     import ast
 
-    import pandas as pd
-
     from ase_crystal_llm import settings
+    from ase_crystal_llm.data.datasets import csv_column
 
-    column = pd.read_csv(settings.mp20_path(split), usecols=["elements"])["elements"]
+    column = csv_column(settings.mp20_path(split), "elements")
     return sorted({el for cell in column for el in ast.literal_eval(cell)})
 
 
@@ -93,7 +93,7 @@ def template_swaps(n, seed, pool="mp20"):
     M3GNet-MP-2021 cannot relax and the MP-20 hull cannot judge; ``"any"`` keeps them
     (they count as failed relaxations).
     """
-    from ase_crystal_llm.infill import TemplateElementMutation, mutate_structures
+    from ase_crystal_llm.ga.operators import TemplateElementMutation, mutate_structures
 
     parents = mp20_sample(n, seed=seed, split="train")
     element_pool = mp20_elements("train") if pool == "mp20" else None
@@ -107,7 +107,8 @@ def template_swaps(n, seed, pool="mp20"):
 
 def novelty_flags(structures):
     """Unique (within the row) and novel (against the MP-20 training split) flags, as ``evaluate`` takes them."""
-    from ase_crystal_llm import metrics, settings
+    from ase_crystal_llm import settings
+    from ase_crystal_llm.evaluation import metrics
 
     index = metrics.NoveltyIndex.from_csv(settings.mp20_path("train"))
     return metrics.unique_flags(structures), [index.is_novel(s) for s in structures]
@@ -115,9 +116,10 @@ def novelty_flags(structures):
 
 def judge(structures, calc, hull, args, *, leave_out=False, unique=None, novel=None):
     """Relax, take E_hull, and summarise one row; returns (summary, per-structure records)."""
-    from ase_crystal_llm import metrics
-    from ase_crystal_llm.calculators import relax_many
-    from ase_crystal_llm.evaluation import _cache_rows, _count_reasons, _relaxation_summary, e_above_hull_many
+    from ase_crystal_llm.chemistry import validity
+    from ase_crystal_llm.evaluation import metrics
+    from ase_crystal_llm.evaluation.pipeline import _cache_rows, _count_reasons, _relaxation_summary, e_above_hull_many
+    from ase_crystal_llm.evaluation.relaxation import relax_many
 
     clock = time.perf_counter()
     before = _cache_rows(args.cache) if args.cache else 0
@@ -134,7 +136,7 @@ def judge(structures, calc, hull, args, *, leave_out=False, unique=None, novel=N
     summary = {
         "n": len(structures),
         # Of the structures as given: the data's own validity is the ceiling for a generator's.
-        "validity": metrics.validity_rates(metrics.validity_flags(structures)),
+        "validity": validity.validity_rates(validity.validity_flags(structures)),
         "relaxation": _relaxation_summary(relaxed, computed),
         "relaxed_ok": sum(not a.info.get("relax_failed") for a in relaxed),
         "hull_ok": len(finite),
@@ -224,8 +226,8 @@ def main(argv=None):
     import torch
 
     from ase_crystal_llm import settings
-    from ase_crystal_llm.calculators import get_calculator
-    from ase_crystal_llm.hull import ReferenceHull
+    from ase_crystal_llm.evaluation.hull import ReferenceHull
+    from ase_crystal_llm.evaluation.potentials import get_calculator
 
     torch.set_num_threads(args.threads)
     if args.no_cache:
@@ -285,9 +287,9 @@ def summary_line(name, s):
 
 def _write(path, data):
     """Whole or not at all (a kill mid-write keeps the previous file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from ase_crystal_llm.io.files import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,10 @@ def sample_csv(path, n, seed=0):
     from pymatgen.core import Structure
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    frame = pd.read_csv(path)
+    from ase_crystal_llm.data.datasets import csv_reader
+
+    with csv_reader(path) as rows:
+        frame = pd.DataFrame(list(rows))  # text as written; pandas only draws the sample
     frame = frame.sample(n=n, random_state=seed) if n < len(frame) else frame
     out = []
     for position, row in zip(frame.index, frame.to_dict("records")):
@@ -76,5 +79,6 @@ def sample_csv(path, n, seed=0):
 def mp20_sample(n, seed=0, split="test", data=None):
     """``n`` random MP-20 crystals (DFT cells) with material_id and formation energy in info."""
     from ase_crystal_llm import settings
+
 
     return sample_csv(settings.mp20_path(split, data), n, seed)

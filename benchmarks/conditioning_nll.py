@@ -40,12 +40,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
+    from transformers.utils import logging as hf_logging
 
     from ase_crystal_llm import settings
-    from ase_crystal_llm.datasets import read_structures
-    from ase_crystal_llm.metrics import answer_nll
-    from ase_crystal_llm.text import atoms_to_text
-    from transformers.utils import logging as hf_logging
+    from ase_crystal_llm.data.datasets import read_structures
+    from ase_crystal_llm.model.scoring import answer_nll
+    from ase_crystal_llm.text.format import atoms_to_text
 
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
@@ -81,9 +81,9 @@ def main(argv=None):
 
 def _load(model_dir):
     """Model, tokenizer, prompt template and a note on the model; also takes a training checkpoint."""
-    from ase_crystal_llm.modelcard import CARD_NAME
-    from ase_crystal_llm.prompts import PromptTemplate
-    from ase_crystal_llm.training import STATE_NAME, load_trained
+    from ase_crystal_llm.model.loading import STATE_NAME, load_trained
+    from ase_crystal_llm.model.modelcard import CARD_NAME
+    from ase_crystal_llm.text.prompts import PromptTemplate
 
     if (model_dir / CARD_NAME).is_file():
         model, tokenizer, card = load_trained(model_dir)

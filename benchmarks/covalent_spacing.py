@@ -59,7 +59,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from ase_crystal_llm import CrystalGenerator, settings
-    from ase_crystal_llm.datasets import read_structures
+    from ase_crystal_llm.data.datasets import read_structures
 
     val = read_structures(settings.mp20_path("val"), limit=args.val)
     gen = CrystalGenerator.from_pretrained(args.model, device="cpu")

@@ -23,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ase_crystal_llm import settings
-from ase_crystal_llm.evaluation import evaluate
-from ase_crystal_llm.datasets import read_structures
 from common import hardware  # noqa: E402
+
+from ase_crystal_llm import settings
+from ase_crystal_llm.data.datasets import read_structures
+from ase_crystal_llm.evaluation.pipeline import evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "evaluation_paper_samples.json"
 

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from common import hardware  # noqa: E402
 
 from ase_crystal_llm import settings
-from ase_crystal_llm import text as text_module
-from ase_crystal_llm.datasets import iter_structures
-from ase_crystal_llm.text import ELEMENTS, MAX_ATOMS, MIN_VOLUME, CrystalTextError, atoms_to_text, text_to_atoms
-from common import hardware  # noqa: E402
+from ase_crystal_llm.data.datasets import iter_structures
+from ase_crystal_llm.text import format as text_module
+from ase_crystal_llm.text.format import ELEMENTS, MAX_ATOMS, MIN_VOLUME, CrystalTextError, atoms_to_text, text_to_atoms
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fuzz_parser.json"
 

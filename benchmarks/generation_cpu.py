@@ -32,10 +32,12 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 from ase_crystal_llm import settings  # noqa: E402
-from ase_crystal_llm.generation import CrystalGenerator, fast_sample, plain_sample  # noqa: E402
-from common import cpu_name  # noqa: E402
+from ase_crystal_llm.generation.decoding import fast_sample, plain_sample
+from ase_crystal_llm.generation.generator import CrystalGenerator
+from ase_crystal_llm.model.modelcard import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 IMPORT_SECONDS = time.perf_counter() - T0
 
@@ -47,7 +49,7 @@ def proxy_model(steps, size="mini", limit=3000):
     """A from-scratch model trained briefly on MP-20 (cached): a stand-in for the default model."""
     import tempfile
 
-    from ase_crystal_llm.training import train
+    from ase_crystal_llm.model.training import train
 
     out = Path(tempfile.gettempdir()) / "ase_crystal_llm_bench" / f"proxy-{size}-{steps}"
     if not (out / "crystal_llm.json").is_file():
@@ -67,9 +69,9 @@ def load(model_dir, size, seed=0, random=False, proxy_steps=300):
         return CrystalGenerator.from_pretrained(model_dir, device="cpu"), f"model directory {model_dir}"
     from transformers import LlamaForCausalLM
 
-    from ase_crystal_llm.prompts import PromptTemplate
-    from ase_crystal_llm.tokenizer import tokenizer_for_template
-    from ase_crystal_llm.training import scratch_config
+    from ase_crystal_llm.model.config import scratch_config
+    from ase_crystal_llm.text.prompts import PromptTemplate
+    from ase_crystal_llm.text.tokenizer import tokenizer_for_template
 
     torch.manual_seed(seed)
     tok = tokenizer_for_template(PromptTemplate())
@@ -80,7 +82,7 @@ def load(model_dir, size, seed=0, random=False, proxy_steps=300):
 
 def run_path(gen, sampler, batch, n_rows, max_atoms, temperature, top_p, seed):
     """Sample ``n_rows`` rows in batches; returns samples/s, crystals/s, tokens/s."""
-    from ase_crystal_llm.text import CrystalTextError, text_to_atoms
+    from ase_crystal_llm.text.format import CrystalTextError, text_to_atoms
 
     grammar = gen.grammar(None, max_atoms)
     prompt = gen.template.generation_prompt({})
@@ -133,8 +135,9 @@ def main():
     gen, model_desc = load(args.model, args.size, random=args.random, proxy_steps=args.proxy_steps)
     t_loaded = time.perf_counter() - t_start
     sampling = getattr(gen.card, "sampling", None) or {}
-    args.temperature = sampling.get("temperature", 0.7) if args.temperature is None else args.temperature
-    args.top_p = sampling.get("top_p", 0.9) if args.top_p is None else args.top_p
+    if args.temperature is None:
+        args.temperature = sampling.get("temperature", DEFAULT_TEMPERATURE)
+    args.top_p = sampling.get("top_p", DEFAULT_TOP_P) if args.top_p is None else args.top_p
     batches = [int(b) for b in args.batch_sizes.split(",")]
     # Start-up run: N parsed crystals (random weights parse rarely: attempts are capped).
     gen.generate(args.n, seed=0, max_atoms=args.max_atoms, batch_size=max(batches), max_attempts=20,

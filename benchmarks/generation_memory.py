@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from common import hardware  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generation_memory.json"
@@ -43,12 +44,12 @@ def _status_kib(field):
 def child(args):
     """Generate N crystals into a file; print the memory figures as JSON."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ase_crystal_llm.generation import CrystalGenerator
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
     out = Path(args.workdir) / f"samples_{args.child}.{args.format}"
     start = time.perf_counter()
     if args.library:
-        from ase_crystal_llm.outputs import StructureWriter
+        from ase_crystal_llm.io.outputs import StructureWriter
 
         gen = CrystalGenerator.from_pretrained(args.model, device="cpu")
         after_load = _status_kib("VmRSS")
@@ -60,6 +61,7 @@ def child(args):
         from ase.io import iread
 
         from ase_crystal_llm import cli
+
 
         CrystalGenerator.from_pretrained(args.model, device="cpu")  # warm imports, for the after-load figure
         after_load = _status_kib("VmRSS")
@@ -79,7 +81,7 @@ def build_tiny_model(path):
     import torch
     from ase.build import bulk
 
-    from ase_crystal_llm.training import train
+    from ase_crystal_llm.model.training import train
 
     crystals = [bulk("NaCl", "rocksalt", a=5.64), bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6),
                 bulk("MgO", "rocksalt", a=4.2)] * 16

@@ -108,8 +108,9 @@ def main(argv=None):
 
     import torch
 
-    from ase_crystal_llm.calculators import get_calculator, relax_many
-    from ase_crystal_llm.hull import ReferenceHull
+    from ase_crystal_llm.evaluation.hull import ReferenceHull
+    from ase_crystal_llm.evaluation.potentials import get_calculator
+    from ase_crystal_llm.evaluation.relaxation import relax_many
 
     torch.set_num_threads(args.threads)
     clock = time.perf_counter()

@@ -38,13 +38,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from common import hardware  # noqa: E402
 
 from ase_crystal_llm import settings
-from ase_crystal_llm.calculators import relax_many, structure_hash
-from ase_crystal_llm.datasets import read_structures
-from ase_crystal_llm.hull import ReferenceHull
-from ase_crystal_llm.infill import LLMElementMutation, TemplateElementMutation
-from common import hardware  # noqa: E402
+from ase_crystal_llm.data.datasets import csv_column, read_structures
+from ase_crystal_llm.evaluation.hull import ReferenceHull
+from ase_crystal_llm.evaluation.relaxation import relax_many, structure_hash
+from ase_crystal_llm.ga.operators import LLMElementMutation, TemplateElementMutation
+from ase_crystal_llm.io.files import atomic_write
 
 STABLE = 0.0  # eV/atom
 METASTABLE = 0.1  # eV/atom
@@ -71,8 +72,8 @@ def infill_recovery(generator, parents, rng):
     is scored; reports the top-1 / top-5 rate of the true element and its mean
     probability (uniform guessing: 1/118).
     """
-    from ase_crystal_llm.infill import propose_elements
-    from ase_crystal_llm.text import ELEMENTS
+    from ase_crystal_llm.generation.infill import propose_elements
+    from ase_crystal_llm.text.format import ELEMENTS
 
     ranks, probs = [], []
     for atoms in parents:
@@ -138,7 +139,7 @@ def main(argv=None):
 
     import torch
 
-    from ase_crystal_llm.generation import CrystalGenerator
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,9 +219,7 @@ def main(argv=None):
         write_details(args.details, parents, children, e_by_key)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write(out, json.dumps(record, indent=2) + "\n")
 
     print(f"{'method':<12} {'children':>8} {'stable':>8} {'metastable':>10} {'uniq.comp':>9}")
     for name, r in results.items():
@@ -256,15 +255,11 @@ def reduced_formula(formula):
 
 def _known_formulas():
     """Reduced formulas of every MP-20 row (the CSV's pretty_formula column), read without CIF parsing."""
-    import csv
-    import gzip
-
     known = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pymatgen's notes on noble-gas electronegativities
         for split in ("train", "val", "test"):
-            with gzip.open(settings.mp20_path(split), "rt", newline="") as fh:
-                known.update(reduced_formula(row["pretty_formula"]) for row in csv.DictReader(fh))
+            known.update(reduced_formula(f) for f in csv_column(settings.mp20_path(split), "pretty_formula"))
     return known
 
 

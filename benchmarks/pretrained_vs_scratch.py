@@ -39,8 +39,8 @@ TRAIN_SIZE = 27_136  # MP-20 train crystals: epochs = crystals seen / this
 
 
 def per_crystal_nll(model, tokenizer, template, crystals, batch_size=8):
-    from ase_crystal_llm.metrics import answer_nll
-    from ase_crystal_llm.text import atoms_to_text
+    from ase_crystal_llm.model.scoring import answer_nll
+    from ase_crystal_llm.text.format import atoms_to_text
 
     prompt = template.generation_prompt({})
     nll, _ = answer_nll(model, tokenizer, [prompt] * len(crystals), [atoms_to_text(a) for a in crystals],
@@ -74,8 +74,8 @@ def condition_matches(generator, crystals, seed=0):
 
 
 def score(model, tokenizer, crystals, match):
-    from ase_crystal_llm.generation import CrystalGenerator
-    from ase_crystal_llm.prompts import PromptTemplate
+    from ase_crystal_llm.generation.generator import CrystalGenerator
+    from ase_crystal_llm.text.prompts import PromptTemplate
 
     mean, sem = per_crystal_nll(model, tokenizer, PromptTemplate(), crystals)
     point = {"val_nll_per_crystal": mean, "val_nll_sem": sem}
@@ -90,7 +90,7 @@ def crystals_seen(state):
 
 
 def follow_run(name, run_dir, crystals, match, done, base=None):
-    from ase_crystal_llm.training import checkpoints, load_checkpoint
+    from ase_crystal_llm.model.loading import checkpoints, load_checkpoint
 
     points = []
     for ckpt in checkpoints(run_dir):
@@ -143,7 +143,7 @@ def main(argv=None):
     import torch
 
     from ase_crystal_llm import settings
-    from ase_crystal_llm.datasets import read_structures
+    from ase_crystal_llm.data.datasets import read_structures
 
     torch.set_num_threads(args.threads)
     out = Path(args.output)
@@ -162,7 +162,7 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive an interrupt
     if not args.no_reference:
-        from ase_crystal_llm.generation import CrystalGenerator
+        from ase_crystal_llm.generation.generator import CrystalGenerator
 
         gen = CrystalGenerator.from_pretrained(device="cpu")
         steps = sum(s["final_losses"].get("steps") or 0 for s in gen.card.extra.get("training_stages", [])) or None

@@ -41,7 +41,7 @@ def relax_per_structure(structures, potential, fmax, steps):
     """matgl's Relaxer, one structure at a time (what a user of matgl would write)."""
     from matgl.ext.ase import Relaxer
 
-    from ase_crystal_llm.calculators import _small_matrix_threads
+    from ase_crystal_llm.evaluation.batched import _small_matrix_threads
 
     relaxer = Relaxer(potential, optimizer="FIRE", relax_cell=True)
     energies, steps_taken = [], []
@@ -70,7 +70,8 @@ def main(argv=None):
 
     import torch
 
-    from ase_crystal_llm.calculators import get_calculator, relax_many
+    from ase_crystal_llm.evaluation.potentials import get_calculator
+    from ase_crystal_llm.evaluation.relaxation import relax_many
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)

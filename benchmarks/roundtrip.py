@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import hardware  # noqa: E402
 
 from ase_crystal_llm import settings
-from ase_crystal_llm.datasets import canonicalize, read_structures
-from ase_crystal_llm.text import CrystalTextError, atoms_to_text, text_to_atoms
-from common import hardware  # noqa: E402
+from ase_crystal_llm.data.datasets import canonicalize, read_structures
+from ase_crystal_llm.io.files import atomic_write
+from ase_crystal_llm.text.format import CrystalTextError, atoms_to_text, text_to_atoms
 
 TOL_LENGTH = 0.05  # Angstrom: one decimal
 TOL_ANGLE = 0.5  # degree: rounded to integers
@@ -164,9 +165,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write(out, json.dumps(report, indent=2) + "\n")
     print(f"{total['all_pass']}/{total['structures']} pass; written {out}", file=sys.stderr)
     return 0 if total["all_pass"] == total["structures"] else 1
 

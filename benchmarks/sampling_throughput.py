@@ -33,12 +33,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import cpu_name  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ase_crystal_llm.constraints import CrystalGrammar
-from ase_crystal_llm.generation import fast_sample, plain_sample
-from ase_crystal_llm.prompts import PromptTemplate
-from common import cpu_name  # noqa: E402
+from ase_crystal_llm.generation.constraints import CrystalGrammar
+from ase_crystal_llm.generation.decoding import fast_sample, plain_sample
+from ase_crystal_llm.text.prompts import PromptTemplate
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -93,7 +93,7 @@ def load_tokenizer(path):
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok
-    from ase_crystal_llm.tokenizer import tokenizer_for_template
+    from ase_crystal_llm.text.tokenizer import tokenizer_for_template
 
     return tokenizer_for_template(PromptTemplate())
 

@@ -32,13 +32,14 @@ from common import hardware  # noqa: E402
 
 def run_setting(gen, args, **options):
     """One setting: ``args.n`` single draws with ``options`` for ``generate``, and the metastable rate."""
-    from ase_crystal_llm import metrics
     from tune_sampling import metastable_rate
+
+    from ase_crystal_llm.chemistry import validity
 
     start = time.perf_counter()
     crystals = gen.generate(args.n, seed=11, max_attempts=1, **options)
     seconds = time.perf_counter() - start
-    flags = metrics.validity_flags(crystals)
+    flags = validity.validity_flags(crystals)
     valid = [a for a, ok in zip(crystals, flags["valid"]) if ok]
     row = {"options": options, "draws": gen.stats.attempts, "returned": len(crystals), "valid": len(valid),
            "composition_valid": sum(flags["composition"]), "sampling_seconds": round(seconds, 2)}
@@ -64,7 +65,7 @@ def compare(name, settings_by_label, argv=None, description=None):
     import torch
 
     from ase_crystal_llm import settings
-    from ase_crystal_llm.generation import CrystalGenerator
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
     torch.set_num_threads(args.threads)
     args.data = str(args.data or settings.data_dir())

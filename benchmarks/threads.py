@@ -43,7 +43,7 @@ def time_decoding(generator, n, threads, seed=0):
 
 
 def time_relaxation(structures, threads):
-    from ase_crystal_llm.calculators import relax_many
+    from ase_crystal_llm.evaluation.relaxation import relax_many
 
     start = time.perf_counter()
     relaxed = relax_many(structures, "m3gnet", threads=threads, fmax=0.1, steps=200)
@@ -85,6 +85,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from ase_crystal_llm import CrystalGenerator, settings
+
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = hardware()

@@ -32,6 +32,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
 from common import hardware  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,7 +61,7 @@ def run_cpu_size(size, threads, steps, batch_size, limit):
     import torch
 
     from ase_crystal_llm import settings
-    from ase_crystal_llm.training import LOG_NAME, train
+    from ase_crystal_llm.model.training import LOG_NAME, train
 
     torch.set_num_threads(threads)
     skip = min(3, steps - 1)
@@ -103,9 +104,9 @@ def run_qlora_7b(work, steps, batch_size, grad_accum, limit):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ase_crystal_llm import settings
-    from ase_crystal_llm.prompts import PromptTemplate
-    from ase_crystal_llm.tokenizer import tokenizer_for_template
-    from ase_crystal_llm.training import LOG_NAME, train
+    from ase_crystal_llm.model.training import LOG_NAME, train
+    from ase_crystal_llm.text.prompts import PromptTemplate
+    from ase_crystal_llm.text.tokenizer import tokenizer_for_template
 
     if not torch.cuda.is_available():
         raise SystemExit("--qlora-7b needs a CUDA GPU")

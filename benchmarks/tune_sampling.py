@@ -17,18 +17,18 @@ the model.  All settings use the same seeds.
 
 Per setting, for the unconditional crystals:
 
-* structural and compositional validity (:func:`metrics.validity_flags`) over
+* structural and compositional validity (:func:`validity.validity_flags`) over
   the returned crystals and over *all attempts* (outputs that did not parse
   count as invalid; :func:`metrics.emitted_validity` with the run statistics);
 * coverage recall and precision (:func:`metrics.coverage`, CDVAE cutoffs)
   against ``--ref-size`` validation crystals, whose fingerprints are computed
-  once and cached (:func:`evaluation.reference_fingerprints`); sample
+  once and cached (:func:`references.reference_fingerprints`); sample
   fingerprints are taken of the valid crystals, and precision is over the
   ``-n`` crystals asked for;
 * uniqueness of the valid crystals (:func:`metrics.unique_flags`);
 * with ``--relax K``: the metastable rate (E_hull < 0.1 eV/atom, M3GNet
   relaxation, MP-20 hull) of the first ``K`` valid crystals, through
-  :func:`calculators.relax_many` and :func:`evaluation.e_above_hull_many` as in
+  :func:`relaxation.relax_many` and :func:`pipeline.e_above_hull_many` as in
   ``crystal-llm evaluate`` (relaxations cached in the cache folder).
 
 For the formula-conditioned crystals: the same validity figures and the
@@ -70,10 +70,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
-from ase_crystal_llm import evaluation, metrics, settings
-from ase_crystal_llm.generation import CrystalGenerator
 from common import hardware  # noqa: E402
+
+from ase_crystal_llm import settings
+from ase_crystal_llm.chemistry.validity import validity_flags
+from ase_crystal_llm.data import datasets
+from ase_crystal_llm.evaluation import metrics, pipeline, references
+from ase_crystal_llm.generation.generator import CrystalGenerator
+from ase_crystal_llm.io.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TIE_DECIMALS = 3
@@ -81,9 +85,7 @@ TIE_DECIMALS = 3
 
 def val_formulas(path, n, seed=0):
     """``n`` distinct ``pretty_formula`` values of a split, drawn with ``seed`` (sorted first, so reproducible)."""
-    import pandas as pd
-
-    formulas = sorted(set(pd.read_csv(path, usecols=["pretty_formula"])["pretty_formula"].astype(str)))
+    formulas = sorted(set(datasets.csv_column(path, "pretty_formula")))
     if n > len(formulas):
         raise ValueError(f"--n-formulas {n} exceeds the {len(formulas)} distinct formulas of {path}")
     picked = np.random.default_rng(seed).choice(len(formulas), size=n, replace=False)
@@ -120,7 +122,7 @@ def sample(gen, n, *, seed, **kwargs):
 
 def validity(crystals, stats):
     """Validity over returned crystals and over all attempts; also returns the flags."""
-    flags = metrics.validity_flags(crystals)
+    flags = validity_flags(crystals)
     emitted = (metrics.emitted_validity(crystals, flags, stats) or {}).get("all")
     attempts = {"structure": None, "composition": None, "valid": None}
     if emitted:
@@ -129,19 +131,19 @@ def validity(crystals, stats):
                     "valid": emitted["valid_over_emitted"]}
     counts = {k: stats.get(k) for k in ("requested", "returned", "attempts", "gave_up", "rejected",
                                          "parse_failures", "wall_seconds")}
-    return {**counts, "validity_returned": metrics.validity_rates(flags), "validity_attempts": attempts}, flags
+    return {**counts, "validity_returned": validity.validity_rates(flags), "validity_attempts": attempts}, flags
 
 
 def metastable_rate(crystals, k, cache, data):
     """Metastable rate of ``crystals[:k]``: M3GNet relaxation and MP-20 hull, as ``crystal-llm evaluate``."""
-    from ase_crystal_llm import calculators
-    from ase_crystal_llm.hull import ReferenceHull
+    from ase_crystal_llm.evaluation import relaxation
+    from ase_crystal_llm.evaluation.hull import ReferenceHull
 
     chosen = crystals[:k]
     if not chosen:
         return {"n": 0, "metastable": None, "stable": None}
-    relaxed = calculators.relax_many(chosen, "m3gnet", cache=evaluation.cache_dir(cache) / "tune_sampling_relax.db")
-    e_hull, errors = evaluation.e_above_hull_many(relaxed, ReferenceHull.from_mp20(data))
+    relaxed = relaxation.relax_many(chosen, "m3gnet", cache=references.cache_dir(cache) / "tune_sampling_relax.db")
+    e_hull, errors = pipeline.e_above_hull_many(relaxed, ReferenceHull.from_mp20(data))
     rates = metrics.stability_rates(e_hull)
     return {"n": rates["n"], "metastable": rates["metastable"], "stable": rates["stable"],
             "failures": sum(e is None for e in e_hull)}
@@ -235,7 +237,7 @@ def run(args):
     extra = generate_kwargs(gen, args.guards)
     if args.batch_size:
         extra["batch_size"] = args.batch_size
-    ref = evaluation.reference_fingerprints(val_path, size=args.ref_size, seed=0, cache=args.cache, progress=False)
+    ref = references.reference_fingerprints(val_path, size=args.ref_size, seed=0, cache=args.cache, progress=False)
     rows = []
     for temperature in args.temperatures:
         for top_p in args.top_p:
@@ -256,7 +258,7 @@ def run(args):
         "hardware": hardware(),
         "model": str(gen.model_dir),
         "model_weights_sha256": gen.weights_sha256(),
-        "model_recommended_sampling": dict((getattr(gen.card, "sampling", None) or {})),
+        "model_recommended_sampling": dict(getattr(gen.card, "sampling", None) or {}),
         "split": "val",
         "settings": {"n": args.n, "n_formulas": args.n_formulas, "ref_size": args.ref_size,
                      "ref_seed": 0, "formula_seed": 0, "seed": args.seed, "relax": args.relax,
@@ -308,9 +310,7 @@ def main(argv=None):
         sys.exit(f"tune_sampling: error: {err}")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write(out, json.dumps(record, indent=2) + "\n")
     chosen = record["chosen"]
     print("chosen: " + ("none (no setting produced a valid crystal)" if chosen is None else
                         f"temperature {chosen['temperature']}, top_p {chosen['top_p']} (score {chosen['score']:.3f})"))

@@ -12,6 +12,34 @@ import pytest  # noqa: E402
 
 from ase_crystal_llm import settings  # noqa: E402
 
+# -- markers: the fast lane ------------------------------------------------------------
+# ``python -m pytest`` runs every test.  ``python -m pytest -m fast`` runs the quick part:
+# the tests that carry none of HEAVY_MARKERS (the same as
+# ``-m "not slow and not data and not potential and not subprocess and not postgres"``).
+# ``data``, ``potential`` and (for a model trained in the session) ``slow`` are set here from
+# the fixtures a test uses, directly or through other fixtures; ``subprocess``, ``slow`` and
+# ``postgres`` are set in the test modules, as is ``potential`` for potentials that come with
+# their wheel (CHGNet, SevenNet).  ``slow`` marks tests of more than about 1.5 s on a 2-core
+# machine with one core busy; the fast lane then takes under a minute there.
+HEAVY_MARKERS = ("slow", "data", "potential", "subprocess", "postgres")
+DATA_FIXTURES = {"data_dir"}  # every shared-data fixture (m3gnet_dir, mp20_*, tiny_model_dir) depends on it
+POTENTIAL_FIXTURES = {"m3gnet_dir"}
+SLOW_FIXTURES = {"crystal_model"}  # trains a model for the session (seconds)
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects anything
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & DATA_FIXTURES:
+            item.add_marker(pytest.mark.data)
+        if used & POTENTIAL_FIXTURES:
+            item.add_marker(pytest.mark.potential)
+        if used & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if not any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
+            item.add_marker(pytest.mark.fast)
+
 
 def _need(what):
     """Data-dependent tests fail (not skip) under CI=true when data is missing."""
@@ -39,7 +67,7 @@ def m3gnet_dir(data_dir):
 @pytest.fixture(scope="session")
 def mp20_test_sample(data_dir):
     """The first 200 MP-20 test structures (canonical cells), read once per session."""
-    from ase_crystal_llm.datasets import read_structures
+    from ase_crystal_llm.data.datasets import read_structures
 
     return read_structures(data_dir / "mp_20" / "test.csv.gz", limit=200)
 
@@ -47,7 +75,7 @@ def mp20_test_sample(data_dir):
 @pytest.fixture(scope="session")
 def mp20_train_64(data_dir):
     """The first 64 MP-20 training structures (canonical cells)."""
-    from ase_crystal_llm.datasets import read_structures
+    from ase_crystal_llm.data.datasets import read_structures
 
     return read_structures(data_dir / "mp_20" / "train.csv.gz", limit=64)
 
@@ -82,7 +110,7 @@ def crystal_model(tmp_path_factory):
 
 
 def _train_tiny(structures, out, max_steps):
-    from ase_crystal_llm.training import train
+    from ase_crystal_llm.model.training import train
 
     with one_torch_thread():
         train(structures, out, from_scratch="tiny", max_steps=max_steps, batch_size=8, lr=3e-3,
@@ -105,8 +133,8 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tok():
     """The project's from-scratch tokenizer for the default prompt template."""
-    from ase_crystal_llm.prompts import PromptTemplate
-    from ase_crystal_llm.tokenizer import tokenizer_for_template
+    from ase_crystal_llm.text.prompts import PromptTemplate
+    from ase_crystal_llm.text.tokenizer import tokenizer_for_template
 
     return tokenizer_for_template(PromptTemplate())
 

@@ -81,6 +81,7 @@ def test_single_atoms_write(tmp_path):
 def test_bad_file_raises_crystal_text_error(tmp_path):
     from ase_crystal_llm import CrystalTextError
 
+
     path = tmp_path / "bad.crystxt"
     path.write_text("5.6 5.6 5.6\n90 90 90\nLn\n0 0 0\n")
     with pytest.raises(CrystalTextError, match="unknown element symbol 'Ln'"):
@@ -100,6 +101,7 @@ print(json.dumps([[a.get_chemical_formula() for a in read], [a.get_chemical_form
 """
 
 
+@pytest.mark.subprocess
 def test_plugin_works_without_importing_the_package(tmp_path):
     # A fresh interpreter whose script never imports ase_crystal_llm: the
     # ase.ioformats entry point must find the format (ASE loads the plugin module

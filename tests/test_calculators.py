@@ -1,6 +1,7 @@
 """Potentials, the M3GNet known-answer check, relax and relax_many (batched, cached)."""
 
 import importlib.util
+from pathlib import Path
 
 import ase.db
 import numpy as np
@@ -11,15 +12,10 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from ase_crystal_llm import calculators
-from ase_crystal_llm.calculators import (
-    NACL_KNOWN_ANSWER,
-    get_calculator,
-    nacl_energy_per_atom,
-    relax,
-    relax_many,
-    structure_hash,
-)
+from ase_crystal_llm.evaluation import batched as engine
+from ase_crystal_llm.evaluation import potentials
+from ase_crystal_llm.evaluation.potentials import NACL_KNOWN_ANSWER, get_calculator, nacl_energy_per_atom
+from ase_crystal_llm.evaluation.relaxation import relax, relax_many, structure_hash
 
 
 class CountingEMT(EMT):
@@ -65,7 +61,7 @@ def small_crystals():
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Small graphs on a shared 2-core machine: one thread is much faster than two."""
-    from ase_crystal_llm.calculators import torch_threads
+    from ase_crystal_llm.settings import torch_threads
 
     with torch_threads(1):
         yield
@@ -97,7 +93,7 @@ def test_m3gnet_correction_is_instance_local(m3gnet, m3gnet_dir):
     assert convs and all(type(m) is M3GNetGraphConv for m in convs)  # untouched
     if abs(fresh_energy - NACL_KNOWN_ANSWER) > 0.01:  # matgl still reverses the aggregation
         assert m3gnet.potential.aggregation_patched
-        assert fresh_energy == pytest.approx(calculators.NACL_REVERSED, abs=0.01)
+        assert fresh_energy == pytest.approx(potentials.NACL_REVERSED, abs=0.01)
     else:  # fixed upstream: nothing patched
         assert not m3gnet.potential.aggregation_patched
     # get_calculator("m3gnet") reuses the checked instance
@@ -105,7 +101,7 @@ def test_m3gnet_correction_is_instance_local(m3gnet, m3gnet_dir):
 
 
 def test_batched_and_serial_paths_agree(m3gnet):
-    assert isinstance(calculators.batch_evaluator(m3gnet), calculators.MatglBatchEvaluator)
+    assert isinstance(engine.batch_evaluator(m3gnet), engine.MatglBatchEvaluator)
     structures = small_crystals()
     serial = relax_many(structures, m3gnet, backend="serial")
     batched = relax_many(structures, m3gnet, backend="batched", batch_size=2)  # refills the batch
@@ -121,12 +117,13 @@ def test_batched_and_serial_paths_agree(m3gnet):
     assert (nacl.get_volume() * 4) ** (1 / 3) == pytest.approx(5.69, abs=0.03)
 
 
+@pytest.mark.potential
 def test_chgnet_declares_corrected_scale_and_batches():
     pytest.importorskip("chgnet")
     calc = get_calculator("chgnet")
     assert calc.energy_scale == "mp2020" and calc.potential_name == "chgnet"
     structures = small_crystals()[:2]
-    batched = calculators.CHGNetBatchEvaluator(calc).evaluate(structures)
+    batched = engine.CHGNetBatchEvaluator(calc).evaluate(structures)
     for atoms, (energy, forces, stress) in zip(structures, batched):
         atoms = atoms.copy()
         atoms.calc = calc
@@ -135,6 +132,7 @@ def test_chgnet_declares_corrected_scale_and_batches():
         assert np.allclose(stress, atoms.get_stress(), atol=1e-4)
 
 
+@pytest.mark.potential
 @pytest.mark.parametrize("name, recorded, reference", [
     ("sevennet", "sevennet-0-11jul2024", -3.3827),
     ("sevennet-l3i5", "sevennet-l3i5", -3.3854),
@@ -152,6 +150,22 @@ def test_sevennet_on_rock_salt_against_stored_energy(name, recorded, reference):
     relaxed = relax(bulk("NaCl", "rocksalt", a=5.9), name, fmax=0.05, steps=200)
     assert relaxed.info["relax_converged"] and relaxed.info["potential"] == recorded
     assert relaxed.info["energy"] / 2 < reference  # relaxed below the strained start's reference cell
+
+
+@pytest.mark.potential
+def test_sevennet_batches_agree_with_its_calculator():
+    if importlib.util.find_spec("sevenn") is None:
+        pytest.skip("the sevennet extra is not installed: pip install 'ase-crystal-llm[sevennet]'")
+    calc = get_calculator("sevennet")
+    evaluator = engine.batch_evaluator(calc)
+    assert isinstance(evaluator, engine.SevenNetBatchEvaluator)
+    structures = [bulk("NaCl", "rocksalt", a=5.7), bulk("Si", "diamond", a=5.43) * (1, 1, 2)]
+    for atoms in structures:
+        atoms.rattle(0.05, seed=1)
+    for (energy, forces, stress), one in zip(evaluator.evaluate(structures), engine.BatchEvaluator(calc).evaluate(structures)):
+        assert energy == pytest.approx(one[0], abs=1e-5)
+        assert np.abs(forces - one[1]).max() < 1e-5 and np.abs(stress - one[2]).max() < 1e-6
+        assert np.abs(forces).max() > 1e-3  # rattled: the comparison is not between zeros
 
 
 # ------------------------------------------------------------------ relax
@@ -180,7 +194,7 @@ def test_relax_returns_new_atoms_with_records():
 
     reference = atoms.copy()
     reference.calc = EMT()
-    with calculators._small_matrix_threads():
+    with engine._small_matrix_threads():
         FIRE(FrechetCellFilter(reference), logfile=None).run(fmax=0.02, steps=300)
     assert relaxed.info["energy"] == pytest.approx(reference.get_potential_energy(), abs=1e-8)
 
@@ -212,7 +226,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="backend"):
         relax_many([strained_copper()], EMT(), backend="gpu-magic")
     with pytest.raises(FileNotFoundError, match="model.json"):
-        calculators.load_matgl_potential(calculators.Path(__file__).parent)
+        potentials.load_matgl_potential(Path(__file__).parent)
 
 
 # ------------------------------------------------------------------ relax_many
@@ -279,6 +293,7 @@ def test_structure_hash_is_stable_under_wrapping():
     assert structure_hash(atoms) != structure_hash(other)
 
 
+@pytest.mark.subprocess  # spawned worker interpreters
 def test_worker_processes_match_one_process(tmp_path):
     structures = [strained_copper(0.02 * i, seed=i) for i in range(3)]
     one = relax_many(structures, EMT())
@@ -291,10 +306,11 @@ def test_worker_processes_match_one_process(tmp_path):
     assert again.calls == 0  # the workers' results were cached by the parent
 
 
+@pytest.mark.slow
 def test_fast_cell_algebra_matches_scipy():
     from scipy.linalg import expm_frechet, logm
 
-    from ase_crystal_llm.calculators import eig_expm_frechet, eig_logm
+    from ase_crystal_llm.evaluation.batched import eig_expm_frechet, eig_logm
 
     rng = np.random.default_rng(3)
     cases = [np.eye(3), np.eye(3) * 1.05, np.diag([0.97, 1.0, 1.03])]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ase_crystal_llm.constraints import EXTRA_ATOMS, CrystalGrammar, RowComposition
-from ase_crystal_llm.metrics import composition_valid, counts_valid
-from ase_crystal_llm.prompts import PromptTemplate
-from ase_crystal_llm.tokenizer import tokenizer_for_template
+from ase_crystal_llm.chemistry.validity import composition_valid, counts_valid
+from ase_crystal_llm.generation.constraints import EXTRA_ATOMS, CrystalGrammar, RowComposition
+from ase_crystal_llm.text.prompts import PromptTemplate
+from ase_crystal_llm.text.tokenizer import tokenizer_for_template
 
 LATTICE = "5.0 5.0 5.0\n90 90 90\n"
 SITES = ["0.00 0.00 0.00", "0.50 0.50 0.50", "0.25 0.25 0.25", "0.75 0.75 0.75", "0.50 0.00 0.00",

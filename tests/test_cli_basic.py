@@ -18,6 +18,7 @@ def crystal_llm(*args, cwd=None):
     return subprocess.run(command + list(args), capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_help():
     out = crystal_llm("--help")
     assert out.returncode == 0
@@ -25,12 +26,14 @@ def test_help():
         assert command in out.stdout
 
 
+@pytest.mark.subprocess
 def test_version():
     out = crystal_llm("--version")
     assert out.returncode == 0
     assert out.stdout.strip() == f"crystal-llm {__version__}"
 
 
+@pytest.mark.subprocess
 def test_unknown_option_is_one_line_exit_2():
     out = crystal_llm("--no-such-option")
     assert out.returncode == 2
@@ -38,6 +41,7 @@ def test_unknown_option_is_one_line_exit_2():
     assert "unrecognized arguments: --no-such-option" in out.stderr
 
 
+@pytest.mark.subprocess
 def test_convert_missing_file_is_one_line_exit_2(tmp_path):
     out = crystal_llm("convert", str(tmp_path / "missing.csv.gz"), "-o", str(tmp_path / "out.crystxt"))
     assert out.returncode == 2
@@ -46,6 +50,7 @@ def test_convert_missing_file_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "out.crystxt").exists()
 
 
+@pytest.mark.subprocess
 def test_convert_end_to_end(tmp_path):
     src = tmp_path / "in.extxyz"
     ase.io.write(src, [bulk("Cu", "fcc", a=3.61, cubic=True), bulk("NaCl", "rocksalt", a=5.64, cubic=True)])

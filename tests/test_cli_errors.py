@@ -141,6 +141,15 @@ CASES = [
     Case("merge", "not-an-adapter", ("merge", "{model}", "-o", "{out}/merged"), ("adapter",), needs_model=True),
 ]
 
+# evaluate loads its potential (M3GNet, from the shared data) before the model it is given
+POTENTIAL_CASES = ["evaluate-model-weight-corrupt"]
+
+
+def _marked(cases):
+    """Markers of the fast lane (tests/conftest.py): the ``models`` fixture is the tiny model trained on MP-20."""
+    return [pytest.param(c, marks=[pytest.mark.data] * c.needs_model
+                         + [pytest.mark.potential] * (c.id in POTENTIAL_CASES)) for c in cases]
+
 
 def implemented(command):
     """False while ``_run_<command>`` still only says it is not available."""
@@ -237,7 +246,7 @@ def _check_error(command, status, stderr, expect):
     return line
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", _marked(CASES), ids=lambda c: c.id)
 def test_bad_input(case, inputs, tmp_path, capsys, request):
     if not implemented(case.command):
         pytest.fail(f"crystal-llm {case.command} is not implemented yet")
@@ -263,7 +272,9 @@ PROCESS_CASES = ["convert-non-periodic", "evaluate-empty-file", "mutate-unknown-
                  "train-missing-file", "merge-model-dir-missing"]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in PROCESS_CASES], ids=lambda c: c.id)
+@pytest.mark.subprocess
+@pytest.mark.parametrize("case", _marked(c for c in CASES if c.id in PROCESS_CASES),
+                         ids=lambda c: c.id)
 def test_real_process(case, inputs, tmp_path, request):
     if not implemented(case.command):
         pytest.fail(f"crystal-llm {case.command} is not implemented yet")
@@ -275,6 +286,7 @@ def test_real_process(case, inputs, tmp_path, request):
     assert len(lines) == 1, f"stderr holds more than the error line:\n{proc.stderr}"
 
 
+@pytest.mark.subprocess
 def test_debug_traceback(inputs, tmp_path):
     """``--debug`` (before or after the subcommand) shows the traceback."""
     for argv in (["--debug", "convert", inputs["molecule"], "-o", str(tmp_path / "a.extxyz")],
@@ -284,6 +296,7 @@ def test_debug_traceback(inputs, tmp_path):
         assert "Traceback (most recent call last)" in proc.stderr, proc.stderr
 
 
+@pytest.mark.subprocess
 def test_argparse_errors_are_one_line(tmp_path):
     """Unknown options and bad choices: one line, exit 2, no usage dump."""
     for argv in (["generate", "-n", "x", "-o", "a.extxyz"], ["train", "--data", "a", "--out", "b"], ["nonsense"]):

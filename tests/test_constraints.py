@@ -14,10 +14,10 @@ from ase.build import bulk
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ase_crystal_llm.constraints import DONE, START, CrystalGrammar, can_end, reads_symbol, token_strings
-from ase_crystal_llm.prompts import PromptTemplate
-from ase_crystal_llm.text import CrystalTextError, atoms_to_text, text_to_atoms
-from ase_crystal_llm.tokenizer import tokenizer_for_template
+from ase_crystal_llm.generation.constraints import DONE, START, CrystalGrammar, can_end, reads_symbol, token_strings
+from ase_crystal_llm.text.format import CrystalTextError, atoms_to_text, text_to_atoms
+from ase_crystal_llm.text.prompts import PromptTemplate
+from ase_crystal_llm.text.tokenizer import tokenizer_for_template
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -194,27 +194,52 @@ def test_number_positions_admit_only_digits_and_separators(tokenizer):
             assert set(first_line) <= set("0123456789. "), (state, repr(s))
 
 
+CELL = "5.0 5.0 5.0\n90 90 90\n"  # a sensible cell: what follows it is the atoms alone
+GEOMETRY = ("degenerate cell", "impossible lattice angles", "absurd cell")
+
+
+def random_walk(grammar, strings, rng, prefix=""):
+    """Uniformly random allowed tokens after ``prefix`` (run through the grammar) until the grammar ends."""
+    state, n_atoms = grammar.run(START, 0, prefix)
+    text = prefix
+    while state != DONE:
+        choices = np.flatnonzero(grammar.allowed(state, n_atoms).numpy())
+        token = int(rng.choice(choices))
+        state, n_atoms = grammar.advance(state, n_atoms, token)
+        text += strings[token]
+    return text
+
+
 def test_random_walks_only_fail_for_physical_reasons():
     """Whatever the grammar lets through parses, or fails only on the cell's geometry."""
+    from collections import Counter
+
     tok = tokenizer_for_template(PromptTemplate())
     grammar = CrystalGrammar(tok, max_atoms=6)
     strings = token_strings(tok)
     rng = np.random.default_rng(1)
-    parsed = 0  # most random walks draw impossible angles; the point is *why* they fail
+    failures = Counter()  # random digits almost never make three angles that close a cell
     for _ in range(150):
-        state, n_atoms, text = START, 0, ""
-        while state != DONE:
-            choices = np.flatnonzero(grammar.allowed(state, n_atoms).numpy())
-            token = int(rng.choice(choices))
-            state, n_atoms = grammar.advance(state, n_atoms, token)
-            text += strings[token]
+        text = random_walk(grammar, strings, rng)
         try:
             atoms = text_to_atoms(text)
         except CrystalTextError as err:
-            assert any(k in str(err) for k in ("degenerate cell", "impossible lattice angles", "absurd cell")), err
+            reasons = [k for k in GEOMETRY if k in str(err)]
+            assert reasons, err
+            failures[reasons[0]] += 1
             continue
-        parsed += 1
         assert 1 <= len(atoms) <= 6
+    assert failures["impossible lattice angles"] and failures["degenerate cell"]
+    # After a sensible cell every walk is a crystal: the atom lines the grammar allows always parse.
+    sizes, symbols = Counter(), set()
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        atoms = text_to_atoms(random_walk(grammar, strings, rng, prefix=CELL))
+        assert atoms.pbc.all() and 1 <= len(atoms) <= 6
+        sizes[len(atoms)] += 1
+        symbols |= set(atoms.get_chemical_symbols())
+    assert sizes[1] and sizes[6]  # walks ended at once and were stopped by max_atoms
+    assert len(symbols) > 20  # the symbol lines reached many elements
 
 
 def test_processor_masks_per_row_and_drops_rows():
@@ -345,6 +370,11 @@ def test_random_walks_under_a_formula_end_on_whole_units(tokenizer, formula, max
         z = found[target.symbols[0]] // unit[target.symbols[0]]
         assert z >= 1 and z * sum(unit.values()) <= max_atoms
         assert found == {s: z * c for s, c in unit.items()}, text
+        # The atoms a formula row writes parse, under a sensible cell (random cell digits are
+        # geometry, see test_random_walks_only_fail_for_physical_reasons), into z formula units.
+        atoms = text_to_atoms(CELL + text.strip().split("\n", 2)[2])
+        assert len(atoms) == z * sum(unit.values())
+        assert Formula(atoms.get_chemical_formula()).reduce()[0] == Formula(formula).reduce()[0], text
 
 
 def test_processor_rows_carry_their_own_formula():

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from ase.io import read, write
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 # PYTHONFAULTHANDLER: a command stopped for taking too long prints where it was (SIGABRT, below).
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -172,7 +172,7 @@ def _cache_rows(db):
 
 
 def test_evaluate_killed_then_resumed_from_cache(data_dir, m3gnet_dir, tmp_path):
-    from ase_crystal_llm.datasets import read_structures
+    from ase_crystal_llm.data.datasets import read_structures
 
     structures = read_structures(data_dir / "mp_20" / "test.csv.gz", limit=12)
     for i, atoms in enumerate(structures):
@@ -209,8 +209,8 @@ def _checkpoints(out):
 
 
 def test_train_killed_then_resumed_from_checkpoint(data_dir, tmp_path):
-    from ase_crystal_llm.datasets import read_structures
-    from ase_crystal_llm.modelcard import ModelCard
+    from ase_crystal_llm.data.datasets import read_structures
+    from ase_crystal_llm.model.modelcard import ModelCard
 
     data = tmp_path / "train.extxyz"
     write(data, read_structures(data_dir / "mp_20" / "train.csv.gz", limit=48))

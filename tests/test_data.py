@@ -21,8 +21,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from ase_crystal_llm import cli, data, settings
-from ase_crystal_llm.datasets import read_structures
+from ase_crystal_llm import cli, settings
+from ase_crystal_llm.data import download
+from ase_crystal_llm.data.datasets import read_structures
 
 COLUMNS = ["material_id", "formation_energy_per_atom", "band_gap", "pretty_formula", "e_above_hull",
            "elements", "cif", "spacegroup.number"]
@@ -58,7 +59,7 @@ def fake(tmp_path, monkeypatch, nacl_cif):
     """
     mirror, upstream = tmp_path / "mirror", tmp_path / "upstream"
     placed, entries = {}, []
-    for entry in data.MANIFEST:
+    for entry in download.MANIFEST:
         if entry.cdvae_csv:
             split = Path(entry.path).name.split(".")[0]
             rows = [[f"mp-{split}-{i}", -1.5 - i, 4.0, "NaCl", "", "['Cl', 'Na']", nacl_cif, 225] for i in range(2)]
@@ -76,13 +77,13 @@ def fake(tmp_path, monkeypatch, nacl_cif):
         placed[entry.path] = content
         (mirror / entry.path).parent.mkdir(parents=True, exist_ok=True)
         (mirror / entry.path).write_bytes(content)
-    monkeypatch.setattr(data, "MANIFEST", tuple(entries))
-    monkeypatch.setattr(data, "TIMEOUT", 10)  # a stuck loopback server fails the test quickly
+    monkeypatch.setattr(download, "MANIFEST", tuple(entries))
+    monkeypatch.setattr(download, "TIMEOUT", 10)  # a stuck loopback server fails the test quickly
 
     def no_matgl(name):
         raise RuntimeError("the matgl by-name download is not reachable in tests")
 
-    monkeypatch.setattr(data, "_matgl_model_files", no_matgl)
+    monkeypatch.setattr(download, "_matgl_model_files", no_matgl)
     return SimpleNamespace(mirror=mirror, upstream=upstream, placed=placed)
 
 
@@ -123,7 +124,7 @@ def _leftovers(folder):
 
 
 def _states(folder):
-    return {s.path: s.state for s in data.check(folder)}
+    return {s.path: s.state for s in download.check(folder)}
 
 
 def _isolate_settings(tmp_path, monkeypatch):
@@ -139,50 +140,50 @@ def _isolate_settings(tmp_path, monkeypatch):
 
 def test_fetch_from_mirror(fake, mirror_url, tmp_path):
     dest = tmp_path / "data"
-    assert data.fetch(dest, mirror=mirror_url, progress=False) == dest
+    assert download.fetch(dest, mirror=mirror_url, progress=False) == dest
     for path, content in fake.placed.items():
         assert (dest / path).read_bytes() == content, path
     assert not _leftovers(dest)
-    assert set(_states(dest).values()) == {data.OK}
-    record = data.read_record(dest)
+    assert set(_states(dest).values()) == {download.OK}
+    record = download.read_record(dest)
     assert set(record) == set(fake.placed)
     assert record["mp_20/train.csv.gz"]["checked"].startswith("no published sha256")
     assert record["hull/2023-02-07-mp-elemental-reference-entries.json.gz"]["checked"] == "published sha256"
 
 
 def test_mirror_may_be_a_plain_folder(fake, tmp_path):
-    dest = data.fetch(tmp_path / "data", mirror=str(fake.mirror), progress=False)
-    assert not data.missing(dest)
+    dest = download.fetch(tmp_path / "data", mirror=str(fake.mirror), progress=False)
+    assert not download.missing(dest)
 
 
 def test_fetch_converts_cdvae_csv(fake, tmp_path):
-    dest = data.fetch(tmp_path / "data", progress=False)  # from the (fake) public sources
+    dest = download.fetch(tmp_path / "data", progress=False)  # from the (fake) public sources
     path = settings.mp20_path("train", dest)
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         assert handle.readline().rstrip("\n").split(",") == COLUMNS  # the index column is gone
     crystals = read_structures(path, canonical=False)
     assert [a.info["material_id"] for a in crystals] == ["mp-train-0", "mp-train-1"]
     assert crystals[0].info["spacegroup_number"] == 225 and "e_above_hull" not in crystals[0].info
-    record = data.read_record(dest)["mp_20/train.csv.gz"]
+    record = download.read_record(dest)["mp_20/train.csv.gz"]
     # No checksum is published for CDVAE's CSVs: the downloaded bytes' hash is recorded.
     assert record["source_sha256"] == _sha((fake.upstream / "train.csv").read_bytes())
-    assert record["sha256"] == data.sha256_of(path)
-    assert _states(dest)["mp_20/train.csv.gz"] == data.OK
+    assert record["sha256"] == download.sha256_of(path)
+    assert _states(dest)["mp_20/train.csv.gz"] == download.OK
 
 
 def test_wrong_hash_leaves_no_file(fake, mirror_url, tmp_path, monkeypatch):
     hull = "hull/2023-02-07-mp-elemental-reference-entries.json.gz"
     wrong = "0" * 64
-    monkeypatch.setattr(data, "MANIFEST", tuple(dataclasses.replace(e, sha256=wrong) if e.path == hull else e
-                                                for e in data.MANIFEST))
+    monkeypatch.setattr(download, "MANIFEST", tuple(dataclasses.replace(e, sha256=wrong) if e.path == hull else e
+                                                for e in download.MANIFEST))
     dest = tmp_path / "data"
-    with pytest.raises(data.ChecksumError) as caught:
-        data.fetch(dest, mirror=mirror_url, progress=False)
+    with pytest.raises(download.ChecksumError) as caught:
+        download.fetch(dest, mirror=mirror_url, progress=False)
     message = str(caught.value)
     assert "\n" not in message
     assert hull in message and wrong in message and _sha(fake.placed[hull]) in message
     assert not (dest / hull).exists() and not _leftovers(dest)
-    assert data.missing(dest) == [hull]  # the other files are fetched
+    assert download.missing(dest) == [hull]  # the other files are fetched
 
 
 def test_interrupted_fetch_resumes(fake, mirror_url, tmp_path, monkeypatch):
@@ -191,17 +192,17 @@ def test_interrupted_fetch_resumes(fake, mirror_url, tmp_path, monkeypatch):
     val.unlink()
     dest = tmp_path / "data"
     with pytest.raises(OSError, match="mp_20/val.csv.gz") as caught:
-        data.fetch(dest, mirror=mirror_url, progress=False)
+        download.fetch(dest, mirror=mirror_url, progress=False)
     assert "\n" not in str(caught.value)
-    assert data.missing(dest) == ["mp_20/val.csv.gz"] and not _leftovers(dest)
+    assert download.missing(dest) == ["mp_20/val.csv.gz"] and not _leftovers(dest)
 
     val.write_bytes(kept)
     opened = []
-    real_open = data._open_url
-    monkeypatch.setattr(data, "_open_url", lambda url: opened.append(url) or real_open(url))
-    data.fetch(dest, mirror=mirror_url, progress=False)
+    real_open = download._open_url
+    monkeypatch.setattr(download, "_open_url", lambda url: opened.append(url) or real_open(url))
+    download.fetch(dest, mirror=mirror_url, progress=False)
     assert [url.rsplit("/", 2)[-2:] for url in opened] == [["mp_20", "val.csv.gz"]]  # only what was missing
-    assert not data.missing(dest) and set(_states(dest).values()) == {data.OK}
+    assert not download.missing(dest) and set(_states(dest).values()) == {download.OK}
 
 
 def test_matgl_by_name_fallback(fake, tmp_path, monkeypatch):
@@ -211,45 +212,45 @@ def test_matgl_by_name_fallback(fake, tmp_path, monkeypatch):
     cache.mkdir()
     files = {}
     for path, content in fake.placed.items():
-        if path.startswith(data.M3GNET_DIR):
+        if path.startswith(download.M3GNET_DIR):
             files[Path(path).name] = cache / Path(path).name
             files[Path(path).name].write_bytes(content)
     broken = (tmp_path / "nowhere").as_uri()
-    monkeypatch.setattr(data, "MANIFEST", tuple(dataclasses.replace(e, urls=(broken,)) if e.matgl_model else e
-                                                for e in data.MANIFEST))
+    monkeypatch.setattr(download, "MANIFEST", tuple(dataclasses.replace(e, urls=(broken,)) if e.matgl_model else e
+                                                for e in download.MANIFEST))
     asked = []
-    monkeypatch.setattr(data, "_matgl_model_files", lambda name: asked.append(name) or files)
-    dest = data.fetch(tmp_path / "data", progress=False)
+    monkeypatch.setattr(download, "_matgl_model_files", lambda name: asked.append(name) or files)
+    dest = download.fetch(tmp_path / "data", progress=False)
     assert set(asked) == {settings.M3GNET_NAME}
-    assert not data.missing(dest) and set(_states(dest).values()) == {data.OK}
-    assert "matgl.load_model" in data.read_record(dest)[f"{data.M3GNET_DIR}/model.pt"]["source"]
+    assert not download.missing(dest) and set(_states(dest).values()) == {download.OK}
+    assert "matgl.load_model" in download.read_record(dest)[f"{download.M3GNET_DIR}/model.pt"]["source"]
 
     # matgl's copy is checked like any other download
     files["state.pt"].write_bytes(b"other weights")
-    (dest / data.M3GNET_DIR / "state.pt").unlink()
-    with pytest.raises(data.ChecksumError, match="state.pt: sha256 mismatch"):
-        data.fetch(dest, progress=False)
-    assert not (dest / data.M3GNET_DIR / "state.pt").exists() and not _leftovers(dest)
+    (dest / download.M3GNET_DIR / "state.pt").unlink()
+    with pytest.raises(download.ChecksumError, match="state.pt: sha256 mismatch"):
+        download.fetch(dest, progress=False)
+    assert not (dest / download.M3GNET_DIR / "state.pt").exists() and not _leftovers(dest)
 
 
 def test_cli_check(fake, tmp_path, capsys):
-    dest = data.fetch(tmp_path / "data", progress=False)
+    dest = download.fetch(tmp_path / "data", progress=False)
     hull = "hull/2023-02-07-mp-elemental-reference-entries.json.gz"
     fetched = (dest / "mp_20" / "test.csv.gz").read_bytes()
     (dest / hull).write_bytes(b"changed")
     (dest / "mp_20" / "test.csv.gz").write_bytes(b"changed after the fetch")
-    (dest / data.M3GNET_DIR / "model.pt").unlink()
+    (dest / download.M3GNET_DIR / "model.pt").unlink()
     assert cli.main(["data", "check", str(dest)]) == 1
     rows = [re.match(r"  (OK|missing|wrong sha256|unverified) +(\S+)", line)
             for line in capsys.readouterr().out.splitlines()]
     states = {row[2]: row[1] for row in rows if row}
     assert states == {**{path: "OK" for path in fake.placed}, hull: "wrong sha256",
                       "mp_20/test.csv.gz": "wrong sha256",  # against the hash recorded at the fetch
-                      f"{data.M3GNET_DIR}/model.pt": "missing"}
+                      f"{download.M3GNET_DIR}/model.pt": "missing"}
 
     (dest / hull).write_bytes(fake.placed[hull])
     (dest / "mp_20" / "test.csv.gz").write_bytes(fetched)
-    data.fetch(dest, progress=False)
+    download.fetch(dest, progress=False)
     assert cli.main(["data", "check", str(dest)]) == 0
     assert "the package uses data folder:" in capsys.readouterr().out
 
@@ -267,8 +268,8 @@ def test_cli_fetch_and_errors(fake, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.startswith("crystal-llm data: error:") and "\n" not in err and "ftp" in err
 
-    monkeypatch.setattr(data, "MANIFEST", tuple(dataclasses.replace(e, sha256="f" * 64) if e.sha256 else e
-                                                for e in data.MANIFEST))
+    monkeypatch.setattr(download, "MANIFEST", tuple(dataclasses.replace(e, sha256="f" * 64) if e.sha256 else e
+                                                for e in download.MANIFEST))
     assert cli.main(["data", "fetch", "--dest", str(tmp_path / "y"), "--mirror", str(fake.mirror),
                      "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
@@ -282,46 +283,46 @@ def test_data_dir_finds_fetched_folder(fake, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="crystal-llm data fetch"):
         settings.data_dir()
 
-    dest = data.fetch(mirror=fake.mirror.as_uri(), progress=False)  # the default folder
+    dest = download.fetch(mirror=fake.mirror.as_uri(), progress=False)  # the default folder
     assert dest == tmp_path / "cache" / "data"
     assert settings.data_dir() == dest
     assert settings.mp20_path("test") == dest / "mp_20" / "test.csv.gz"
-    assert settings.m3gnet_dir() == dest / data.M3GNET_DIR
-    assert "export CRYSTAL_LLM_DATA" not in data.describe_in_use(dest)
+    assert settings.m3gnet_dir() == dest / download.M3GNET_DIR
+    assert "export CRYSTAL_LLM_DATA" not in download.describe_in_use(dest)
 
 
 def test_link(fake, tmp_path, monkeypatch, capsys):
     _isolate_settings(tmp_path, monkeypatch)
-    source = data.fetch(tmp_path / "site-data", mirror=fake.mirror.as_uri(), progress=False)
+    source = download.fetch(tmp_path / "site-data", mirror=fake.mirror.as_uri(), progress=False)
     assert cli.main(["data", "link", str(source)]) == 0
     default = tmp_path / "cache" / "data"
     assert default.is_symlink() and default.resolve() == source.resolve()
     assert settings.data_dir() == default
     assert f"data folder: {default}" in capsys.readouterr().out
-    assert data.link(source) == default  # linking again replaces the link
+    assert download.link(source) == default  # linking again replaces the link
 
     (source / "mp_20" / "val.csv.gz").unlink()
     (source / "hull" / "2023-02-07-mp-elemental-reference-entries.json.gz").unlink()
     with pytest.raises(FileNotFoundError) as caught:
-        data.link(source, tmp_path / "other")
+        download.link(source, tmp_path / "other")
     message = str(caught.value)
     assert "\n" not in message and "mp_20/val.csv.gz" in message and "hull/" in message
     assert not (tmp_path / "other").exists()
 
     real = tmp_path / "real"
     real.mkdir()
-    data.fetch(source, mirror=fake.mirror.as_uri(), progress=False)
+    download.fetch(source, mirror=fake.mirror.as_uri(), progress=False)
     with pytest.raises(FileExistsError, match="not a link"):
-        data.link(source, real)
+        download.link(source, real)
 
 
 def test_manifest_is_complete():
     """Every file settings reads has an entry, a source and, except MP-20, a published hash."""
-    paths = {entry.path for entry in data.MANIFEST}
+    paths = {entry.path for entry in download.MANIFEST}
     assert {f"mp_20/{s}.csv.gz" for s in ("train", "val", "test")} <= paths
     assert "hull/2023-02-07-mp-elemental-reference-entries.json.gz" in paths
-    assert {f"{data.M3GNET_DIR}/{n}" for n in ("model.json", "model.pt", "state.pt")} <= paths
-    for entry in data.MANIFEST:
+    assert {f"{download.M3GNET_DIR}/{n}" for n in ("model.json", "model.pt", "state.pt")} <= paths
+    for entry in download.MANIFEST:
         assert entry.urls and all(url.startswith("https://") for url in entry.urls)
         assert entry.cdvae_csv or len(entry.sha256) == 64
-    assert json.loads(json.dumps([dataclasses.asdict(e) for e in data.MANIFEST]))
+    assert json.loads(json.dumps([dataclasses.asdict(e) for e in download.MANIFEST]))

@@ -13,13 +13,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.io.cif import CifWriter
 
-from ase_crystal_llm.datasets import (
-    DatasetError,
-    canonicalize,
-    iter_structures,
-    property_name,
-    read_structures,
-)
+from ase_crystal_llm.data.datasets import DatasetError, canonicalize, iter_structures, property_name, read_structures
 
 COLUMNS = ["material_id", "formation_energy_per_atom", "band_gap", "pretty_formula",
            "e_above_hull", "elements", "cif", "spacegroup.number"]

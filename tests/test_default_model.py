@@ -6,10 +6,10 @@ import pytest
 from ase.formula import Formula
 
 from ase_crystal_llm import CrystalGenerator, settings
+from ase_crystal_llm.chemistry.validity import composition_valid, structure_valid
 from ase_crystal_llm.cli import main
-from ase_crystal_llm.metrics import composition_valid, structure_valid
-from ase_crystal_llm.modelcard import ModelCard
-from ase_crystal_llm.outputs import read_run_records
+from ase_crystal_llm.io.outputs import read_run_records
+from ase_crystal_llm.model.modelcard import ModelCard
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,7 @@ def test_default_model_is_shipped_and_verified():
     assert size < 25e6
 
 
+@pytest.mark.slow
 def test_default_model_generates_periodic_crystals(generator):
     crystals = generator.generate(6, seed=0, batch_size=6)
     assert 1 <= len(crystals) <= 6
@@ -36,6 +37,7 @@ def test_default_model_generates_periodic_crystals(generator):
         assert structure_valid(atoms)  # too-close atoms are re-sampled by default
 
 
+@pytest.mark.slow
 def test_default_model_writes_the_asked_formula(generator):
     crystals = generator.generate(4, formula=["NaCl", "LiFePO4"], seed=2, batch_size=4)
     assert crystals
@@ -45,6 +47,7 @@ def test_default_model_writes_the_asked_formula(generator):
         assert atoms.info["formula_constrained"] is True
 
 
+@pytest.mark.slow
 def test_default_model_respects_elements(generator):
     crystals = generator.generate(4, elements=["Li", "Fe", "P", "O"], seed=1, batch_size=4)
     assert crystals
@@ -52,6 +55,7 @@ def test_default_model_respects_elements(generator):
         assert set(atoms.get_chemical_symbols()) <= {"Li", "Fe", "P", "O"}
 
 
+@pytest.mark.slow
 def test_readme_run_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "-n", "3", "-o", "out.extxyz", "--seed", "0"]) == 0
@@ -60,6 +64,7 @@ def test_readme_run_command(tmp_path, monkeypatch):
     assert all(a.pbc.all() for a in images)
 
 
+@pytest.mark.slow
 def test_spacing_guard_spends_no_attempt_on_crowded_crystals(generator):
     """With the guard (default) a crowded crystal is never written; without it the model writes some."""
     guarded = generator.generate(48, seed=3, batch_size=48, max_attempts=1)
@@ -69,12 +74,14 @@ def test_spacing_guard_spends_no_attempt_on_crowded_crystals(generator):
     assert generator.stats.rejected > 0
 
 
+@pytest.mark.slow
 def test_cli_no_spacing_guard_is_recorded(tmp_path):
     out = tmp_path / "free.extxyz"
     assert main(["generate", "-n", "2", "-o", str(out), "--seed", "0", "--no-spacing-guard"]) == 0
     assert read_run_records(out)[-1]["settings"]["spacing_guard"] is False
 
 
+@pytest.mark.slow
 def test_charge_guard_ends_more_crystals_charge_balanced(generator):
     """With the guard (default) fewer crystals end on a composition that is not charge balanced."""
     guarded = generator.generate(48, seed=3, batch_size=48, max_attempts=1)
@@ -82,12 +89,14 @@ def test_charge_guard_ends_more_crystals_charge_balanced(generator):
     assert sum(map(composition_valid, guarded)) > sum(map(composition_valid, alone))
 
 
+@pytest.mark.slow
 def test_cli_no_charge_guard_is_recorded(tmp_path):
     out = tmp_path / "free.extxyz"
     assert main(["generate", "-n", "2", "-o", str(out), "--seed", "0", "--no-charge-guard"]) == 0
     assert read_run_records(out)[-1]["settings"]["charge_guard"] is False
 
 
+@pytest.mark.slow
 def test_card_sampling_defaults_per_task(generator):
     """Free crystals take the card's temperature; crystals all held to a formula its formula_constrained one."""
     sampling = generator.card.sampling

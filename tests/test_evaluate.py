@@ -10,8 +10,8 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 
-from ase_crystal_llm import evaluation
 from ase_crystal_llm.cli import main
+from ase_crystal_llm.evaluation import pipeline, references
 
 N_REAL = 6
 
@@ -62,7 +62,7 @@ def _check_samples_table(path, result):
     """Per-structure results: one row per sample, energies and thresholds consistent with E_hull."""
     import csv
 
-    from ase_crystal_llm.evaluation import SAMPLE_COLUMNS
+    from ase_crystal_llm.evaluation.pipeline import SAMPLE_COLUMNS
 
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
@@ -97,12 +97,17 @@ def _check_samples_db(path, csv_path):
             assert row.energy / row.natoms == pytest.approx(float(line["energy_per_atom"]), abs=1e-5)
 
 
-def test_cli_writes_report(first_run):
+def _table(out):
+    with open(out / "samples.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_writes_report(first_run, samples_file):
     out, _, result = first_run
     for name in ("metrics.json", "report.md", "samples.csv", "relaxed.extxyz", "e_above_hull.png", "rates.png",
                  "density.png", "n_elements.png", "relax_cache.db"):
         assert (out / name).is_file(), name
-    assert result["samples"] == {"source": result["samples"]["source"], "n": N_REAL + 2, "n_valid": N_REAL}
+    assert result["samples"] == {"source": str(samples_file), "n": N_REAL + 2, "n_valid": N_REAL}
     _check_samples_table(out / "samples.csv", result)
     _check_samples_db(out / "samples.db", out / "samples.csv")
     v = result["validity"]["returned"]
@@ -112,7 +117,9 @@ def test_cli_writes_report(first_run):
     assert emitted["emitted"] == 9 and emitted["valid_over_emitted"] == pytest.approx(6 / 9)
     stab = result["stability"]
     assert stab["over_emitted"]["emitted"] == 9
-    assert stab["over_emitted"]["metastable"] == pytest.approx(stab["metastable"] * stab["n"] / 9)
+    # 9 model outputs (sample 2 took two): the metastable rows of the table over 9, not over the 8 returned
+    metastable_rows = sum(row["metastable"] == "True" for row in _table(out))
+    assert metastable_rows >= 4 and stab["over_emitted"]["metastable"] == pytest.approx(metastable_rows / 9)
     assert result["coverage"]["reference_size"] == 40 == result["settings"]["coverage_reference_size"]
     assert result["coverage"]["reference"]["subsample"] and result["coverage"]["reference"]["split_size"] == 9046
     # (a random 40-crystal subsample of the test split need not contain anything like these 6)
@@ -129,15 +136,23 @@ def test_cli_writes_report(first_run):
 
 
 def test_known_stable_crystals_are_metastable(first_run):
-    _, _, result = first_run
+    out, _, result = first_run
     s = result["stability"]
     # real MP-20 crystals, relaxed with M3GNet, against a hull that contains them:
     # nearly all within 0.1 eV/atom; the two invalid samples count as failures
     assert s["failures"].get("invalid sample") == 2
     assert 4 / 8 <= s["metastable"] <= 6 / 8
-    assert s["stable"] <= s["metastable"]
-    assert s["sun"] <= s["stable"]
     assert math.isfinite(s["e_hull_median"]) and s["e_hull_median"] < 0.1
+    # The rates count the per-structure E_hull of samples.csv against the thresholds, over all 8 samples.
+    rows = _table(out)
+    e_hull = [float(r["e_above_hull"]) for r in rows if r["e_above_hull"]]
+    assert len(e_hull) == N_REAL and s["e_hull_median"] == pytest.approx(float(np.median(e_hull)), abs=1e-6)
+    assert s["metastable"] == pytest.approx(sum(e < 0.1 for e in e_hull) / 8)
+    assert s["stable"] == pytest.approx(sum(e <= 0 for e in e_hull) / 8)
+    new = [float(r["e_above_hull"]) for r in rows if r["unique"] == r["novel"] == "True" and r["e_above_hull"]]
+    assert new  # most MP-20 test crystals are in neither the training nor the validation split
+    assert s["msun"] == pytest.approx(sum(e < 0.1 for e in new) / 8)
+    assert s["sun"] == pytest.approx(sum(e <= 0 for e in new) / 8)
 
 
 def test_resume_reuses_relaxation_cache(first_run):
@@ -151,7 +166,7 @@ def test_resume_reuses_relaxation_cache(first_run):
 def test_rerun_does_no_relaxation_work_and_adds_ipt(first_run, samples_file, tiny_model_dir):
     out, _, result = first_run
     assert result["ipt"] is None
-    again = evaluation.evaluate(samples_file, out, coverage_size=40, progress=False, plots=False,
+    again = pipeline.evaluate(samples_file, out, coverage_size=40, progress=False, plots=False,
                                 model=tiny_model_dir, ipt_size=3)
     assert again["relaxation"]["computed"] == 0
     assert again["relaxation"]["from_cache"] == N_REAL
@@ -200,15 +215,16 @@ def _small_crystals():
 @pytest.fixture(scope="module")
 def small_reference(tmp_path_factory):
     """A 12-crystal CSV with a ``cif`` column, and its fingerprints computed in one go (no chunks, no cache)."""
-    from ase_crystal_llm import metrics
+    from ase_crystal_llm.chemistry import validity
+    from ase_crystal_llm.evaluation import metrics
 
-    cifs = [metrics.as_structure(a).to(fmt="cif") for a in _small_crystals()]
+    cifs = [validity.as_structure(a).to(fmt="cif") for a in _small_crystals()]
     path = tmp_path_factory.mktemp("reference") / "ref.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["material_id", "cif"])
         writer.writerows([f"x-{i}", cif] for i, cif in enumerate(cifs))
-    whole = metrics.Fingerprints.from_structures([evaluation._parse_cif(cif) for cif in cifs])
+    whole = metrics.Fingerprints.from_structures([references._parse_cif(cif) for cif in cifs])
     return path, whole
 
 
@@ -217,13 +233,25 @@ def _same(a, b):
                                     for k in ("structure", "composition", "density", "n_elements"))
 
 
+def _rows_in(part, whole):
+    """For each crystal of ``part``, the one row of ``whole`` with the same fingerprints."""
+    fields = ("structure", "composition", "density", "n_elements")
+    found = []
+    for i in range(len(part)):
+        same = [j for j in range(len(whole))
+                if all(np.allclose(getattr(part, k)[i], getattr(whole, k)[j], equal_nan=True) for k in fields)]
+        assert len(same) == 1, f"crystal {i} of the subsample matches rows {same}"
+        found += same
+    return found
+
+
 def _chunk_files(cache):
     return sorted(cache.glob("fingerprints-*/rows-*.npz"))
 
 
 def test_interrupted_reference_fingerprints_resume(small_reference, tmp_path, monkeypatch):
     path, whole = small_reference
-    real, computed = evaluation._fingerprint_chunk, []
+    real, computed = references._fingerprint_chunk, []
 
     def interrupt_after_two(task, tick=None):
         if len(computed) == 2:
@@ -231,15 +259,15 @@ def test_interrupted_reference_fingerprints_resume(small_reference, tmp_path, mo
         computed.append(task[0])
         return real(task, tick)
 
-    monkeypatch.setattr(evaluation, "_fingerprint_chunk", interrupt_after_two)
+    monkeypatch.setattr(references, "_fingerprint_chunk", interrupt_after_two)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.reference_fingerprints(path, cache=tmp_path, chunk_size=4, progress=False)
+        references.reference_fingerprints(path, cache=tmp_path, chunk_size=4, progress=False)
     assert len(_chunk_files(tmp_path)) == 2  # both finished chunks were saved at once
 
     computed.clear()
-    monkeypatch.setattr(evaluation, "_fingerprint_chunk", lambda task, tick=None: computed.append(task[0]) or
+    monkeypatch.setattr(references, "_fingerprint_chunk", lambda task, tick=None: computed.append(task[0]) or
                         real(task, tick))
-    fps, info = evaluation._reference(path, cache=tmp_path, chunk_size=4, progress=False)
+    fps, info = references._reference(path, cache=tmp_path, chunk_size=4, progress=False)
     assert info["computed"] == 4 and info["from_cache"] == 8  # only the missing chunk
     assert [list(rows) for rows in computed] == [[8, 9, 10, 11]]
     assert _same(fps, whole)
@@ -248,29 +276,32 @@ def test_interrupted_reference_fingerprints_resume(small_reference, tmp_path, mo
     damaged = _chunk_files(tmp_path)[0]
     damaged.write_bytes(damaged.read_bytes()[:100])
     (damaged.parent / f".{damaged.name}.123.tmp").write_bytes(b"half")
-    fps, info = evaluation._reference(path, cache=tmp_path, chunk_size=4, progress=False)
+    fps, info = references._reference(path, cache=tmp_path, chunk_size=4, progress=False)
     assert info["computed"] == 4 and _same(fps, whole)
 
 
 def test_subsamples_share_cached_rows_and_cached_runs_show_no_bar(small_reference, tmp_path, capsys):
     path, whole = small_reference
-    part, info = evaluation._reference(path, size=5, seed=3, cache=tmp_path, chunk_size=4, label="tiny split")
-    rows = evaluation.subsample_rows(12, 5, 3)
+    part, info = references._reference(path, size=5, seed=3, cache=tmp_path, chunk_size=4, label="tiny split")
     assert info == {"size": 5, "split_size": 12, "subsample": True, "seed": 3, "precomputed": 0,
                     "from_cache": 0, "computed": 5}
-    assert _same(part, whole.take(rows))
+    rows = _rows_in(part, whole)  # 5 different crystals of the split, in file order
+    assert len(set(rows)) == 5 and rows == sorted(rows)
+    other, _ = references._reference(path, size=5, seed=4, cache=tmp_path / "other", chunk_size=4, progress=False)
+    assert _rows_in(other, whole) != rows  # the seed picks the crystals
     assert "reference fingerprints (tiny split, 5 of 12 crystals" in capsys.readouterr().err
-    full, info = evaluation._reference(path, cache=tmp_path, chunk_size=4, label="tiny split")
+    full, info = references._reference(path, cache=tmp_path, chunk_size=4, label="tiny split")
     assert (info["from_cache"], info["computed"]) == (5, 7) and _same(full, whole)
     assert "12 crystals, 5 already cached" in capsys.readouterr().err
-    again = evaluation.reference_fingerprints(path, size=5, seed=3, cache=tmp_path)
+    again = references.reference_fingerprints(path, size=5, seed=3, cache=tmp_path)
     assert _same(again, part)
     assert capsys.readouterr().err == ""  # everything cached: no bar
 
 
+@pytest.mark.subprocess  # spawned worker interpreters
 def test_reference_fingerprints_in_worker_processes(small_reference, tmp_path):
     path, whole = small_reference
-    fps, info = evaluation._reference(path, cache=tmp_path, chunk_size=4, workers=2, progress=False)
+    fps, info = references._reference(path, cache=tmp_path, chunk_size=4, workers=2, progress=False)
     assert info["computed"] == 12 and len(_chunk_files(tmp_path)) == 3
     assert _same(fps, whole)
 
@@ -279,63 +310,64 @@ def test_precomputed_reference_file(small_reference, tmp_path, monkeypatch):
     path, whole = small_reference
     split = tmp_path / "split.csv"
     split.write_bytes(path.read_bytes())
-    assert evaluation.precomputed_path(tmp_path / "test.csv.gz") == tmp_path / "test_fingerprints.npz"
+    assert references.precomputed_path(tmp_path / "test.csv.gz") == tmp_path / "test_fingerprints.npz"
     marked = whole.take(np.arange(12))
     marked.density = marked.density + 1000.0  # to tell the file's values from computed ones
-    marked.save(evaluation.precomputed_path(split))
-    real = evaluation._fingerprint_chunk
-    monkeypatch.setattr(evaluation, "_fingerprint_chunk", lambda *a, **k: pytest.fail("computed"))
-    fps, info = evaluation._reference(split, size=5, seed=1, cache=tmp_path / "cache", progress=False)
-    assert info["precomputed"] == 5 and _same(fps, marked.take(evaluation.subsample_rows(12, 5, 1)))
+    marked.save(references.precomputed_path(split))
+    real = references._fingerprint_chunk
+    monkeypatch.setattr(references, "_fingerprint_chunk", lambda *a, **k: pytest.fail("computed"))
+    fps, info = references._reference(split, size=5, seed=1, cache=tmp_path / "cache", progress=False)
+    rows = _rows_in(fps, marked)  # the file's values (computed ones have other densities), 5 different rows
+    assert info["precomputed"] == 5 and len(set(rows)) == 5
     assert not (tmp_path / "cache").exists() or not _chunk_files(tmp_path / "cache")
 
-    monkeypatch.setattr(evaluation, "_fingerprint_chunk", real)
-    for stale in ({"version": np.array(evaluation.FINGERPRINT_VERSION + 1)}, {}):
+    monkeypatch.setattr(references, "_fingerprint_chunk", real)
+    for stale in ({"version": np.array(references.FINGERPRINT_VERSION + 1)}, {}):
         rows = np.arange(12) if stale else np.arange(11)  # another version, or another row count
-        marked.take(rows).save(evaluation.precomputed_path(split), **stale)
+        marked.take(rows).save(references.precomputed_path(split), **stale)
         with pytest.warns(UserWarning, match="ignoring"):
-            fps, info = evaluation._reference(split, cache=tmp_path / "cache", progress=False)
+            fps, info = references._reference(split, cache=tmp_path / "cache", progress=False)
         assert info["precomputed"] == 0 and _same(fps, whole)
-    fps, info = evaluation._reference(split, cache=tmp_path / "cache", precomputed=False, progress=False)
+    fps, info = references._reference(split, cache=tmp_path / "cache", precomputed=False, progress=False)
     assert info["from_cache"] == 12
 
 
 def test_coverage_size_values():
-    assert evaluation._coverage_size(None) == evaluation.COVERAGE_SIZE
-    assert evaluation._coverage_size("all") is None and evaluation._coverage_size(0) is None
-    assert evaluation._coverage_size(40) == 40
+    assert pipeline._coverage_size(None) == references.COVERAGE_SIZE
+    assert pipeline._coverage_size("all") is None and pipeline._coverage_size(0) is None
+    assert pipeline._coverage_size(40) == 40
     for bad in (-1, "some", 2.5, True):
         with pytest.raises(ValueError, match="coverage_size"):
-            evaluation._coverage_size(bad)
+            pipeline._coverage_size(bad)
 
 
 def test_run_record_beside_samples_counts_every_attempt(tmp_path):
-    from ase_crystal_llm.outputs import write_run_record
+    from ase_crystal_llm.io.outputs import write_run_record
 
     path = tmp_path / "samples.extxyz"
     ase.io.write(path, [bulk("Si"), bulk("Cu")])
-    assert evaluation.run_stats(path, 2) is None  # no record
+    assert pipeline.run_stats(path, 2) is None  # no record
     write_run_record(path, {"run_id": "a", "rank": 0, "stats": {"attempts": 5, "returned": 1, "gave_up": 1,
                                                                   "parse_failures": {"truncated": 3}}})
     write_run_record(path, {"run_id": "b", "rank": 0, "stats": {"attempts": 2, "returned": 1,
                                                                   "parse_failures": {"truncated": 1}}})
-    stats = evaluation.run_stats(path, 2)
+    stats = pipeline.run_stats(path, 2)
     assert stats == {"attempts": 7, "returned": 2, "gave_up": 1, "parse_failures": {"truncated": 4}}
-    assert evaluation.run_stats(path, 3) is None  # the file no longer matches its record
-    assert evaluation.run_stats(path, 2, limit=1) is None
+    assert pipeline.run_stats(path, 3) is None  # the file no longer matches its record
+    assert pipeline.run_stats(path, 2, limit=1) is None
 
 
 def test_structures_in_memory_are_checked(tmp_path):
     with pytest.raises(ValueError, match="not periodic"):
-        evaluation.evaluate([Atoms("H2", positions=[[0, 0, 0], [0.7, 0, 0]])], tmp_path)
+        pipeline.evaluate([Atoms("H2", positions=[[0, 0, 0], [0.7, 0, 0]])], tmp_path)
     with pytest.raises(ValueError, match="no structures"):
-        evaluation.evaluate([], tmp_path)
+        pipeline.evaluate([], tmp_path)
 
 
 def test_all_invalid_samples(tmp_path, data_dir, monkeypatch):
     close = Atoms("Na2", positions=[[0, 0, 0], [0.3, 0, 0]], cell=[5, 5, 5], pbc=True)
-    monkeypatch.setattr(evaluation, "COVERAGE_SIZE", 5)  # the default subsample, kept small
-    result = evaluation.evaluate([close, close.copy()], tmp_path, progress=False)
+    monkeypatch.setattr(pipeline, "COVERAGE_SIZE", 5)  # the default subsample, kept small
+    result = pipeline.evaluate([close, close.copy()], tmp_path, progress=False)
     ref = result["coverage"]["reference"]
     assert (ref["size"], ref["split_size"], ref["subsample"], ref["seed"]) == (5, 9046, True, 0)
     assert result["settings"]["coverage_reference_size"] == 5 == result["coverage"]["reference_size"]

@@ -16,7 +16,7 @@ from ase.spacegroup import crystal
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ase_crystal_llm.text import ELEMENTS, MAX_ATOMS, MIN_VOLUME, CrystalTextError, atoms_to_text, text_to_atoms
+from ase_crystal_llm.text.format import ELEMENTS, MAX_ATOMS, MIN_VOLUME, CrystalTextError, atoms_to_text, text_to_atoms
 
 # ~10-20 s in all on a shared 2-core machine.
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -142,6 +142,7 @@ def test_random_text(text):
     parse_or_reject(text)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(crystal_like())
 def test_crystal_shaped_text(text):

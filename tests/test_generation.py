@@ -17,17 +17,11 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ase_crystal_llm import cli
-from ase_crystal_llm.generation import (
-    CrystalGenerator,
-    condition_sets,
-    failure_reason,
-    fast_sample,
-    generate_to_file,
-    plain_sample,
-    seen_in_training,
-)
-from ase_crystal_llm.metrics import structure_valid
-from ase_crystal_llm.text import ELEMENTS, one_line
+from ase_crystal_llm.chemistry.validity import structure_valid
+from ase_crystal_llm.generation.decoding import fast_sample, plain_sample
+from ase_crystal_llm.generation.generator import CrystalGenerator, condition_sets, failure_reason, seen_in_training
+from ase_crystal_llm.generation.workflow import generate_to_file
+from ase_crystal_llm.text.format import ELEMENTS, one_line
 
 NACL = "4.0 4.0 4.0\n60 60 60\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50"
 
@@ -205,6 +199,7 @@ def reduced(formula):
     return Composition(formula).reduced_formula
 
 
+@pytest.mark.slow
 def test_formula_constraint_overrides_a_model_that_ignores_the_prompt(tok):
     gen = scripted(tok, NACL)  # writes NaCl whatever the prompt asks for
     free = gen.generate(3, formula="KCl", constrain_formula=False, seed=0)
@@ -261,6 +256,7 @@ def test_formula_larger_than_max_atoms(random_gen):
         random_gen.generate(1, formula="Ca3(PO4)2", max_atoms=10, constrain_formula=False, max_attempts=1)
 
 
+@pytest.mark.slow
 def test_seed_reproducibility_on_cpu(tok):
     gen = scripted(tok, NACL, strength=4.0)  # weak push: samples vary with the seed
 
@@ -348,7 +344,7 @@ def test_failure_reason_buckets():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tok):
     """A tiny full-weights model directory with a card (what 'crystal-llm train' writes)."""
-    from ase_crystal_llm.modelcard import ModelCard
+    from ase_crystal_llm.model.modelcard import ModelCard
 
     path = tmp_path_factory.mktemp("tiny-model")
     torch.manual_seed(0)
@@ -384,6 +380,7 @@ def test_from_pretrained_rejects_changed_weights(model_dir, tmp_path):
 def test_default_model_missing_is_clear(monkeypatch, tmp_path):
     from ase_crystal_llm import settings
 
+
     monkeypatch.setattr(settings, "DEFAULT_MODEL_DIR", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="no default model is shipped"):
         CrystalGenerator.from_pretrained()
@@ -392,7 +389,7 @@ def test_default_model_missing_is_clear(monkeypatch, tmp_path):
 
 
 def test_propose_elements_delegates(monkeypatch, random_gen):
-    from ase_crystal_llm import infill
+    from ase_crystal_llm.generation import infill
 
     seen = {}
 
@@ -545,7 +542,7 @@ def test_trained_tiny_model_generates(tiny_model_dir):
 
 
 def test_too_close_atoms_are_resampled_and_counted(crystal_model, monkeypatch):
-    import ase_crystal_llm.generation as generation
+    from ase_crystal_llm.generation import generator as generation
 
     gen = CrystalGenerator.from_pretrained(crystal_model, device="cpu")
     asked = []
@@ -579,6 +576,7 @@ def test_trained_tiny_model_fast_equals_generate(tiny_model_dir, formulas):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_generate_splits_over_processes(model_dir, tmp_path):
     """torchrun (what ``accelerate launch`` runs) with two processes: one output, one record per rank."""
     import os
@@ -602,8 +600,9 @@ def test_cli_generate_splits_over_processes(model_dir, tmp_path):
     assert len(ase.io.read(out, ":")) == sum(r["stats"]["returned"] for r in runs)
 
 
+@pytest.mark.slow
 def test_spacegroup_symbols_and_whole_numbers(random_gen):
-    from ase_crystal_llm.prompts import spacegroup_number
+    from ase_crystal_llm.text.prompts import spacegroup_number
 
     assert spacegroup_number("Fm-3m") == 225 and spacegroup_number("P6_3/mmc") == 194 and spacegroup_number("14") == 14
     assert condition_sets(2, spacegroup="Fm-3m") == [{"spacegroup": 225}] * 2

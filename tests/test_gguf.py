@@ -9,19 +9,14 @@ import pytest
 import torch
 
 from ase_crystal_llm import settings
-from ase_crystal_llm.generation import CrystalGenerator
-from ase_crystal_llm.infill import propose_elements
-from ase_crystal_llm.modelcard import ModelCardError, sha256_file
-from ase_crystal_llm.prompts import PromptTemplate, make_example
-from ase_crystal_llm.text import text_to_atoms
-from ase_crystal_llm.training import (
-    LOG_NAME,
-    encode_example,
-    load_trained,
-    merge_adapter,
-    resolve_base,
-    train,
-)
+from ase_crystal_llm.generation.generator import CrystalGenerator
+from ase_crystal_llm.generation.infill import propose_elements
+from ase_crystal_llm.model.encoding import encode_example
+from ase_crystal_llm.model.loading import load_trained, merge_adapter, resolve_base
+from ase_crystal_llm.model.modelcard import ModelCardError, sha256_file
+from ase_crystal_llm.model.training import LOG_NAME, train
+from ase_crystal_llm.text.format import text_to_atoms
+from ase_crystal_llm.text.prompts import PromptTemplate, make_example
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,7 +176,7 @@ def bpe_tokenizer(request, adapter):
     """The tiny GGUF's tokenizer, and SmolLM2's real one (49,152 tokens) when its package is installed."""
     from transformers import AutoTokenizer
 
-    from ase_crystal_llm.training import load_base_tokenizer
+    from ase_crystal_llm.model.loading import load_base_tokenizer
 
     if request.param == "tiny-gguf":
         return AutoTokenizer.from_pretrained(adapter)
@@ -205,8 +200,8 @@ def test_bpe_tokenizer_keeps_prompt_answer_and_eos(bpe_tokenizer, crystals):
 
 
 def test_bpe_grammar_allows_every_token_of_real_crystals(bpe_tokenizer, crystals):
-    from ase_crystal_llm.constraints import START, CrystalGrammar
-    from ase_crystal_llm.text import ELEMENTS, atoms_to_text
+    from ase_crystal_llm.generation.constraints import START, CrystalGrammar
+    from ase_crystal_llm.text.format import ELEMENTS, atoms_to_text
 
     tok = bpe_tokenizer
     grammar = CrystalGrammar(tok)
@@ -246,7 +241,7 @@ def test_resume_with_more_steps_extends_the_run(tmp_path, crystals):
 
 
 def test_checkpoints_load_like_the_final_model(adapter, tmp_path, crystals):
-    from ase_crystal_llm.training import checkpoints, load_checkpoint
+    from ase_crystal_llm.model.loading import checkpoints, load_checkpoint
 
     last = checkpoints(adapter)[-1]
     assert last.name == "step-0000004"

@@ -5,8 +5,8 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 
-from ase_crystal_llm import hull as hull_module
-from ase_crystal_llm.hull import ReferenceHull, mp2020_energy, mp_run_parameters
+from ase_crystal_llm.evaluation import hull as hull_module
+from ase_crystal_llm.evaluation.hull import ReferenceHull, mp2020_energy, mp_run_parameters
 
 # Chemical potentials (eV/atom) and formation energies (eV/atom) of a made-up Li-O system.
 MU = {"Li": -1.9, "O": -4.9}
@@ -60,7 +60,7 @@ def test_leaving_a_material_out(tiny):
 
 
 def test_e_above_hull_many_leaves_out_per_structure_and_keeps_failures(tiny):
-    from ase_crystal_llm.evaluation import e_above_hull_many
+    from ase_crystal_llm.evaluation.pipeline import e_above_hull_many
 
     failed = crystal("Li2O", -2.0)
     failed.info.update(relax_failed=True, relax_error="exploded")
@@ -75,6 +75,16 @@ def test_e_above_hull_many_leaves_out_per_structure_and_keeps_failures(tiny):
     assert errors[3].startswith("hull: energy scale 'matpes' cannot be compared")
     with pytest.raises(ValueError, match="exclude has 1 entries for 4 structures"):
         e_above_hull_many(relaxed, tiny, exclude=["li2o2"])
+
+
+def test_e_above_hull_many_refuses_holes_of_the_potential(tiny):
+    from ase_crystal_llm.evaluation.pipeline import E_HULL_FLOOR, e_above_hull_many
+
+    # Li2O2 at -1.6 eV/atom formation energy is on the hull; 1.5 eV/atom lower is a hole, not a crystal
+    values, errors = e_above_hull_many([crystal("Li2O2", -1.6 - 0.5), crystal("Li2O2", -1.6 - 1.5)], tiny)
+    assert values[0] == pytest.approx(-0.5) and errors[0] is None  # unusual, but above the floor
+    assert values[1] is None and errors[1].startswith("hull: E_hull -1.5 eV/atom is below -1.0")
+    assert E_HULL_FLOOR == -1.0
 
 
 def test_from_entries_matches_formation_energy_space():
@@ -186,7 +196,8 @@ def test_mp20_hull_reproduces_dft_rows(mp20_hull, data_dir):
 
 def test_m3gnet_sanity_on_small_sample(mp20_hull, m3gnet_dir, mp20_test_sample):
     """Relaxed M3GNet formation energies of a few MP-20 test crystals match DFT."""
-    from ase_crystal_llm.calculators import relax_many, torch_threads
+    from ase_crystal_llm.evaluation.relaxation import relax_many
+    from ase_crystal_llm.settings import torch_threads
 
     sample = sorted((a for a in mp20_test_sample if len(a) <= 4), key=len)[:6]
     with torch_threads(1):

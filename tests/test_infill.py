@@ -8,18 +8,13 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 
-from ase_crystal_llm import infill
-from ase_crystal_llm.infill import (
-    LLMElementMutation,
-    TemplateElementMutation,
-    element_log_likelihoods,
-    propose_elements,
-    substitutes,
-    swap_element,
-    swap_table,
-)
-from ase_crystal_llm.prompts import PromptTemplate
-from ase_crystal_llm.text import ELEMENTS, atoms_to_text, mask_element
+from ase_crystal_llm.chemistry import substitution
+from ase_crystal_llm.chemistry.substitution import substitutes, swap_table
+from ase_crystal_llm.ga.operators import LLMElementMutation, TemplateElementMutation, swap_element
+from ase_crystal_llm.generation import infill
+from ase_crystal_llm.generation.infill import element_log_likelihoods, propose_elements
+from ase_crystal_llm.text.format import ELEMENTS, atoms_to_text, mask_element
+from ase_crystal_llm.text.prompts import PromptTemplate
 
 torch = pytest.importorskip("torch")
 
@@ -94,7 +89,7 @@ def test_swap_table_hand_checked():
 
 def test_swap_table_rule_holds_everywhere():
     table = swap_table(0.1)
-    radii = infill._all_ionic_radii()
+    radii = substitution._all_ionic_radii()
     assert set(table) == set(ELEMENTS)
     for element, partners in table.items():
         assert element not in partners
@@ -376,6 +371,7 @@ def test_llm_mutation_contract(generator):
 # --------------------------------------------------------------------------- a real ase_ga loop
 
 
+@pytest.mark.slow
 def test_operators_in_ase_ga_loop(generator, tmp_path):
     """PrepareDB -> DataConnection -> Population -> OperationSelector, EMT, three generations."""
     from ase.calculators.emt import EMT
@@ -512,7 +508,7 @@ def test_cli_mutate_missing_input(tmp_path, capsys):
 
 
 def test_generator_delegates_to_exact_scoring(tiny_model_dir):
-    from ase_crystal_llm.generation import CrystalGenerator
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
     gen = CrystalGenerator.from_pretrained(tiny_model_dir, device="cpu")
     salt = _rocksalt()
@@ -587,7 +583,7 @@ def test_ga_search_example_runs(m3gnet_dir, tiny_model_dir, tmp_path, capsys):
 def test_mutate_structures_needs_crystals():
     from ase.build import molecule
 
-    from ase_crystal_llm.infill import mutate_structures
+    from ase_crystal_llm.ga.operators import mutate_structures
 
     with pytest.raises(ValueError, match="not periodic in 3D"):
         list(mutate_structures([bulk("Cu", "fcc", a=3.6), molecule("H2O")], 2, TemplateElementMutation()))

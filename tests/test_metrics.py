@@ -9,7 +9,9 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 
-from ase_crystal_llm import metrics
+from ase_crystal_llm.chemistry import validity
+from ase_crystal_llm.evaluation import metrics
+from ase_crystal_llm.model import scoring
 
 
 def nacl(a=5.64):
@@ -25,20 +27,19 @@ def nacl2():
 # -- validity --------------------------------------------------------------------
 def test_close_atoms_are_structurally_invalid():
     atoms = Atoms("Na2", positions=[[0, 0, 0], [0.3, 0, 0]], cell=[5, 5, 5], pbc=True)
-    assert not metrics.structure_valid(atoms)
+    assert not validity.structure_valid(atoms)
     atoms.positions[1] = [0.6, 0, 0]
-    assert metrics.structure_valid(atoms)
+    assert validity.structure_valid(atoms)
 
 
 def test_close_periodic_images_are_invalid():
     # 0.2 A apart only across the cell boundary
     atoms = Atoms("Na2", scaled_positions=[[0.01, 0.5, 0.5], [0.97, 0.5, 0.5]], cell=[4, 4, 4], pbc=True)
-    assert not metrics.structure_valid(atoms)
+    assert not validity.structure_valid(atoms)
 
 
 def test_structure_validity_does_not_depend_on_the_cell_basis():
     from ase.cell import Cell
-    from ase.geometry import get_distances
 
     rng = np.random.default_rng(0)
     for _ in range(40):
@@ -54,27 +55,27 @@ def test_structure_validity_does_not_depend_on_the_cell_basis():
         images = (atoms.positions[:, None, :] + shifts[None]).reshape(-1, 3)
         d = np.linalg.norm(atoms.positions[:, None] - images[None], axis=-1)
         d[d < 1e-9] = np.inf  # an atom itself
-        assert metrics.structure_valid(atoms) == (d.min() >= 0.5)
+        assert validity.structure_valid(atoms) == (d.min() >= 0.5)
     # a nearly flat cell, as a sampler can write (lengths 9 A, angles 1 degree): a touching image
     flat = Atoms("NaCl", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]], cell=Cell.new([9, 9, 9, 1, 1, 1]), pbc=True)
-    assert not metrics.structure_valid(flat)
+    assert not validity.structure_valid(flat)
 
 
 def test_tiny_or_open_cells_are_invalid():
-    assert not metrics.structure_valid(Atoms("Na", cell=[0.3, 0.3, 0.3], pbc=True))
-    assert not metrics.structure_valid(Atoms("Na", cell=[5, 5, 5], pbc=False))
+    assert not validity.structure_valid(Atoms("Na", cell=[0.3, 0.3, 0.3], pbc=True))
+    assert not validity.structure_valid(Atoms("Na", cell=[5, 5, 5], pbc=False))
 
 
 def test_nacl_valid_nacl2_compositionally_invalid():
-    assert metrics.structure_valid(nacl()) and metrics.composition_valid(nacl())
-    assert metrics.structure_valid(nacl2())
-    assert not metrics.composition_valid(nacl2())
+    assert validity.structure_valid(nacl()) and validity.composition_valid(nacl())
+    assert validity.structure_valid(nacl2())
+    assert not validity.composition_valid(nacl2())
 
 
 @pytest.mark.parametrize("atoms", [bulk("Si"), bulk("Cu"), bulk("CuAu", "rocksalt", a=4.0)],
                          ids=["Si", "Cu", "CuAu-alloy"])
 def test_elements_and_alloys_are_compositionally_valid(atoms):
-    assert metrics.composition_valid(atoms)
+    assert validity.composition_valid(atoms)
 
 
 # Simple and mixed-valence oxides, halides, alloys, noble gases, elements without a Pauling
@@ -91,6 +92,7 @@ SMACT_CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_composition_valid_agrees_with_smact_validity():
     from pymatgen.core import Composition
     from smact.screening import smact_validity
@@ -98,14 +100,14 @@ def test_composition_valid_agrees_with_smact_validity():
     def reference(formula):
         try:
             return bool(smact_validity(Composition(formula), use_pauling_test=True, include_alloys=True,
-                                       oxidation_states_set=metrics.OXIDATION_STATES))
+                                       oxidation_states_set=validity.OXIDATION_STATES))
         except KeyError:  # an element smact does not know
             return False
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = {f: reference(f) for f in SMACT_CASES}
-    got = {f: metrics.composition_valid(Atoms(f)) for f in SMACT_CASES}
+    got = {f: validity.composition_valid(Atoms(f)) for f in SMACT_CASES}
     assert got == want
     many = [f for f in SMACT_CASES if len(Atoms(f).symbols.species()) >= 6]
     assert {want[f] for f in many} == {True, False}  # both answers exercised with many elements
@@ -113,20 +115,20 @@ def test_composition_valid_agrees_with_smact_validity():
 
 def test_validity_flags_and_rates_count_unparsed_output():
     structures = [nacl(), nacl2(), Atoms("Na2", positions=[[0, 0, 0], [0.3, 0, 0]], cell=[5, 5, 5], pbc=True)]
-    flags = metrics.validity_flags(structures)
+    flags = validity.validity_flags(structures)
     assert flags["structure"] == [True, True, False]
     assert flags["composition"] == [True, False, True]
     assert flags["valid"] == [True, False, False]
-    rates = metrics.validity_rates(flags)
+    rates = validity.validity_rates(flags)
     assert rates["valid"] == pytest.approx(1 / 3)
-    assert metrics.validity_rates(flags, n_total=6)["structure"] == pytest.approx(2 / 6)
+    assert validity.validity_rates(flags, n_total=6)["structure"] == pytest.approx(2 / 6)
 
 
 def test_emitted_validity_uses_recorded_attempts():
     a, b, c = nacl(), nacl(), nacl2()
-    a.info.update(attempts=3, constrained=False)
-    b.info.update(attempts=1, constrained=True)
-    c.info.update(attempts=1, constrained=True)
+    a.info.update(attempts=3, formula_constrained=False)
+    b.info.update(attempts=1, formula_constrained=True)
+    c.info.update(attempts=1, constrained=True)  # the key before 0.2 still counts
     out = metrics.emitted_validity([a, b, c])
     assert out["all"]["emitted"] == 5 and out["all"]["returned"] == 3
     assert out["all"]["valid_over_emitted"] == pytest.approx(2 / 5)
@@ -170,7 +172,7 @@ def test_novelty_index_from_csv_parses_only_matching_formulas(tmp_path):
         writer = csv.DictWriter(handle, ["material_id", "pretty_formula", "cif"])
         writer.writeheader()
         writer.writerow({"material_id": "a", "pretty_formula": "NaCl",
-                         "cif": str(CifWriter(metrics.as_structure(nacl())))})
+                         "cif": str(CifWriter(validity.as_structure(nacl())))})
         writer.writerow({"material_id": "b", "pretty_formula": "Si", "cif": "not a cif"})
     index = metrics.NoveltyIndex.from_csv(path)
     assert len(index) == 2
@@ -260,6 +262,29 @@ def test_stability_rates_count_failures():
     assert out["sun"] == pytest.approx(1 / 6)
 
 
+def test_sun_at_both_thresholds_on_hand_made_samples():
+    """Uniqueness and novelty by StructureMatcher, then S.U.N. at E_hull <= 0 and < 0.1 eV/atom."""
+    training = [bulk("NaCl", "rocksalt", a=5.64)]
+    samples = [
+        bulk("KCl", "rocksalt", a=6.29),  # new and on the hull: S.U.N. at both thresholds
+        bulk("KCl", "rocksalt", a=6.35),  # the same structure again (StructureMatcher scales volume)
+        bulk("NaCl", "rocksalt", a=5.70),  # a training crystal
+        bulk("LiF", "rocksalt", a=4.03),  # new, 0.05 above the hull: metastable S.U.N. only
+        bulk("CsCl", "cesiumchloride", a=4.12),  # new but far off the hull
+        bulk("KBr", "rocksalt", a=6.60),  # its relaxation failed: no E_hull
+    ]
+    e_hull = [-0.02, -0.02, -0.05, 0.05, 0.5, None]
+    unique = metrics.unique_flags(samples)
+    index = metrics.NoveltyIndex(training)
+    novel = [index.is_novel(s) for s in samples]
+    assert unique == [True, False, True, True, True, True]
+    assert novel == [True, True, False, True, True, True]
+    out = metrics.stability_rates(e_hull, unique=unique, novel=novel)
+    assert out["stable"] == pytest.approx(3 / 6) and out["metastable"] == pytest.approx(4 / 6)
+    assert out["sun"] == pytest.approx(1 / 6)  # KCl only
+    assert out["msun"] == pytest.approx(2 / 6)  # KCl and LiF
+
+
 def test_conditional_accuracy():
     a = nacl()
     a.info["condition_formula"] = "Na2Cl2"
@@ -289,8 +314,8 @@ def random_lm():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ase_crystal_llm.prompts import PromptTemplate
-    from ase_crystal_llm.tokenizer import tokenizer_for_template
+    from ase_crystal_llm.text.prompts import PromptTemplate
+    from ase_crystal_llm.text.tokenizer import tokenizer_for_template
 
     template = PromptTemplate()
     tokenizer = tokenizer_for_template(template)
@@ -305,13 +330,13 @@ def random_lm():
 def test_batched_perplexity_matches_single_forward(random_lm):
     import torch
 
-    from ase_crystal_llm.text import atoms_to_text
-    from ase_crystal_llm.training import encode_example
+    from ase_crystal_llm.model.encoding import encode_example
+    from ase_crystal_llm.text.format import atoms_to_text
 
     model, tokenizer, template = random_lm
     prompt = template.generation_prompt()
     texts = [atoms_to_text(bulk("Si")), atoms_to_text(nacl().repeat((2, 1, 1)))]  # different lengths
-    batch = metrics.answer_perplexities(model, tokenizer, prompt, texts)
+    batch = scoring.answer_perplexities(model, tokenizer, prompt, texts)
     for text, value in zip(texts, batch):
         ids, n_prompt = encode_example(tokenizer, prompt, text)
         ids = torch.as_tensor(ids)[None]
@@ -324,11 +349,11 @@ def test_batched_perplexity_matches_single_forward(random_lm):
 
 def test_ipt_random_model(random_lm):
     model, tokenizer, template = random_lm
-    out = metrics.ipt(model, tokenizer, template, [nacl(), bulk("Si")], n_translations=5, seed=1)
+    out = scoring.ipt(model, tokenizer, template, [nacl(), bulk("Si")], n_translations=5, seed=1)
     assert out["n_structures"] == 2 and out["n_translations"] == 5
     assert math.isfinite(out["ipt"]) and out["ipt"] >= 0
     assert 0 <= out["ipt_normalized"] < 1 and len(out["values"]) == 2
-    assert out == metrics.ipt(model, tokenizer, template, [nacl(), bulk("Si")], n_translations=5, seed=1)
+    assert out == scoring.ipt(model, tokenizer, template, [nacl(), bulk("Si")], n_translations=5, seed=1)
 
 
 def test_novelty_index_over_several_splits(tmp_path):
@@ -339,7 +364,7 @@ def test_novelty_index_over_several_splits(tmp_path):
     from pymatgen.io.ase import AseAtomsAdaptor
     from pymatgen.io.cif import CifWriter
 
-    from ase_crystal_llm.metrics import NoveltyIndex
+    from ase_crystal_llm.evaluation.metrics import NoveltyIndex
 
     def write(path, crystals):
         with open(path, "w", newline="") as handle:

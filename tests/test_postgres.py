@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.subprocess]
 
 HOW = "bash -c 'source .ci/postgres.sh; python -m pytest tests/test_postgres.py'"
 N = 12
@@ -37,6 +37,7 @@ def _server_url():
 def pg_url():
     """URL of a fresh, empty database on the server; dropped after the test."""
     from ase_crystal_llm import settings
+
 
     psycopg2 = settings.require("psycopg2")
     server = urlsplit(_server_url())
@@ -98,7 +99,7 @@ def test_two_processes_one_database(pg_url, crystal_model):
 WRITER = """
 import sys
 from ase.build import bulk
-from ase_crystal_llm.outputs import StructureWriter
+from ase_crystal_llm.io.outputs import StructureWriter
 
 url, rank = sys.argv[1], int(sys.argv[2])
 with StructureWriter(url, append=True) as writer:
@@ -115,7 +116,7 @@ def test_concurrent_writers_keep_species_with_their_rows(pg_url):
 
     import ase.db
 
-    from ase_crystal_llm.outputs import StructureWriter
+    from ase_crystal_llm.io.outputs import StructureWriter
 
     StructureWriter(pg_url, append=True).close()  # tables first, as generate does
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, pg_url, str(r)], stderr=subprocess.PIPE, text=True)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from ase_crystal_llm.prompts import (
+from ase_crystal_llm.text.format import MASK, text_to_atoms
+from ase_crystal_llm.text.prompts import (
     CONDITION_KEYS,
     GENERATION,
     INFILL,
@@ -16,7 +17,6 @@ from ase_crystal_llm.prompts import (
     format_number,
     make_example,
 )
-from ase_crystal_llm.text import MASK, text_to_atoms
 
 ALL_INFO = {
     "pretty_formula": "NaCl",
@@ -131,6 +131,7 @@ def test_sample_conditions_never_writes_missing():
     assert t.sample_conditions({}, rng) == {}
 
 
+@pytest.mark.slow
 def test_task_mix_and_examples(nacl):
     t = PromptTemplate()
     n = 3000

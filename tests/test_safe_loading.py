@@ -102,7 +102,7 @@ def test_no_unpickling_or_eval(trees):
 
 def test_model_card_read_as_json(tmp_path):
     """A card that is Python, not JSON, is refused with a clear error."""
-    from ase_crystal_llm.modelcard import CARD_NAME, ModelCard
+    from ase_crystal_llm.model.modelcard import CARD_NAME, ModelCard
 
     marker = tmp_path / "ran"
     (tmp_path / CARD_NAME).write_text(f"__import__('pathlib').Path({str(marker)!r}).touch()\n")
@@ -128,8 +128,8 @@ def tiny_full_model(tmp_path_factory):
     """A one-layer from-scratch LLaMA with the package's tokenizer and a card."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ase_crystal_llm.modelcard import ModelCard
-    from ase_crystal_llm.tokenizer import build_tokenizer
+    from ase_crystal_llm.model.modelcard import ModelCard
+    from ase_crystal_llm.text.tokenizer import build_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_full")
     tok = build_tokenizer(["5.0 5.0 5.0\n90 90 90\nNa\n0.00 0.00 0.00"])
@@ -153,7 +153,7 @@ def _copy(src, dst):
 
 
 def _record(path):
-    from ase_crystal_llm.modelcard import ModelCard
+    from ase_crystal_llm.model.modelcard import ModelCard
 
     card = ModelCard.from_pretrained(path)
     card.record_weights(path)
@@ -162,15 +162,16 @@ def _record(path):
 
 def test_tiny_model_loads(tiny_full_model):
     """The clean directory loads (else the refusals below prove nothing)."""
-    from ase_crystal_llm.generation import CrystalGenerator
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
     gen = CrystalGenerator.from_pretrained(tiny_full_model, device="cpu")
     assert gen.model.config.num_hidden_layers == 1
 
 
+@pytest.mark.subprocess
 def test_pickled_weights_never_run(tiny_full_model, tmp_path):
     """Weights as a code-carrying pickle (card hashes updated to match) are refused, never executed."""
-    from ase_crystal_llm.generation import CrystalGenerator
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
     model = _copy(tiny_full_model, tmp_path / "model")
     marker = tmp_path / "pickle-ran"
@@ -192,7 +193,7 @@ def test_pickled_weights_never_run(tiny_full_model, tmp_path):
 
 def test_remote_code_never_imported(tiny_full_model, tmp_path):
     """A model directory asking for its own Python code (auto_map) is loaded with the library's code only."""
-    from ase_crystal_llm.generation import CrystalGenerator
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
     model = _copy(tiny_full_model, tmp_path / "model")
     marker = tmp_path / "remote-code-ran"

@@ -6,11 +6,11 @@ import torch
 from ase import Atoms
 from ase.geometry import cellpar_to_cell
 
-from ase_crystal_llm.constraints import CrystalGrammar
-from ase_crystal_llm.metrics import structure_valid
-from ase_crystal_llm.prompts import PromptTemplate
-from ase_crystal_llm.spacing import GRID, FreeSites, RowSpacing, blocked_steps, coordinate_sites
-from ase_crystal_llm.tokenizer import tokenizer_for_template
+from ase_crystal_llm.chemistry.validity import structure_valid
+from ase_crystal_llm.generation.constraints import CrystalGrammar
+from ase_crystal_llm.generation.spacing import GRID, FreeSites, RowSpacing, blocked_steps, coordinate_sites
+from ase_crystal_llm.text.prompts import PromptTemplate
+from ase_crystal_llm.text.tokenizer import tokenizer_for_template
 
 LATTICE = "5.0 5.0 5.0\n90 90 90\n"  # 0.01 of a coordinate is 0.05 A
 
@@ -20,6 +20,7 @@ def _valid_with(cell, sites, site):
     return structure_valid(Atoms("H" * len(frac), scaled_positions=frac, cell=cell, pbc=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cellpar", [(4.0, 4.0, 4.0, 90, 90, 90), (5.1, 6.3, 7.2, 80, 95, 110),
                                      (2.5, 2.5, 6.0, 90, 90, 120), (3.0, 9.0, 3.2, 60, 70, 65)])
 def test_free_sites_agree_with_structure_valid(cellpar):
@@ -84,6 +85,7 @@ def test_row_refuses_digits_that_lead_onto_a_taken_site():
     assert row.fits("")  # end-of-sequence
 
 
+@pytest.mark.slow
 def test_a_full_cell_refuses_a_new_atom():
     row = RowSpacing(0.5)
     row.feed("2.0 2.0 2.0\n90 90 90\n")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ase_crystal_llm import CrystalTextError, atoms_to_text, mask_element, text_to_atoms
-from ase_crystal_llm.text import ELEMENTS, MASK, is_element, split_crystals, wrap_fractional
+from ase_crystal_llm.text.format import ELEMENTS, MASK, is_element, split_crystals, wrap_fractional
 
 TOL_LENGTH, TOL_ANGLE, TOL_FRAC, SLACK = 0.05, 0.5, 0.005, 1e-9
 
@@ -39,7 +39,7 @@ def test_round_trip_mp20_test_sample(mp20_test_sample):
 
 
 def test_round_trip_mp20_train_rows(data_dir):
-    from ase_crystal_llm.datasets import read_structures
+    from ase_crystal_llm.data.datasets import read_structures
 
     structures = read_structures(data_dir / "mp_20" / "train.csv.gz", limit=100)
     assert len(structures) == 100

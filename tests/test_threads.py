@@ -37,7 +37,7 @@ def test_torch_threads_restores_the_setting():
 
 
 def test_generator_threads(tiny_model_dir):
-    from ase_crystal_llm.generation import CrystalGenerator
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
     assert CrystalGenerator.from_pretrained(tiny_model_dir, device="cpu").threads == 1
     gen = CrystalGenerator.from_pretrained(tiny_model_dir, device="cpu", threads=2)

@@ -5,10 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from ase_crystal_llm.prompts import PromptTemplate
-from ase_crystal_llm.text import ELEMENTS, MASK
-from ase_crystal_llm.tokenizer import build_tokenizer, corpus_words, tokenizer_for_template
-
+from ase_crystal_llm.text.format import ELEMENTS, MASK
+from ase_crystal_llm.text.prompts import PromptTemplate
+from ase_crystal_llm.text.tokenizer import build_tokenizer, corpus_words, tokenizer_for_template
 
 
 def pieces(tok, text):

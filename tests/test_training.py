@@ -14,20 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from ase_crystal_llm.cli import main
-from ase_crystal_llm.modelcard import CARD_NAME, ModelCard, ModelCardError
-from ase_crystal_llm.prompts import PromptTemplate, make_example
-from ase_crystal_llm.training import (
-    IGNORE_INDEX,
-    LOG_NAME,
-    SIZES,
-    EpochData,
-    collate,
-    encode_example,
-    load_trained,
-    merge_adapter,
-    train,
-)
-
+from ase_crystal_llm.model.config import SIZES
+from ase_crystal_llm.model.encoding import IGNORE_INDEX, EpochData, collate, encode_example
+from ase_crystal_llm.model.loading import load_trained, merge_adapter
+from ase_crystal_llm.model.modelcard import CARD_NAME, ModelCard, ModelCardError
+from ase_crystal_llm.model.training import LOG_NAME, train
+from ase_crystal_llm.text.prompts import PromptTemplate, make_example
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +34,7 @@ def tiny_base(tmp_path_factory, tok):
     """A randomly initialised tiny LlamaForCausalLM saved like a hub model."""
     from transformers import LlamaForCausalLM
 
-    from ase_crystal_llm.training import scratch_config
+    from ase_crystal_llm.model.config import scratch_config
 
     path = tmp_path_factory.mktemp("tiny-base")
     torch.manual_seed(0)
@@ -328,6 +320,7 @@ def test_cli_train_resume_and_mismatch(capsys, tmp_path, train_file):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_process_data_parallel(tmp_path, train_file):
     """accelerate launch: 2 CPU processes (gloo) train data-parallel with no code change."""
     out = tmp_path / "ddp"

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers
-
 from ase_ga import set_raw_score
 from ase_ga.data import DataConnection, PrepareDB
 from ase_ga.offspring_creator import OperationSelector
@@ -35,9 +34,10 @@ from ase_ga.standard_comparators import CompositionComparator, RawScoreComparato
 from ase_ga.standardmutations import RattleMutation, StrainMutation
 from ase_ga.utilities import CellBounds, closest_distances_generator
 
-from ase_crystal_llm.calculators import get_calculator, relax
-from ase_crystal_llm.hull import ReferenceHull
-from ase_crystal_llm.infill import LLMElementMutation, TemplateElementMutation
+from ase_crystal_llm.evaluation.hull import ReferenceHull
+from ase_crystal_llm.evaluation.potentials import get_calculator
+from ase_crystal_llm.evaluation.relaxation import relax
+from ase_crystal_llm.ga.operators import LLMElementMutation, TemplateElementMutation
 
 A_SITE = ["Ca", "Sr", "Ba", "Pb"]
 B_SITE = ["Ti", "Zr", "Hf", "Sn"]
@@ -56,7 +56,7 @@ def perovskite(a_el, b_el, a=4.0):
 def load_operator(model, pool, temperature, rng):
     """The LLM element swap, or the template swap when no model can be loaded."""
     try:
-        from ase_crystal_llm.generation import CrystalGenerator
+        from ase_crystal_llm.generation.generator import CrystalGenerator
 
         generator = CrystalGenerator.from_pretrained(model)
     except (FileNotFoundError, OSError, ImportError, ValueError) as err:

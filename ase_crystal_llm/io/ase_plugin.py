@@ -9,14 +9,20 @@ from __future__ import annotations
 
 from ase.utils.plugins import ExternalIOFormat
 
-from .text import atoms_to_text, split_crystals, text_to_atoms
+from ase_crystal_llm.text.format import atoms_to_text, split_crystals, text_to_atoms
+
+__all__ = [
+    "EXTENSION", "crystal_text_format", "read_crystal_text", "write_crystal_text",
+]
+
 
 EXTENSION = "crystxt"
+
 
 crystal_text_format = ExternalIOFormat(
     desc="Crystal text (Gruver et al. 2024 LLM format)",
     code="+F",
-    module="ase_crystal_llm.aseio",
+    module="ase_crystal_llm.io.ase_plugin",
     ext=EXTENSION,
 )
 

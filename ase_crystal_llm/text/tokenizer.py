@@ -26,15 +26,26 @@ from __future__ import annotations
 import re
 import string
 
-from .text import ELEMENTS, MASK
+from ase_crystal_llm.text.format import ELEMENTS, MASK
+
+__all__ = [
+    "SPECIAL_TOKENS", "build_tokenizer", "corpus_words", "tokenizer_for_template",
+]
+
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+
+
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+
 
 # Single characters that always have a token: printable ASCII plus tab and newline.
 _CHARS = tuple(c for c in string.printable if c not in "\r\x0b\x0c")
 
+
 _WORD = re.compile(r"[A-Za-z]+")
+
+
 # An element symbol not followed by a lowercase letter (so "Below" and "The"
 # stay words); two-letter symbols first so that "Na" is not "N" + "a".
 _SYMBOL_PATTERN = "(?:" + "|".join(sorted(ELEMENTS, key=lambda s: (-len(s), s))) + ")(?![a-z])"
@@ -108,7 +119,7 @@ def build_tokenizer(texts=(), *, extra_words=()):
         clean_up_tokenization_spaces=False,
         model_max_length=2048,  # training.MAX_POSITIONS
     )
-    fast.padding_side = "right"
+    fast.padding_side = "right"  # the saved default; decoding pads left per call (padding_side=)
     return fast
 
 

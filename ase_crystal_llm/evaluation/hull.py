@@ -20,6 +20,7 @@ else is refused.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import warnings
@@ -28,15 +29,31 @@ from pathlib import Path
 
 import numpy as np
 
-from . import settings
+from ase_crystal_llm import settings
+from ase_crystal_llm.data.datasets import csv_reader
+from ase_crystal_llm.info_keys import ENERGY, ENERGY_SCALE, RELAX_ERROR, RELAX_FAILED
+
+__all__ = [
+    "ELEMENTAL_REFERENCES", "LP_ABOVE", "MAX_ELEMENTS", "MP_SCALES", "ReferenceHull", "energy_scale_of",
+    "load_elemental_references", "mp2020_correct", "mp2020_energy", "mp_run_parameters",
+    "oxidation_state_guess", "total_energy_of",
+]
+
 
 ELEMENTAL_REFERENCES = "2023-02-07-mp-elemental-reference-entries.json.gz"
+
+
 MP_SCALES = ("mp_raw", "mp2020")
+
+
 MAX_ELEMENTS = 12  # chemical systems larger than this are not enumerated
+
+
 # Above this many elements the hull energy comes from a linear program: qhull's facet
 # enumeration in pymatgen's PhaseDiagram grows explosively with the dimension (minutes for
 # one 9-element sample of a weak model), while the LP gives the same number in milliseconds.
 LP_ABOVE = 4
+
 
 # MP's relax set runs GGA+U when O or F is present with one of these (MPRelaxSet LDAUU).
 _U_ANIONS = ("O", "F")
@@ -88,15 +105,14 @@ class ReferenceHull:
         data_dir : str or path, optional
             Folder holding ``mp_20/`` and ``hull/`` (default: ``settings.data_dir()``).
         """
-        import pandas as pd
-
         data = settings.data_dir(data_dir)
         rows = []
         for split in splits:
             path = settings.mp20_path(split, data)
-            frame = pd.read_csv(path, usecols=["material_id", "formation_energy_per_atom", "pretty_formula"])
-            for mid, eform, formula in frame.itertuples(index=False):
-                rows.append((mid, _row_composition(formula, path, mid), eform))
+            with csv_reader(path) as table:
+                for row in table:
+                    mid, formula = row["material_id"], row["pretty_formula"]
+                    rows.append((mid, _row_composition(formula, path, mid), float(row["formation_energy_per_atom"])))
         potentials = load_elemental_references(data / "hull" / ELEMENTAL_REFERENCES)
         hull = cls(rows, potentials, **kwargs)
         hull.name = f"MP-20 ({'+'.join(splits)}) + MP elemental references {ELEMENTAL_REFERENCES.split('-mp-')[0]}"
@@ -142,10 +158,10 @@ class ReferenceHull:
         Parameters
         ----------
         atoms : ase.Atoms
-            Relaxed structure; its ``info["energy_scale"]`` (written by
+            Relaxed structure; its ``info[ENERGY_SCALE]`` (written by
             ``calculators.relax``) says how to read the energy.
         energy : float, optional
-            Total energy in eV (default: ``info["energy"]`` or the attached calculator's).
+            Total energy in eV (default: ``info[ENERGY]`` or the attached calculator's).
         energy_scale : str, optional
             Overrides the scale recorded on ``atoms``.
         """
@@ -248,9 +264,6 @@ class ReferenceHull:
         return f"ReferenceHull({self.n_entries} entries, {len(self.chemical_potentials)} elements)"
 
 
-# ---------------------------------------------------------------------- energies
-
-
 def load_elemental_references(path):
     """Element -> energy per atom (eV) from a gzipped JSON of ComputedEntry dicts."""
     path = Path(path)
@@ -268,11 +281,11 @@ def load_elemental_references(path):
 
 def energy_scale_of(atoms, energy_scale=None):
     """The energy scale recorded on ``atoms`` (info, then its calculator)."""
-    scale = energy_scale or atoms.info.get("energy_scale") or getattr(atoms.calc, "energy_scale", None)
+    scale = energy_scale or atoms.info.get(ENERGY_SCALE) or getattr(atoms.calc, "energy_scale", None)
     if scale is None:
         raise ValueError(
             "energy of unknown scale: relax with calculators.relax/relax_many (which record "
-            "info['energy_scale']) or pass energy_scale='mp_raw' or 'mp2020'"
+            "info[ENERGY_SCALE]) or pass energy_scale='mp_raw' or 'mp2020'"
         )
     if scale not in MP_SCALES:
         raise ValueError(
@@ -283,11 +296,11 @@ def energy_scale_of(atoms, energy_scale=None):
 
 
 def total_energy_of(atoms, energy=None):
-    """Total energy (eV): the argument, else ``info['energy']``, else the calculator's."""
+    """Total energy (eV): the argument, else ``info[ENERGY]``, else the calculator's."""
     if energy is not None:
         return float(energy)
-    if "energy" in atoms.info:
-        return float(atoms.info["energy"])
+    if ENERGY in atoms.info:
+        return float(atoms.info[ENERGY])
     if atoms.calc is None:
         raise ValueError("no energy: pass energy=, or relax the structure first")
     return float(atoms.get_potential_energy())
@@ -305,8 +318,8 @@ def mp2020_energy(atoms, energy=None, energy_scale=None):
     ValueError
         Unknown scale, or a structure the MP2020 scheme rejects.
     """
-    if atoms.info.get("relax_failed"):
-        raise ValueError(f"relaxation failed, no energy: {atoms.info.get('relax_error', 'unknown error')}")
+    if atoms.info.get(RELAX_FAILED):
+        raise ValueError(f"relaxation failed, no energy: {atoms.info.get(RELAX_ERROR, 'unknown error')}")
     scale = energy_scale_of(atoms, energy_scale)
     total = total_energy_of(atoms, energy)
     if not np.isfinite(total):
@@ -360,7 +373,6 @@ def mp2020_correct(atoms, total_energy):
     return float(processed.energy)
 
 
-_COMPAT = []
 _OXIDATION_STATES: OrderedDict = OrderedDict()
 
 
@@ -383,15 +395,11 @@ def oxidation_state_guess(composition, cache_size=4096):
     return dict(_OXIDATION_STATES[key])
 
 
+@functools.cache  # built once: pymatgen reads its correction tables on construction
 def _compatibility():
-    if not _COMPAT:
-        from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
+    from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
 
-        _COMPAT.append(MaterialsProject2020Compatibility(check_potcar=False))
-    return _COMPAT[0]
-
-
-# ---------------------------------------------------------------------- helpers
+    return MaterialsProject2020Compatibility(check_potcar=False)
 
 
 def _counts(atoms):
@@ -412,10 +420,8 @@ def _row_composition(formula, path, material_id):
             return Composition(formula)
         except (ValueError, KeyError):
             pass
-    import pandas as pd
-
-    frame = pd.read_csv(path, usecols=["material_id", "cif"])
-    cif = frame.loc[frame["material_id"] == material_id, "cif"].iloc[0]
+    with csv_reader(path) as table:
+        cif = next(row["cif"] for row in table if row["material_id"] == material_id)
     return Structure.from_str(cif, fmt="cif").composition
 
 

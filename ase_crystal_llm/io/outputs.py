@@ -30,7 +30,16 @@ from pathlib import Path
 import numpy as np
 from ase.db.core import reserved_keys, word
 
-from .text import LINE_SEPARATOR, atoms_to_text, split_crystals, text_to_atoms
+from ase_crystal_llm.info_keys import RUN_ID, SAMPLE_INDEX
+from ase_crystal_llm.io.files import atomic_write, fsync, plain
+from ase_crystal_llm.text.format import LINE_SEPARATOR, atoms_to_text, split_crystals, text_to_atoms
+
+__all__ = [
+    "CIF_END", "DATA_KEYS", "DB_URL_SCHEMES", "FORMATS", "ID_KEYS", "StructureWriter", "check_output",
+    "identifier", "is_cif_archive", "is_db_url", "merge_outputs", "output_format", "read_run_records",
+    "run_record_path", "split_info", "write_cif_archive", "write_run_record",
+]
+
 
 FORMATS = {
     ".extxyz": "extxyz",
@@ -40,9 +49,15 @@ FORMATS = {
     ".db": "db",
     ".crystxt": "crystal-text",
 }
+
+
 ID_KEYS = ("run_id", "rank", "sample_index")
+
+
 # Long or multi-line text goes to ase.db's ``data``, not key_value_pairs.
 DATA_KEYS = ("generated_text", "prompt")
+
+
 CIF_END = "#end_of_structure\n\n"
 
 
@@ -71,15 +86,9 @@ def identifier(info):
     ``sample_index`` numbers the crystals of a whole run (over all ranks), so
     the pair identifies a structure; ``rank`` is stored for the record.
     """
-    if "run_id" not in info or "sample_index" not in info:
+    if RUN_ID not in info or SAMPLE_INDEX not in info:
         return None
-    return (str(info["run_id"]), int(info["sample_index"]))
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+    return (str(info[RUN_ID]), int(info[SAMPLE_INDEX]))
 
 
 def split_info(info):
@@ -91,7 +100,7 @@ def split_info(info):
     """
     kvp, data = {}, {}
     for key, value in info.items():
-        value = _plain(value)
+        value = plain(value)
         scalar = isinstance(value, (bool, int, float, str)) and not (isinstance(value, float) and not np.isfinite(value))
         if (key in DATA_KEYS or not scalar or not word.match(key) or key in reserved_keys
                 or (isinstance(value, str) and (_reads_as_number(value) or "\n" in value))):
@@ -107,14 +116,6 @@ def _reads_as_number(text):
         return True
     except ValueError:
         return text.strip().lower() in ("true", "false")
-
-
-def _fsync(fd):
-    fd.flush()
-    os.fsync(fd.fileno())
-
-
-# -- run records ----------------------------------------------------------------------
 
 
 def check_output(path, *, overwrite=False, resume=False, what="output"):
@@ -215,30 +216,7 @@ def write_run_record(path, record):
     """Add or update (same ``run_id``, ``rank`` and ``session``) a run record beside ``path``, atomically."""
     runs = [r for r in read_run_records(path) if _record_key(r) != _record_key(record)]
     runs.append(record)
-    _atomic_write_text(run_record_path(path), json.dumps({"runs": runs}, indent=1, default=str) + "\n")
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path, text):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a record is as readable as its output
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            _fsync(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# -- the per-format backends --------------------------------------------------------------
+    atomic_write(run_record_path(path), json.dumps({"runs": runs}, indent=1, default=str) + "\n")
 
 
 class _TextBackend:
@@ -266,11 +244,11 @@ class _TextBackend:
         kept = "".join(good)
         if kept != text:
             warnings.warn(f"{self.path}: dropped an incomplete structure at the end of the file")
-            _atomic_write_text(self.path, kept)
+            atomic_write(self.path, kept)
 
     def write(self, atoms):
         self.fd.write(self.render(atoms))
-        _fsync(self.fd)
+        fsync(self.fd)
 
     def close(self):
         self.fd.close()
@@ -365,7 +343,7 @@ class _CrystalTextBackend(_TextBackend):
             # One line per structure ("- - -" without identifiers): keep the
             # lines of the structures that survived in the text file.
             lines = self.ids_path.read_text().splitlines()[: self.n_kept]
-            _atomic_write_text(self.ids_path, "".join(line + "\n" for line in lines))
+            atomic_write(self.ids_path, "".join(line + "\n" for line in lines))
             for line in lines:
                 parts = line.split()
                 if len(parts) == 3 and parts[0] != "-":
@@ -397,7 +375,7 @@ class _CrystalTextBackend(_TextBackend):
         else:
             line = "- - -"
         self.ids.write(line + "\n")
-        _fsync(self.ids)
+        fsync(self.ids)
 
     def close(self):
         super().close()
@@ -421,11 +399,11 @@ class _TrajBackend:
         calc = _stored_results(atoms)
         atoms = atoms.copy()
         atoms.calc = calc
-        atoms.info = {k: _plain(v) for k, v in atoms.info.items()}
+        atoms.info = {k: plain(v) for k, v in atoms.info.items()}
         self.traj.write(atoms)
         fd = getattr(self.traj.backend, "fd", None)
         if fd is not None and hasattr(fd, "fileno"):
-            _fsync(fd)
+            fsync(fd)
 
     def close(self):
         self.traj.close()
@@ -571,12 +549,12 @@ def merge_outputs(parts, path):
         if fmt in ("extxyz", "cif", "crystal-text"):
             with open(path, "ab") as out, open(part, "rb") as src:
                 out.write(src.read())
-                _fsync(out)
+                fsync(out)
             ids = Path(str(part) + ".ids")
             if ids.exists():
                 with open(str(path) + ".ids", "ab") as out:
                     out.write(ids.read_bytes())
-                    _fsync(out)
+                    fsync(out)
                 ids.unlink()
         elif fmt == "traj":
             from ase.io import Trajectory

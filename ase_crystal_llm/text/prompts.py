@@ -22,10 +22,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .text import MASK, atoms_to_text, mask_element
+from ase_crystal_llm.text.format import MASK, atoms_to_text, mask_element
+
+__all__ = [
+    "CONDITION_KEYS", "Example", "GENERATION", "INFILL", "INFO_TO_CONDITION", "PromptTemplate",
+    "conditions_from_info", "example_rng", "format_number", "make_example", "spacegroup_number",
+]
+
 
 # Condition keys in the order they are always written.
 CONDITION_KEYS = ("formula", "formation_energy", "band_gap", "e_above_hull", "spacegroup")
+
 
 # atoms.info property names (docs/architecture.md) -> condition keys.
 INFO_TO_CONDITION = {
@@ -36,7 +43,10 @@ INFO_TO_CONDITION = {
     "spacegroup_number": "spacegroup",
 }
 
+
 GENERATION = "generation"
+
+
 INFILL = "infill"
 
 

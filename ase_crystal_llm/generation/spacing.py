@@ -4,7 +4,7 @@ Fractional coordinates have two decimals, so every atom sits on one of the
 100 x 100 x 100 sites of its cell.  Once a crystal's lattice lines are
 written, :class:`RowSpacing` keeps the sites still free: those at least
 ``min_distance`` from every atom written so far, periodic images included
-(CDVAE's structural validity, :func:`ase_crystal_llm.metrics.structure_valid`).
+(CDVAE's structural validity, :func:`ase_crystal_llm.chemistry.validity.structure_valid`).
 While a coordinate line is being written it tells which next tokens can still
 end on a free site, so the sampler draws among those only: a digit is refused
 when no completion of the coordinates it starts is free.  This is the same
@@ -24,8 +24,17 @@ from functools import lru_cache
 import numpy as np
 from ase.geometry import cellpar_to_cell
 
+__all__ = [
+    "FreeSites", "GRID", "MARGIN", "MAX_STEPS", "RowSpacing", "blocked_steps", "coordinate_sites",
+]
+
+
 GRID = 100  # sites per axis: fractional coordinates have two decimals
+
+
 MARGIN = 1e-6  # angstrom
+
+
 MAX_STEPS = 2_000_000  # larger search boxes (nearly flat cells) leave the guard off
 
 

@@ -40,25 +40,42 @@ import inspect
 import io
 import json
 import os
-import shutil
 import sys
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, settings
+from ase_crystal_llm import __version__, settings
+from ase_crystal_llm.io.files import atomic_write, fsync
+
+__all__ = [
+    "CHUNK", "ChecksumError", "DataFile", "FileStatus", "M3GNET_DIR", "MANIFEST", "RECORD_NAME", "TIMEOUT",
+    "check", "default_dest", "describe_in_use", "fetch", "link", "missing", "read_record", "sha256_of",
+]
+
 
 M3GNET_DIR = f"models/matgl/{settings.M3GNET_NAME}"
+
+
 RECORD_NAME = "MANIFEST.json"
+
+
 TIMEOUT = 60  # seconds without data before a download is abandoned
+
+
 CHUNK = 1 << 20
 
+
 _CDVAE = "https://raw.githubusercontent.com/txie-93/cdvae/main/data/mp_20"
+
+
 # materialsvirtuallab/matgl (now materialyzeai/matgl; GitHub redirects), the commit whose
 # pretrained_models/ blobs are the copy in shared/data (shared/data/SOURCES.md).
 _MATGL = ("https://raw.githubusercontent.com/materialsvirtuallab/matgl/"
           f"e9cde2291acd0b4c4a342428e7dd5e4d596b7bf9/pretrained_models/{settings.M3GNET_NAME}")
+
+
 # Matbench Discovery's data release: figshare file 40387775 (md5 6e93b6f38d6e27d6c811d3cafb23a070,
 # as matbench_discovery's data-files list gives) and the same file in git.
 _REFERENCES = (
@@ -122,6 +139,7 @@ MANIFEST: tuple[DataFile, ...] = (
     _m3gnet("state.pt", "a9aa723705bd1a242ec8749332f137811c4a94e17995a564f8f94a9aca68061b"),
 )
 
+
 OK, MISSING, WRONG, UNVERIFIED = "OK", "missing", "wrong sha256", "unverified"
 
 
@@ -155,9 +173,6 @@ def sha256_of(path: str | os.PathLike) -> str:
 def missing(folder: str | os.PathLike) -> list[str]:
     """Paths of :data:`MANIFEST` that ``folder`` lacks."""
     return [entry.path for entry in MANIFEST if not (Path(folder) / entry.path).is_file()]
-
-
-# ---------------------------------------------------------------- fetching
 
 
 def fetch(dest: str | os.PathLike | None = None, *, mirror: str | None = None, progress: bool = True) -> Path:
@@ -263,6 +278,8 @@ def _fetch_one(entry: DataFile, target: Path, base: str | None, progress: bool) 
 
 
 def _place(entry: DataFile, target: Path, url: str, expected: str | None, convert: bool, progress: bool) -> dict:
+    # Streamed through the hash to a temporary file (not atomic_write, which holds the whole
+    # content in memory: the MP-20 training split is ~35 MB of CSV), then renamed.
     tmp = _temporary(target)
     raw = _temporary(target, "download") if convert else tmp
     try:
@@ -280,14 +297,10 @@ def _place(entry: DataFile, target: Path, url: str, expected: str | None, conver
 
 def _place_from_matgl(entry: DataFile, target: Path, expected: str | None) -> dict:
     source = _matgl_model_files(entry.matgl_model)[Path(entry.path).name]
-    tmp = _temporary(target)
-    try:
-        shutil.copyfile(source, tmp)
-        actual = sha256_of(tmp)
-        _verify(entry.path, expected, actual, f"matgl's download of {entry.matgl_model}")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = Path(source).read_bytes()  # a few MB of weights
+    actual = hashlib.sha256(data).hexdigest()
+    _verify(entry.path, expected, actual, f"matgl's download of {entry.matgl_model}")
+    atomic_write(target, data)
     return _record(f"matgl.load_model({entry.matgl_model!r}): {source}", actual, actual, expected)
 
 
@@ -331,8 +344,7 @@ def _download(url: str, out: Path, label: str, progress: bool) -> str:
                 digest.update(block)
                 size += len(block)
                 bar.update(len(block))
-        handle.flush()
-        os.fsync(handle.fileno())
+        fsync(handle)
     if total is not None and size != total:
         raise OSError(f"incomplete download: {size} of {total} bytes")
     return digest.hexdigest()
@@ -389,15 +401,7 @@ def _write_record(folder: Path, path: str, record: dict) -> None:
     files = read_record(folder)
     files[path] = record
     text = json.dumps({"format": 1, "files": dict(sorted(files.items()))}, indent=1) + "\n"
-    tmp = _temporary(folder / RECORD_NAME)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / RECORD_NAME)  # after every file, so an interrupted fetch keeps its records
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------- checking and linking
+    atomic_write(folder / RECORD_NAME, text)  # after every file, so an interrupted fetch keeps its records
 
 
 def check(folder: str | os.PathLike) -> list[FileStatus]:

@@ -24,6 +24,7 @@ test and prompts all see the same kind of cell.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import gzip
@@ -32,35 +33,57 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 
+from ase_crystal_llm.info_keys import ENERGY
+from ase_crystal_llm.text.format import is_periodic
+
 __all__ = [
     "CANONICAL_CELL",
     "DatasetError",
     "canonicalize",
+    "csv_column",
+    "csv_reader",
     "iter_structures",
     "order_sites",
     "property_name",
     "read_structures",
 ]
 
+
 #: The cell convention recorded with trained models.
 CANONICAL_CELL = "primitive-niggli"
 
+
 # Columns that describe the structure itself rather than a property of it.
 _STRUCTURE_COLUMNS = {"cif", "elements", "", "Unnamed: 0", "index"}
+
+
 # Columns kept as text even when a value looks like a number ("NaN" is a formula).
 _TEXT_COLUMNS = {"material_id", "pretty_formula", "formula", "reduced_formula", "id", "name", "mp_id"}
+
+
 _MISSING = {"", "nan", "none", "null", "na", "n/a"}
+
+
 _INT = re.compile(r"[+-]?\d+")
+
+
 _FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:inf|infinity)", re.IGNORECASE)
+
+
 # Info keys that scale with the number of atoms in the cell.
 _EXTENSIVE_INFO = ("energy", "free_energy")
+
+
 # Cell parameters (Angstrom, degrees) this close count as the same cell.
 _SAME_CELLPAR = 1e-5
+
+
 # Rows named in a skip warning before "...".
 _MAX_LISTED = 20
 
@@ -92,9 +115,6 @@ def _parse_value(column, text):
 
 def _is_missing(value):
     return value is None or (isinstance(value, float) and not math.isfinite(value))
-
-
-# --------------------------------------------------------------------------- structures
 
 
 def order_sites(structure):
@@ -194,7 +214,7 @@ def canonicalize(atoms, *, tolerance=0.25):
     """
     from pymatgen.core import Lattice, Structure
 
-    if atoms.cell.rank != 3 or not atoms.pbc.all():
+    if not is_periodic(atoms):
         raise ValueError("canonicalize needs a crystal periodic in 3D (full cell, pbc=True)")
     structure = Structure(
         Lattice(np.array(atoms.cell)),
@@ -226,21 +246,37 @@ def canonicalize(atoms, *, tolerance=0.25):
     return out
 
 
-# --------------------------------------------------------------------------- sources
-# Each source yields (where, make): ``where`` names the item for messages,
-# ``make()`` builds its Atoms or raises.
-
-
 def _open_text(path):
     if str(path).endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", newline="")
     return open(path, encoding="utf-8", newline="")
 
 
-def _csv_rows(path, order_disordered):
-    csv.field_size_limit(sys.maxsize)  # CIFs are long fields
+@contextlib.contextmanager
+def csv_reader(path: str | os.PathLike) -> Iterator[csv.DictReader]:
+    """Rows of a CDVAE-style CSV (MP-20; plain or gzipped) as dicts of text, in file order.
+
+    The one way the package and its benchmarks open such tables: UTF-8, no
+    field size limit (CIFs are long fields), every value left as written.
+
+    Examples
+    --------
+    >>> with csv_reader("mp_20/val.csv.gz") as rows:  # doctest: +SKIP
+    ...     formulas = [row["pretty_formula"] for row in rows]
+    """
+    csv.field_size_limit(sys.maxsize)
     with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
+        yield csv.DictReader(handle)
+
+
+def csv_column(path: str | os.PathLike, column: str) -> list[str]:
+    """One column of a CDVAE-style CSV (see :func:`csv_reader`), as written, in file order."""
+    with csv_reader(path) as rows:
+        return [row[column] for row in rows]
+
+
+def _csv_rows(path, order_disordered):
+    with csv_reader(path) as reader:
         columns = reader.fieldnames or []
         if "cif" not in columns:
             raise DatasetError(f"{path}: no 'cif' column (columns: {', '.join(columns) or 'none'})")
@@ -265,12 +301,12 @@ def _csv_atoms(row, properties, order_disordered):
 
 
 def _energy_to_info(atoms):
-    """Copy a stored single-point energy into info["energy"] (the package convention)."""
+    """Copy a stored single-point energy into info[ENERGY] (the package convention)."""
     calc = atoms.calc
-    if calc is not None and "energy" not in atoms.info:
+    if calc is not None and ENERGY not in atoms.info:
         energy = getattr(calc, "results", {}).get("energy")
         if energy is not None and np.isfinite(energy):
-            atoms.info["energy"] = float(energy)
+            atoms.info[ENERGY] = float(energy)
     return atoms
 
 
@@ -368,9 +404,6 @@ def _source_names(source):
 def _one_line(err):
     text = str(err).strip() or type(err).__name__
     return " ".join(text.split())
-
-
-# --------------------------------------------------------------------------- public API
 
 
 def iter_structures(source, *, canonical=True, limit=None, skip_bad=False, order_disordered=False):

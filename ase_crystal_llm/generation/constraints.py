@@ -12,7 +12,7 @@ A small state machine reads the crystal text format (see :mod:`.text`) one
 A token is allowed in a state when every character of its decoded string is
 accepted in turn, so the machine works for any vocabulary: one token per
 digit, byte-level BPE tokens with a leading space, SentencePiece pieces that
-span a separator (``".5"``, ``"0\\nNa"``).  End-of-sequence is allowed only
+span a separator (``".5"``, ``"0\nNa"``).  End-of-sequence is allowed only
 after a complete atom.
 
 A row may also carry a formula target (:class:`FormulaTarget`): its symbol
@@ -42,14 +42,22 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from .metrics import counts_valid
-from .spacing import RowSpacing
-from .text import ELEMENTS
+from ase_crystal_llm.chemistry.validity import counts_valid
+
+# EXTRA_ATOMS: atoms a row may add, past its first refused end, while its composition is not
+# charge balanced (RowComposition); then it may end anyway.  Its home is .options (help quotes it).
+from ase_crystal_llm.generation.options import EXTRA_ATOMS
+from ase_crystal_llm.generation.spacing import RowSpacing
+from ase_crystal_llm.text.format import ELEMENTS
+
+__all__ = [
+    "CrystalGrammar", "CrystalLogitsProcessor", "DIGITS", "DONE", "FIELDS", "FormulaTarget", "RowComposition",
+    "START", "can_end", "formula_composition", "reads_symbol", "step_char", "token_strings",
+]
+
 
 DIGITS = frozenset("0123456789")
-#: Atoms a row may add, past its first refused end, while its composition is
-#: not charge balanced (:class:`RowComposition`); then it may end anyway.
-EXTRA_ATOMS = 8
+
 
 # Field specs: (max integer digits, max decimals).  atoms_to_text writes one
 # decimal for lengths, none for angles, two for coordinates; one spare digit
@@ -59,7 +67,10 @@ FIELDS = {
     "angles": (3, 2),
     "coords": (1, 3),
 }
+
+
 _NEXT_LINE = {"lengths": "angles"}  # after angles and coords comes a symbol line
+
 
 # Machine states are small tuples:
 #   ("num", field, value_index, in_decimals, n_digits)
@@ -69,7 +80,11 @@ _NEXT_LINE = {"lengths": "angles"}  # after angles and coords comes a symbol lin
 #                  start the answer with one and the parser strips it
 #   ("done",)      after end-of-sequence
 START = ("lead",)
+
+
 DONE = ("done",)
+
+
 _FIRST_NUMBER = ("num", "lengths", 0, False, 0)
 
 
@@ -137,9 +152,6 @@ def reads_symbol(state, text, symbols, prefixes):
             return False
         state = moved[0]
     return False
-
-
-# -- formula targets ----------------------------------------------------------------
 
 
 def formula_composition(formula, elements=None):
@@ -243,8 +255,6 @@ class FormulaTarget:
         return k >= 1 and rest == 0 and all(c == k * u for c, u in zip(counts, self.units))
 
 
-# -- per-tokenizer token strings ---------------------------------------------------
-
 _TOKEN_STRINGS = weakref.WeakKeyDictionary()
 
 
@@ -285,9 +295,6 @@ def _anchor_id(tokenizer):
     return ids[-1] if ids else 0
 
 
-# -- the grammar: cached masks and transitions ------------------------------------
-
-
 class CrystalGrammar:
     """The crystal-text state machine bound to one tokenizer.
 
@@ -297,7 +304,7 @@ class CrystalGrammar:
         Its tokens are matched character by character.
     elements : sequence of str, optional
         Allowed element symbols (chemical-system conditioning); default: all
-        real elements (:data:`ase_crystal_llm.text.ELEMENTS`).
+        real elements (:data:`ase_crystal_llm.text.format.ELEMENTS`).
     max_atoms : int
         After this many atoms only end-of-sequence is allowed.
     vocab_size : int, optional
@@ -581,7 +588,7 @@ class RowComposition:
 
     Lines 0 and 1 are the lattice, then symbol and coordinate lines
     alternate (see :mod:`ase_crystal_llm.text`).  "Charge balanced" is
-    compositional validity (:func:`ase_crystal_llm.metrics.counts_valid`:
+    compositional validity (:func:`ase_crystal_llm.chemistry.validity.counts_valid`:
     SMACT charge neutrality with the Pauling test; single elements and
     all-metal alloys pass).  A row that fails it may not end, but only for
     ``extra_atoms`` atoms past its first refused end: a composition that
@@ -634,7 +641,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
     min_distance : float, optional
         Also refuse coordinate tokens that put an atom closer than this
         (angstrom) to an atom already written, periodic images included
-        (:class:`~ase_crystal_llm.spacing.RowSpacing`), in rows without a
+        (:class:`~ase_crystal_llm.generation.spacing.RowSpacing`), in rows without a
         formula target.  A row with no allowed token left keeps the
         grammar's mask.
     charge_guard : bool

@@ -12,16 +12,37 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .prompts import PromptTemplate
+from ase_crystal_llm.io.files import atomic_write
+from ase_crystal_llm.text.prompts import PromptTemplate
+
+__all__ = [
+    "CARD_NAME", "DEFAULT_SAMPLING", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "FORMAT_VERSION", "ModelCard",
+    "ModelCardError", "NUMBER_FORMAT", "WEIGHT_SUFFIXES", "hash_weights", "sha256_file", "verify_hashes",
+    "weight_files",
+]
+
 
 CARD_NAME = "crystal_llm.json"
+
+
 FORMAT_VERSION = 1
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+
+
+# Sampling a card recommends unless training records otherwise; the generator falls back to them.
+DEFAULT_TEMPERATURE = 0.7
+
+
+DEFAULT_TOP_P = 0.9
+
+
+DEFAULT_SAMPLING = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P}
+
 
 # How text.atoms_to_text writes numbers; recorded so that a reader can check.
 NUMBER_FORMAT = {
@@ -150,9 +171,7 @@ class ModelCard:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         path = model_dir / CARD_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         return path
 
     # -- weights ------------------------------------------------------------

@@ -1,14 +1,10 @@
 """Sample metrics of CDVAE (Xie et al., 2022) and Gruver et al. (ICLR 2024).
 
 Every metric is a small function over a list of structures (``ase.Atoms`` or
-pymatgen ``Structure``); :mod:`ase_crystal_llm.evaluation` strings them
-together.  Definitions:
+pymatgen ``Structure``); :func:`~.pipeline.evaluate` strings them together.
+Validity itself is in :mod:`ase_crystal_llm.chemistry.validity` (decoding
+uses it too).  Definitions:
 
-* **structural validity**: every periodic interatomic distance >= 0.5 A and
-  cell volume >= 0.1 A^3;
-* **compositional validity**: SMACT charge neutrality with the Pauling
-  electronegativity test (SMACT's 2014 oxidation-state table, as CDVAE);
-  single elements and all-metal alloys are valid;
 * **coverage** recall / precision: CrystalNN structure fingerprints and Magpie
   composition features (standardised) within 0.4 and 10 of a reference crystal;
 * **Wasserstein distances** of density and number of elements to a reference;
@@ -18,8 +14,7 @@ together.  Definitions:
 * **stability**: metastable (E_hull < 0.1 eV/atom), stable (E_hull <= 0) and
   S.U.N. (stable, unique, novel) rates over *all* samples;
 * **conditional accuracy**: reduced formula and space group (symprec 0.1 and
-  0.2) of samples generated with those conditions;
-* **IPT**: the increase in perplexity of a crystal's text under translations.
+  0.2) of samples generated with those conditions.
 """
 
 from __future__ import annotations
@@ -29,223 +24,43 @@ import json
 import math
 import os
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-from ase import Atoms
 
-from . import settings
+from ase_crystal_llm import settings
+from ase_crystal_llm.chemistry.validity import _mean, as_atoms, as_structure, reduced_formula, validity_flags
+from ase_crystal_llm.info_keys import ATTEMPTS, CONDITIONS, FORMULA_CONSTRAINED
 
-MIN_DISTANCE = 0.5  # Angstrom
-MIN_VOLUME = 0.1  # Angstrom^3
+__all__ = [
+    "COMP_CUTOFF", "COMP_FP_SIZE", "CompositionScaler", "Featurizer", "Fingerprints", "METASTABLE",
+    "NoveltyIndex", "STRUCT_CUTOFF", "STRUCT_FP_SIZE", "SYMPRECS", "conditional_accuracy", "conditions_of",
+    "coverage", "diversity", "emitted_validity", "featurizer", "novelty_flags", "spacegroup_number",
+    "stability_rates", "structure_matcher", "unique_flags", "wasserstein",
+]
+
+
 STRUCT_CUTOFF = 0.4  # CrystalNN fingerprint distance (CDVAE, MP-20)
+
+
 COMP_CUTOFF = 10.0  # standardised Magpie feature distance (CDVAE, MP-20)
+
+
 METASTABLE = 0.1  # eV/atom
+
+
 STRUCT_FP_SIZE = 61  # CrystalNN "ops" site fingerprint
+
+
 COMP_FP_SIZE = 132  # Magpie ElementProperty
+
+
 SYMPRECS = (0.1, 0.2)
-#: smact oxidation-state table used by CDVAE (smact 2.x's default).
-OXIDATION_STATES = "smact14"
-
-
-# -- conversions ---------------------------------------------------------------
-def as_structure(obj):
-    """A pymatgen ``Structure`` from ``Atoms`` or a ``Structure``."""
-    from pymatgen.core import Structure
-
-    if isinstance(obj, Structure):
-        return obj
-    if isinstance(obj, Atoms):
-        from pymatgen.core import Lattice
-
-        return Structure(Lattice(np.array(obj.cell)), obj.get_chemical_symbols(), obj.get_positions(),
-                         coords_are_cartesian=True)
-    raise TypeError(f"expected ase.Atoms or pymatgen Structure, got {type(obj).__name__}")
-
-
-def as_atoms(obj):
-    """``ase.Atoms`` from ``Atoms`` or a pymatgen ``Structure``."""
-    if isinstance(obj, Atoms):
-        return obj
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    return AseAtomsAdaptor.get_atoms(as_structure(obj))
-
-
-def reduced_formula(obj):
-    """pymatgen's reduced formula of a structure or a formula string (``None`` if unreadable)."""
-    from pymatgen.core import Composition
-
-    try:
-        if isinstance(obj, str):
-            return Composition(obj).reduced_formula
-        return Composition(as_atoms(obj).get_chemical_formula()).reduced_formula
-    except Exception:  # an unparsable formula matches nothing
-        return None
-
-
-def _mean(flags):
-    flags = list(flags)
-    return float(np.mean(flags)) if flags else None
-
-
-# -- validity ------------------------------------------------------------------
-def structure_valid(structure, min_distance=MIN_DISTANCE, min_volume=MIN_VOLUME):
-    """CDVAE's structural validity: all periodic distances >= ``min_distance``, volume >= ``min_volume``.
-
-    Distances include an atom's own periodic images, so a lattice vector
-    shorter than ``min_distance`` is invalid too.
-    """
-    from ase.neighborlist import neighbor_list
-
-    atoms = as_atoms(structure)
-    if len(atoms) == 0 or not atoms.pbc.all():
-        return False
-    if not (np.isfinite(atoms.cell.array).all() and np.isfinite(atoms.positions).all()):
-        return False
-    if abs(atoms.cell.volume) < min_volume:
-        return False
-    # The same lattice in its shortest basis: on a nearly flat cell (a sampler can
-    # write one) neighbor_list loops over thousands of images and takes minutes.
-    try:
-        reduced, _ = atoms.cell.minkowski_reduce()
-    except RuntimeError:  # no convergence: keep the cell as written
-        reduced = atoms.cell
-    if min(reduced.lengths()) < min_distance:  # an atom touches its own image
-        return False
-    atoms = Atoms(atoms.numbers, positions=atoms.positions, cell=reduced, pbc=True)
-    return len(neighbor_list("i", atoms, min_distance)) == 0
-
-
-def composition_valid(structure):
-    """CDVAE's SMACT validity: some charge-neutral oxidation-state assignment passes the Pauling test.
-
-    Single elements and alloys of metals only are valid; compositions with
-    elements unknown to SMACT are invalid.  The answer is exactly that of
-    ``smact.screening.smact_validity(..., use_pauling_test=True,
-    include_alloys=True, oxidation_states_set=OXIDATION_STATES)``, computed
-    by :func:`_smact_valid_reduced` (memoised, pruned) instead of smact's
-    enumeration of every oxidation-state combination.
-    """
-    atoms = as_atoms(structure)
-    return counts_valid(Counter(atoms.get_chemical_symbols()))
-
-
-def counts_valid(counts):
-    """:func:`composition_valid` of element counts, e.g. ``{"Na": 1, "Cl": 1}`` (``False`` when empty)."""
-    settings.require("smact")
-    from pymatgen.core import Composition
-
-    counts = {el: c for el, c in counts.items() if c}
-    if not counts:
-        return False
-    key = _reduced_key(counts)
-    answer = _smact_valid_reduced(key) if key is not None else None
-    return _smact_validity(Composition(counts)) if answer is None else answer
-
-
-def _smact_validity(comp):
-    """smact's own ``smact_validity`` with CDVAE's arguments; smact errors (unknown element) count as invalid."""
-    from smact.screening import smact_validity
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no Pauling electronegativity for He" and the like
-            return bool(smact_validity(comp, use_pauling_test=True, include_alloys=True,
-                                       oxidation_states_set=OXIDATION_STATES))
-    except (KeyError, TypeError, ValueError):
-        return False
-
-
-def _reduced_key(counts):
-    """``((symbol, count // gcd), ...)`` sorted, as smact reduces stoichiometry; ``None`` for non-integer counts."""
-    if any(c != int(c) or c < 1 for c in counts.values()):
-        return None  # smact truncates fractional counts; leave such input to smact itself
-    ints = {el: int(c) for el, c in counts.items()}
-    g = math.gcd(*ints.values())
-    return tuple(sorted((el, c // g) for el, c in ints.items()))
-
-
-@functools.lru_cache(maxsize=None)
-def _smact_element(symbol):
-    """``(oxidation states, Pauling electronegativity)`` of ``symbol`` in SMACT's ``OXIDATION_STATES`` table."""
-    from smact import Element
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        element = Element(symbol)  # KeyError when smact does not know the element
-    return tuple(getattr(element, f"oxidation_states_{OXIDATION_STATES}") or ()), element.pauling_eneg
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _smact_valid_reduced(key):
-    """smact's validity of a reduced composition, or ``None`` when only smact itself can decide.
-
-    smact accepts an oxidation state per element when the charges sum to zero
-    with the reduced counts and every cation (state > 0) has a strictly lower
-    Pauling electronegativity than every anion (state < 0); a missing
-    electronegativity fails the test.  An assignment passes exactly when, for
-    some cut ``t`` in {-inf} and the electronegativities present, elements with
-    electronegativity <= t take states >= 0 and the others states <= 0 (take
-    ``t`` = the largest cation electronegativity).  Each cut is a signed
-    charge-reachability problem, solved with bounded sets of partial sums.
-    """
-    from smact import metals
-
-    symbols = [el for el, _ in key]
-    if len(symbols) == 1 or all(el in metals for el in symbols):
-        return True  # smact's fast paths: single element, alloy of metals
-    try:
-        data = [_smact_element(el) for el in symbols]
-    except KeyError:
-        return None
-    if any(not states for states, _ in data):
-        return False
-    enegs = [eneg for _, eneg in data]
-    if any(eneg is None for eneg in enegs):
-        return False
-    if not all(math.isfinite(eneg) for eneg in enegs):
-        return None  # NaN compares false in smact's test; not modelled by the cut argument
-    counts = [c for _, c in key]
-    for cut in [-math.inf, *sorted(set(enegs))]:
-        allowed = [[s for s in states if (s >= 0 if eneg <= cut else s <= 0)] for states, eneg in data]
-        if all(allowed) and _neutral_reachable(allowed, counts):
-            return True
-    return False
-
-
-def _neutral_reachable(allowed, counts):
-    """Whether ``sum(count_i * state_i) == 0`` for some choice of ``state_i`` in ``allowed[i]``."""
-    lo = [c * min(states) for states, c in zip(allowed, counts)]
-    hi = [c * max(states) for states, c in zip(allowed, counts)]
-    rest_lo = np.cumsum(lo[::-1])[::-1].tolist()[1:] + [0]  # bounds of the charge still to come
-    rest_hi = np.cumsum(hi[::-1])[::-1].tolist()[1:] + [0]
-    sums = {0}
-    for states, c, low, high in zip(allowed, counts, rest_lo, rest_hi):
-        sums = {q for q in (r + c * s for r in sums for s in states) if low <= -q <= high}
-        if not sums:
-            return False
-    return 0 in sums
-
-
-def validity_flags(structures):
-    """Per-sample ``{"structure": [...], "composition": [...], "valid": [...]}`` booleans."""
-    struct = [structure_valid(s) for s in structures]
-    comp = [composition_valid(s) for s in structures]
-    return {"structure": struct, "composition": comp, "valid": [a and b for a, b in zip(struct, comp)]}
-
-
-def validity_rates(flags, n_total=None):
-    """Fractions of valid samples from :func:`validity_flags`; ``n_total`` counts unparsed output as invalid."""
-    n = len(flags["valid"]) if n_total is None else n_total
-    if n == 0:
-        return {"structure": None, "composition": None, "valid": None}
-    return {key: sum(values) / n for key, values in flags.items()}
 
 
 def _attempts(info):
-    value = info.get("attempts")
+    value = info.get(ATTEMPTS)
     try:
         value = int(value)
     except (TypeError, ValueError):
@@ -256,9 +71,10 @@ def _attempts(info):
 def emitted_validity(structures, flags=None, stats=None):
     """Validity over everything the model emitted, not only over the returned samples.
 
-    Each returned sample records in ``info["attempts"]`` how many model outputs
+    Each returned sample records in ``info[ATTEMPTS]`` how many model outputs
     were spent on it (1 + the failed ones before it); failed outputs count as
-    invalid.  Samples are grouped by ``info["constrained"]`` where recorded.
+    invalid.  Samples are grouped by ``info[FORMULA_CONSTRAINED]`` where
+    recorded (``info["constrained"]`` in files written before 0.2).
 
     Parameters
     ----------
@@ -292,14 +108,22 @@ def emitted_validity(structures, flags=None, stats=None):
         out["all"].update(source="run record", gave_up=int(stats.get("gave_up") or 0),
                           parse_failures=int(sum((stats.get("parse_failures") or {}).values())))
     groups = {"all": lambda info: True}
-    if any("constrained" in a.info for a in atoms):
-        groups["constrained"] = lambda info: bool(info.get("constrained"))
-        groups["unconstrained"] = lambda info: "constrained" in info and not bool(info["constrained"])
+    if any(_constrained(a.info) is not None for a in atoms):
+        groups["constrained"] = lambda info: _constrained(info) is True
+        groups["unconstrained"] = lambda info: _constrained(info) is False
     for name, member in groups.items():
         idx = [i for i, a in enumerate(atoms) if member(a.info) and attempts[i] is not None]
         if idx and name not in out:
             out[name] = {**_emitted_entry(idx, sum(attempts[i] for i in idx), flags), "source": "samples"}
     return out or None
+
+
+def _constrained(info):
+    """Whether decoding was held to the formula; None when not recorded."""
+    for key in (FORMULA_CONSTRAINED, "constrained"):  # "constrained": files written before 0.2
+        if key in info:
+            return bool(info[key])
+    return None
 
 
 def _emitted_entry(idx, emitted, flags):
@@ -345,15 +169,10 @@ class Featurizer:
             return np.asarray(self._comp.featurize(as_structure(structure).composition), dtype=float)
 
 
-_FEATURIZER = None  # one per process (worker processes build their own)
-
-
+@functools.cache  # one per process (worker processes build their own)
 def featurizer() -> Featurizer:
     """This process's :class:`Featurizer`, built on first use (matminer's presets take a few seconds)."""
-    global _FEATURIZER
-    if _FEATURIZER is None:
-        _FEATURIZER = Featurizer()
-    return _FEATURIZER
+    return Featurizer()
 
 
 def _featurize_one(item):
@@ -409,7 +228,7 @@ class Fingerprints:
         return cls(struct, comp, density, n_el)
 
     @classmethod
-    def concatenate(cls, parts) -> "Fingerprints":
+    def concatenate(cls, parts) -> Fingerprints:
         """The rows of several ``Fingerprints`` in order (an empty list gives zero rows)."""
         parts = list(parts)
         if not parts:
@@ -417,7 +236,7 @@ class Fingerprints:
                        np.empty(0, dtype=int))
         return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls._ARRAYS))
 
-    def take(self, rows) -> "Fingerprints":
+    def take(self, rows) -> Fingerprints:
         """The given rows (indices or a boolean mask), as new ``Fingerprints``."""
         return type(self)(*(getattr(self, name)[rows] for name in self._ARRAYS))
 
@@ -434,7 +253,7 @@ class Fingerprints:
         np.savez_compressed(path, **{name: getattr(self, name) for name in self._ARRAYS}, **extra)
 
     @classmethod
-    def load(cls, path) -> "Fingerprints":
+    def load(cls, path) -> Fingerprints:
         """Read :meth:`save`'s file; a file with missing arrays or wrong shapes raises ``ValueError``."""
         with np.load(path) as data:
             try:
@@ -588,18 +407,15 @@ class NoveltyIndex:
     @classmethod
     def from_csv(cls, path, matcher=None):
         """Index CDVAE-style CSVs (``cif`` column) without parsing every CIF; ``path``: one or several."""
-        import csv
-        import gzip
-
         from pymatgen.core import Structure
 
-        csv.field_size_limit(1 << 30)
+        from ase_crystal_llm.data.datasets import csv_reader
+
         groups = defaultdict(list)
         for one in [path] if isinstance(path, (str, os.PathLike)) else path:
-            opener = gzip.open if str(one).endswith(".gz") else open
-            with opener(one, "rt", newline="") as handle, warnings.catch_warnings():
+            with csv_reader(one) as rows, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pymatgen: "no Pauling electronegativity for He"
-                for row in csv.DictReader(handle):
+                for row in rows:
                     cif = row["cif"]
                     formula = reduced_formula(row.get("pretty_formula") or "") or reduced_formula(
                         Structure.from_str(cif, fmt="cif"))
@@ -672,8 +488,8 @@ def stability_rates(e_hull, *, unique=None, novel=None, threshold=METASTABLE):
 
 # -- conditional accuracy --------------------------------------------------------
 def conditions_of(info):
-    """Conditions a sample was generated with: ``info["conditions"]`` (dict or JSON) or ``condition_<key>``."""
-    conditions = info.get("conditions")
+    """Conditions a sample was generated with: ``info[CONDITIONS]`` (dict or JSON) or ``condition_<key>``."""
+    conditions = info.get(CONDITIONS)
     if isinstance(conditions, str):
         try:
             conditions = json.loads(conditions)
@@ -720,71 +536,3 @@ def conditional_accuracy(structures, symprecs=SYMPRECS):
             entry[f"match_symprec_{symprec}"] = _mean(spacegroup_number(a, symprec) == g for a, g in asked)
         out["spacegroup"] = entry
     return out
-
-
-# -- IPT -------------------------------------------------------------------------
-def answer_nll(model, tokenizer, prompts, answers, batch_size=None):
-    """Summed NLL (nats) of each answer (+ EOS) given its own prompt, and its token count.
-
-    Examples are encoded and masked exactly as in training
-    (:func:`ase_crystal_llm.training.encode_examples`, :func:`~ase_crystal_llm.training.collate`).
-    """
-    import torch
-
-    from .training import collate, encode_examples
-
-    ids, n_prompt = encode_examples(tokenizer, prompts, answers)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    step = batch_size or len(ids)
-    sums, counts = [], []
-    for start in range(0, len(ids), step):
-        batch = collate(list(zip(ids[start : start + step], n_prompt[start : start + step])), int(pad))
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()  # fmt: skip
-        targets = batch["labels"][:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                                reduction="none")
-        sums.append(nll.sum(dim=1).cpu())
-        counts.append((targets != -100).sum(dim=1).cpu())
-    return torch.cat(sums).numpy(), torch.cat(counts).numpy()
-
-
-def answer_perplexities(model, tokenizer, prompt, answers):
-    """Perplexity of each answer given ``prompt``: exp of the mean NLL over answer tokens (+ EOS) only."""
-    nll, counts = answer_nll(model, tokenizer, [prompt] * len(answers), answers)
-    return np.exp(nll / np.maximum(counts, 1))
-
-
-def ipt(model, tokenizer, template, structures, *, n_translations=20, seed=0, progress=False):
-    """Increase in perplexity under translation (the paper's symmetry metric).
-
-    For each crystal, the text of ``n_translations`` random translations is
-    scored; IPT = mean(PPL) - min(PPL), normalised by mean(PPL).
-
-    Returns
-    -------
-    dict
-        ``ipt`` and ``ipt_normalized`` (means over crystals), per-crystal
-        ``values`` (normalised) and ``mean_perplexity``.
-    """
-    from tqdm.auto import tqdm
-
-    from .text import atoms_to_text
-
-    rng = np.random.default_rng(seed)
-    prompt = template.generation_prompt(None)
-    raw, norm, mean_ppl = [], [], []
-    model.eval()
-    for atoms in tqdm([as_atoms(s) for s in structures], desc="IPT", disable=not progress, leave=False):
-        texts = [atoms_to_text(atoms, translate=True, rng=rng) for _ in range(n_translations)]
-        ppl = answer_perplexities(model, tokenizer, prompt, texts)
-        raw.append(ppl.mean() - ppl.min())
-        norm.append(raw[-1] / ppl.mean())
-        mean_ppl.append(ppl.mean())
-    if not raw:
-        return {"ipt": None, "ipt_normalized": None, "values": [], "mean_perplexity": None}
-    return {"ipt": float(np.mean(raw)), "ipt_normalized": float(np.mean(norm)),
-            "values": [float(v) for v in norm], "mean_perplexity": float(np.mean(mean_ppl)),
-            "n_structures": len(raw), "n_translations": n_translations}

@@ -32,14 +32,32 @@ from ase import Atoms
 from ase.cell import Cell
 from ase.data import chemical_symbols
 
+__all__ = [
+    "CrystalTextError", "ELEMENTS", "LINE_SEPARATOR", "MASK", "MAX_ATOMS", "MAX_LENGTH", "MIN_VOLUME",
+    "atoms_to_text", "cell_volume", "is_element", "is_periodic", "mask_element", "one_line", "split_crystals",
+    "text_to_atoms", "wrap_fractional",
+]
+
+
 MASK = "[MASK]"
+
+
 MAX_ATOMS = 1000
+
+
 MIN_VOLUME = 0.1  # Angstrom^3
+
+
 MAX_LENGTH = 1000.0  # Angstrom: anything longer is not a crystal cell we can use
+
 
 # Real elements only: ASE's symbol table also holds "X" (a dummy atom, Z=0).
 ELEMENTS = tuple(chemical_symbols[1:])
+
+
 _ELEMENT_SET = frozenset(ELEMENTS)
+
+
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
@@ -240,3 +258,8 @@ def split_crystals(text):
 def is_element(symbol):
     """True for the symbol of a real element (H to Og)."""
     return symbol in _ELEMENT_SET
+
+
+def is_periodic(atoms: Atoms) -> bool:
+    """True for a crystal: periodic along all three axes (``pbc``) with a full, rank-3 cell."""
+    return bool(atoms.pbc.all()) and atoms.cell.rank == 3

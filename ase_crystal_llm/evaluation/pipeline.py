@@ -1,0 +1,518 @@
+"""The evaluation pipeline behind ``crystal-llm evaluate``.
+
+:func:`evaluate` reads generated structures, computes the sample metrics of
+:mod:`.metrics` against the MP-20 splits (coverage and distributions against
+the test split, novelty against the training split), relaxes the valid samples
+with an ML potential (:func:`~.relaxation.relax_many`, cached in
+``<out_dir>/relax_cache.db`` so an interrupted run resumes), takes their
+energy above the MP-20 hull (:class:`~.hull.ReferenceHull`) and writes
+``metrics.json``, ``report.md`` (:mod:`.report`), ``samples.csv``,
+``relaxed.extxyz`` and plots.
+
+By default coverage uses a seeded subsample of :data:`~.references.COVERAGE_SIZE`
+test crystals; the report says so, since the paper's protocol uses the full split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ase_crystal_llm import settings
+from ase_crystal_llm.chemistry.validity import as_atoms, structure_valid, validity_flags, validity_rates
+from ase_crystal_llm.evaluation.hull import ReferenceHull
+from ase_crystal_llm.evaluation.metrics import (
+    COMP_CUTOFF,
+    METASTABLE,
+    STRUCT_CUTOFF,
+    CompositionScaler,
+    Fingerprints,
+    NoveltyIndex,
+    conditional_accuracy,
+    coverage,
+    diversity,
+    emitted_validity,
+    stability_rates,
+    unique_flags,
+    wasserstein,
+)
+from ase_crystal_llm.evaluation.potentials import ENERGY_SCALES, get_calculator, potential_info
+from ase_crystal_llm.evaluation.references import COVERAGE_SIZE, _reference
+from ase_crystal_llm.evaluation.relaxation import relax_many
+from ase_crystal_llm.evaluation.report import _plots, report_markdown
+from ase_crystal_llm.info_keys import E_ABOVE_HULL, ENERGY, POTENTIAL, RELAX_CONVERGED, RELAX_ERROR, RELAX_FAILED
+from ase_crystal_llm.io.files import atomic_write, json_default
+from ase_crystal_llm.model.scoring import ipt
+from ase_crystal_llm.text.format import is_periodic
+
+__all__ = [
+    "E_HULL_FLOOR", "IPT_SIZE", "REFERENCES", "SAMPLE_COLUMNS", "check_structures", "e_above_hull_many",
+    "evaluate", "model_ipt", "read_samples", "run_stats",
+]
+
+
+REFERENCES = ("mp20",)
+
+
+IPT_SIZE = 100
+
+
+def read_samples(source, limit=None):
+    """Structures to evaluate; refuses empty sources and non-periodic structures."""
+    from ase_crystal_llm.data.datasets import read_structures
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return check_structures(read_structures(source, canonical=False, limit=limit), source)
+
+
+def check_structures(structures, source="input"):
+    """Refuse an empty list and structures that are not 3D-periodic crystals."""
+    if not structures:
+        raise ValueError(f"no structures in {source}")
+    for i, atoms in enumerate(structures):
+        if len(atoms) == 0:
+            raise ValueError(f"{source}: structure {i} has no atoms")
+        if not is_periodic(atoms):
+            raise ValueError(f"{source}: structure {i} ({atoms.get_chemical_formula()}) is not periodic in 3D; "
+                             "evaluation needs crystals with a full cell and pbc=True")
+    return structures
+
+
+def run_stats(source, n, limit=None):
+    """Summed generation statistics of the run records beside ``source``, when they describe exactly its ``n`` samples."""
+    if limit is not None or "://" in str(source) or not Path(source).is_file():
+        return None
+    try:
+        from ase_crystal_llm.io.outputs import read_run_records
+
+        runs = read_run_records(source)
+    except (ImportError, OSError, ValueError):
+        return None
+    stats = [r.get("stats") or {} for r in runs]
+    if not stats or sum(int(s.get("returned") or 0) for s in stats) != n:
+        return None  # the file was edited, filtered or appended to by other means
+    total = {"attempts": 0, "returned": 0, "gave_up": 0, "parse_failures": {}}
+    for s in stats:
+        for key in ("attempts", "returned", "gave_up"):
+            total[key] += int(s.get(key) or 0)
+        for reason, count in (s.get("parse_failures") or {}).items():
+            total["parse_failures"][reason] = total["parse_failures"].get(reason, 0) + int(count)
+    return total
+
+
+def _load_language_model(path):
+    """Model, tokenizer and prompt template of a model directory, for IPT."""
+    try:
+        from ase_crystal_llm.generation.generator import CrystalGenerator
+    except ImportError:  # generation module not available: plain transformers load
+        CrystalGenerator = None
+    if CrystalGenerator is not None:
+        gen = CrystalGenerator.from_pretrained(path)  # its default device: cuda when available
+        return gen.model, gen.tokenizer, gen.template
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ase_crystal_llm.model.modelcard import ModelCard
+
+    card = ModelCard.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), card.template
+
+
+def model_ipt(model, crystals, *, size=IPT_SIZE, seed=0, progress=False):
+    """IPT of a model on the first ``size`` crystals of a split (canonical cells, as in training).
+
+    ``model`` is a model directory or a ``(model, tokenizer, template)`` triple.
+    """
+    from ase_crystal_llm.data.datasets import read_structures
+
+    if size < 1:
+        raise ValueError(f"IPT needs at least one crystal, got size {size}")
+    lm, tokenizer, template = model if isinstance(model, tuple) else _load_language_model(model)
+    structures = read_structures(crystals, limit=size)
+    return ipt(lm, tokenizer, template, structures, seed=seed, progress=progress)
+
+
+# -- the pipeline -------------------------------------------------------------------
+def _check_potential(potential):
+    """Load the potential once: unknown names, unloadable weights and off-scale energies fail here."""
+
+    name, scale = potential_info(get_calculator(potential))
+    if scale not in ENERGY_SCALES:
+        raise ValueError(f"potential {name} predicts energies on the {scale!r} scale, which cannot be compared "
+                         f"with the Materials Project hull: use m3gnet or chgnet")
+
+
+# Far below any real crystal against a hull of known stable phases (real samples reach about -0.2
+# eV/atom); SevenNet relaxes some samples into holes at -2 to -23,000 eV/atom (docs/stability.md).
+E_HULL_FLOOR = -1.0  # eV/atom
+
+
+def e_above_hull_many(relaxed, hull, *, exclude=None):
+    """Energy above hull of each relaxed structure, failures kept as reasons.
+
+    Parameters
+    ----------
+    relaxed : list of ase.Atoms
+        Output of :func:`calculators.relax_many` (failed relaxations included).
+    hull : hull.ReferenceHull
+    exclude : list, optional
+        One entry per structure, passed to :meth:`hull.ReferenceHull.e_above_hull`
+        (e.g. a structure's own ``material_id`` to judge it with itself left out; ``None``: keep all).
+
+    Returns
+    -------
+    (values, errors) : two lists
+        E_hull in eV/atom, or ``None`` with a one-line reason in ``errors`` (a failed
+        relaxation, a hull error, or a value below :data:`E_HULL_FLOOR`).
+    """
+    if exclude is not None and len(exclude) != len(relaxed):
+        raise ValueError(f"exclude has {len(exclude)} entries for {len(relaxed)} structures")
+    values, errors = [], []
+    for i, atoms in enumerate(relaxed):
+        if atoms.info.get(RELAX_FAILED):
+            values.append(None)
+            errors.append(f"relaxation failed: {atoms.info.get(RELAX_ERROR, 'unknown')}")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # pymatgen's per-entry oxidation-state guesses
+                value = float(hull.e_above_hull(atoms, exclude=None if exclude is None else exclude[i]))
+            if not math.isfinite(value):
+                raise ValueError("non-finite energy above hull")
+            if value < E_HULL_FLOOR:
+                raise ValueError(f"E_hull {value:.3g} eV/atom is below {E_HULL_FLOOR}: "
+                                 "the potential relaxed into an unphysical minimum")
+            values.append(value)
+            errors.append(None)
+        except Exception as err:  # counted as a failure and reported, never dropped silently
+            values.append(None)
+            errors.append(f"hull: {' '.join(str(err).split()) or type(err).__name__}")
+    return values, errors
+
+
+def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3gnet", fmax=0.1, steps=500,
+             workers=None, model=None, limit=None, coverage_size=None, ipt_size=IPT_SIZE, seed=0,
+             cache=None, progress=True, plots=True, threads=None, table_db=False):
+    """Evaluate generated crystals and write a report.
+
+    Parameters
+    ----------
+    samples : str, path or list of ase.Atoms
+        Any ase.io file, ``.db`` or CSV (read with
+        :func:`datasets.read_structures`), or structures.
+    out_dir : path
+        Report folder: ``metrics.json``, ``report.md``, ``samples.csv``,
+        ``relaxed.extxyz``, ``*.png`` and ``relax_cache.db``.
+    reference : str
+        ``"mp20"``: coverage and distributions against the test split, novelty
+        against the training split, hull from all of MP-20.
+    data_dir : path, optional
+        Folder holding ``mp_20/`` and ``hull/`` (default: :func:`settings.data_dir`).
+    potential, fmax, steps, workers, threads
+        Relaxation settings, passed to :func:`calculators.relax_many`.
+    model : path, optional
+        A model directory: also compute IPT on ``ipt_size`` test crystals.
+    limit : int, optional
+        Evaluate only the first ``limit`` samples.
+    coverage_size : int or "all", optional
+        Test crystals for coverage and the Wasserstein distances: a seeded
+        random subsample of this many (default :data:`COVERAGE_SIZE`), or
+        ``"all"`` / ``0`` for the full split (the paper's protocol; 9,046 for
+        MP-20).  ``metrics.json`` and the report say which was used.
+    seed : int
+        Seed of the reference subsample and of IPT's translations.
+    cache : path, optional
+        Folder for cached reference fingerprints (default :func:`cache_dir`).
+    table_db : bool
+        Also write ``samples.db``: the per-structure table as an ase.db, one row per
+        sample (the relaxed structure with its energy where there is one, else the
+        sample), the columns of ``samples.csv`` as key-value pairs.
+
+    Returns
+    -------
+    dict
+        What is written to ``metrics.json``.
+    """
+
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown reference {reference!r}: use {', '.join(REFERENCES)}")
+    if model is not None and ipt_size < 1:
+        raise ValueError(f"IPT needs at least one crystal, got ipt_size {ipt_size}")
+    ref_size = _coverage_size(coverage_size)
+    out_dir = Path(out_dir)
+    timer = _Timer()
+    with timer("load"):
+        if isinstance(samples, (str, os.PathLike)):
+            source = str(samples)
+            structures = read_samples(samples, limit)
+        else:
+            source = "<structures>"
+            structures = check_structures([as_atoms(a) for a in samples][:limit], "the structures given")
+        test_path, train_path = settings.mp20_path("test", data_dir), settings.mp20_path("train", data_dir)
+        if any(structure_valid(a) for a in structures):
+            _check_potential(potential)  # before the slow steps
+        language_model = _load_language_model(model) if model is not None else None  # bad weights fail here
+        out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(structures)
+    result = {
+        "samples": {"source": source, "n": n},
+        "settings": {"reference": reference, "potential": potential if isinstance(potential, str) else
+                     type(potential).__name__, "fmax": fmax, "steps": steps,
+                     "coverage_reference_size": None, "seed": seed,
+                     "struct_cutoff": STRUCT_CUTOFF, "comp_cutoff": COMP_CUTOFF,
+                     "metastable_threshold": METASTABLE},
+    }
+    with timer("validity"):
+        flags = validity_flags(structures)
+        valid_idx = [i for i, ok in enumerate(flags["valid"]) if ok]
+        valid = [structures[i] for i in valid_idx]
+        result["samples"]["n_valid"] = len(valid)
+        result["validity"] = {"returned": validity_rates(flags),
+                              "emitted": emitted_validity(structures, flags, run_stats(source, n, limit))}
+    with timer("reference_fingerprints"):
+        ref, ref_info = _reference(test_path, size=ref_size, seed=seed, cache=cache, workers=workers,
+                                   progress=progress, label="MP-20 test")
+        result["settings"]["coverage_reference_size"] = ref_info["size"]
+    with timer("coverage"):
+        fps = Fingerprints.from_structures(valid, workers=workers, progress=progress,
+                                                   desc="sample fingerprints")
+        result.update(_distribution_metrics(fps, ref, n))
+        result["coverage"]["reference"] = {"split": "MP-20 test", **ref_info}
+    with timer("novelty"):
+        known = [train_path, settings.mp20_path("val", data_dir)]  # novel: in neither split the model could see
+        unique, novel = _spread(valid_idx, n, *_uniqueness_novelty(valid, known, progress))
+        result["settings"]["novelty_reference"] = "MP-20 train+val (pymatgen StructureMatcher)"
+        result["uniqueness"] = _rate([unique[i] for i in valid_idx])
+        result["novelty"] = _rate([novel[i] for i in valid_idx])
+        result["unique_and_novel"] = _rate([unique[i] and novel[i] for i in valid_idx])
+    with timer("relaxation"):
+        cache_path = out_dir / "relax_cache.db"
+        before = _cache_rows(cache_path)
+        relaxed = relax_many(valid, potential, fmax=fmax, steps=steps, workers=workers,
+                                         cache=cache_path, progress=progress, threads=threads) if valid else []
+        computed = _cache_rows(cache_path) - before
+    with timer("hull"):
+        ref_hull = ReferenceHull.from_mp20(data_dir) if relaxed else None
+        e_valid, err_valid = e_above_hull_many(relaxed, ref_hull)
+        e_hull, errors = _spread(valid_idx, n, e_valid, err_valid, fill=(None, "invalid sample"))
+        (e_form,) = _spread(valid_idx, n, [_formation_energy(a, ref_hull) for a in relaxed], fill=(None,))
+        for atoms, i in zip(relaxed, valid_idx):
+            atoms.info["input_index"] = i
+            if e_hull[i] is not None:
+                atoms.info[E_ABOVE_HULL] = e_hull[i]
+        result["relaxation"] = _relaxation_summary(relaxed, computed)
+        result["stability"] = {**stability_rates(e_hull, unique=unique, novel=novel),
+                               "failures": _count_reasons(errors),
+                               "e_hull_median": _median([e for e in e_hull if e is not None])}
+        emitted = (result["validity"]["emitted"] or {}).get("all")
+        if emitted and result["stability"]["n"]:
+            # Re-sampled attempts (unparsed, too-close atoms) count too: rates per model output.
+            scale = result["stability"]["n"] / emitted["emitted"]
+            result["stability"]["over_emitted"] = {
+                "emitted": emitted["emitted"],
+                **{key: result["stability"][key] * scale for key in ("metastable", "stable", "sun", "msun")},
+            }
+    result["conditional"] = conditional_accuracy(structures)
+    result["ipt"] = None
+    if model is not None:
+        with timer("ipt"):
+            result["ipt"] = model_ipt(language_model, test_path, size=ipt_size, seed=seed, progress=progress)
+            result["ipt"]["model"] = str(model)
+    result["timings_s"] = timer.rounded()
+
+    result["settings"]["hull"] = ref_hull.name if relaxed else None
+    per_structure = _per_structure(structures, flags, unique, novel, dict(zip(valid_idx, relaxed)), e_form, e_hull,
+                                   errors, result["settings"]["hull"])
+    _write_samples_csv(out_dir / "samples.csv", per_structure)
+    if table_db:
+        _write_samples_db(out_dir / "samples.db", structures, dict(zip(valid_idx, relaxed)), per_structure)
+    _write_relaxed(out_dir / "relaxed.extxyz", relaxed)
+    atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2, default=json_default) + "\n")
+    figures = _plots(out_dir, result, e_hull, fps, ref) if plots else []
+    atomic_write(out_dir / "report.md", report_markdown(result, figures))  # a killed run leaves no half report
+    return result
+
+
+def _coverage_size(value):
+    """Reference subsample size for :func:`evaluate`: None -> :data:`COVERAGE_SIZE`; ``"all"`` or 0 -> None (all)."""
+    if value is None:
+        return COVERAGE_SIZE
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"coverage_size must be a whole number >= 0 or 'all', got {value!r}")
+    return int(value) or None
+
+
+class _Timer:
+    """Wall time of named stages: ``with timer("name"): ...``."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def rounded(self):
+        return {k: round(v, 2) for k, v in self.seconds.items()}
+
+
+def _spread(indices, n, *columns, fill=None):
+    """Per-valid-sample columns laid out over all ``n`` samples (``fill`` elsewhere, default False)."""
+    fill = fill if fill is not None else (False,) * len(columns)
+    out = []
+    for column, default in zip(columns, fill):
+        full = [default] * n
+        for value, i in zip(column, indices):
+            full[i] = value
+        out.append(full)
+    return out
+
+
+def _distribution_metrics(fps, ref, n):
+    scaler = CompositionScaler.fit(ref.composition[ref.ok])
+    return {
+        "coverage": {**coverage(fps, ref, n_total=n, scaler=scaler), "reference_size": len(ref)},
+        "wasserstein": wasserstein(fps, ref),
+        "diversity": diversity(fps, scaler),
+    }
+
+
+def _uniqueness_novelty(valid, known_paths, progress):
+    unique = unique_flags(valid)
+    index = NoveltyIndex.from_csv(known_paths)
+    novel = [index.is_novel(s) for s in _bar(valid, progress, "novelty")]
+    return unique, novel
+
+
+def _relaxation_summary(relaxed, computed):
+    return {
+        "attempted": len(relaxed),
+        "failed": sum(bool(a.info.get(RELAX_FAILED)) for a in relaxed),
+        "not_converged": sum(a.info.get(RELAX_CONVERGED) is False for a in relaxed),
+        "computed": computed,
+        "from_cache": len(relaxed) - computed,
+    }
+
+
+def _median(values):
+    return float(np.median(values)) if values else None
+
+
+def _bar(items, progress, desc):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=not progress, leave=False)
+
+
+def _rate(flags):
+    return float(np.mean(flags)) if len(flags) else None
+
+
+def _cache_rows(path):
+    if not Path(path).is_file():
+        return 0
+    import ase.db
+
+    with ase.db.connect(str(path)) as db:
+        return db.count()
+
+
+def _count_reasons(errors):
+    counts = {}
+    for err in errors:
+        if err is not None:
+            key = err.split(":")[0]
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _formation_energy(relaxed, hull):
+    if relaxed.info.get(RELAX_FAILED):
+        return None
+    try:
+        return hull.formation_energy(relaxed)
+    except (ValueError, KeyError):  # no reference for an element, an energy scale the hull cannot use
+        return None
+
+
+SAMPLE_COLUMNS = ("index", "formula", "structure_valid", "composition_valid", "unique", "novel", "potential",
+                  "energy_per_atom", "formation_energy_per_atom", "e_above_hull", "stable", "metastable", "hull",
+                  "failure")
+
+
+def _per_structure(structures, flags, unique, novel, relaxed, e_form, e_hull, errors, hull):
+    """One row per sample (``samples.csv``): validity, uniqueness, novelty, relaxed energies, thresholds met."""
+    rows = []
+    for i, atoms in enumerate(structures):
+        done = relaxed.get(i)
+        energy = done.info.get(ENERGY) if done is not None else None
+        e = e_hull[i]
+        rows.append({
+            "index": i, "formula": atoms.get_chemical_formula(), "structure_valid": flags["structure"][i],
+            "composition_valid": flags["composition"][i], "unique": unique[i], "novel": novel[i],
+            "potential": done.info.get(POTENTIAL, "") if done is not None else "",
+            "energy_per_atom": "" if energy is None else f"{energy / len(done):.6f}",
+            "formation_energy_per_atom": "" if e_form[i] is None else f"{e_form[i]:.6f}",
+            "e_above_hull": "" if e is None else f"{e:.6f}",
+            "stable": e is not None and e <= 0.0, "metastable": e is not None and e < METASTABLE,
+            "hull": hull or "", "failure": errors[i] or "",
+        })  # fmt: skip
+    return rows
+
+
+def _write_samples_csv(path, rows):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SAMPLE_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
+
+
+def _write_samples_db(path, structures, relaxed, rows):
+    """``samples.csv`` as an ase.db (``ase db samples.db metastable=True``), written whole or not at all."""
+    from ase_crystal_llm.io.outputs import StructureWriter
+
+    numeric = ("energy_per_atom", "formation_energy_per_atom", "e_above_hull")
+    # SQLite writes by path (each row committed), so not atomic_write: a hidden file, then rename.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.db")
+    with StructureWriter(tmp) as writer:
+        for i, row in enumerate(rows):
+            done = relaxed.get(i)
+            use_relaxed = done is not None and not done.info.get(RELAX_FAILED)
+            atoms = (done if use_relaxed else structures[i]).copy()
+            atoms.calc = done.calc if use_relaxed else None  # row.energy of the relaxed structure
+            # ase.db reserves "index" and "formula" (the row has its own formula): renamed
+            names = {"index": "sample_index", "formula": "sample_formula"}
+            atoms.info = {names.get(k, k): float(v) if k in numeric else v for k, v in row.items() if v != ""}
+            writer.write(atoms)
+    os.replace(tmp, path)
+
+
+def _write_relaxed(path, relaxed):
+    import ase.io
+
+    if not relaxed:
+        return
+    out = []
+    for atoms in relaxed:
+        atoms = atoms.copy()
+        atoms.calc = None  # energies already live in info
+        out.append(atoms)
+    text = io.StringIO()
+    ase.io.write(text, out, format="extxyz")
+    atomic_write(path, text.getvalue())
