@@ -14,6 +14,7 @@ import importlib.util
 import sys
 import types
 import warnings
+from typing import Any
 
 __all__ = ["MOVED", "moved_attribute"]
 
@@ -225,7 +226,7 @@ def _new_home(old: str, name: str) -> str | None:
     return None
 
 
-def moved_attribute(old: str, name: str):
+def moved_attribute(old: str, name: str) -> Any:
     """Attribute ``name`` of the 0.1 module ``ase_crystal_llm.<old>``, from its new home."""
     new = _new_home(old, name)
     if new is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ase_crystal_llm import __version__, settings
 from ase_crystal_llm.generation.options import GenerationOptions
@@ -24,6 +25,9 @@ from ase_crystal_llm.options import (
     positive_int,
 )
 from ase_crystal_llm.options import non_negative_float as non_negative_float
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = [
     "build_parser", "main",
@@ -89,14 +93,15 @@ def _quiet_training_libraries():
 
 
 def _run_train(args):
-    import os
-
     _set_threads(args)
     _quiet_training_libraries()
+    from accelerate import PartialState
+
     from ase_crystal_llm.model.training import train
 
     card = train(**options_from_args(args, TrainRunOptions), **options_from_args(args, TrainConfig))
-    if os.environ.get("RANK", "0") == "0":  # one message under torchrun / accelerate launch
+    # train's Accelerator set up the process state (torchrun / accelerate launch): this only reads it
+    if PartialState().is_main_process:  # one message, from the main process
         losses = ", ".join(f"{k} {v:.4f}" for k, v in card.final_losses.items() if isinstance(v, float))
         print(f"model written to {args.out} ({losses})")
 
@@ -104,7 +109,8 @@ def _run_train(args):
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample crystals from a trained model")
     p.add_argument("-n", type=positive_int, required=True, help="number of crystals")
-    p.add_argument("-o", "--output", required=True, type=output_file, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
+    p.add_argument("-o", "--output", required=True, type=output_file,
+                   help="output file: .extxyz, .cif, .traj, .db or .crystxt")
     p.add_argument("--model", help="model directory written by 'crystal-llm train' (default: the shipped model)")
     p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
     # Unset options stay None: the library applies its defaults, and they stay out of the run record.
@@ -145,12 +151,14 @@ def _run_generate(args):
 
 
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="relax samples with an ML potential and report validity, coverage, novelty and stability")
+    p = sub.add_parser("evaluate",
+                       help="relax samples with an ML potential and report validity, coverage, novelty and stability")
     p.add_argument("samples", help="structures to evaluate (any format ase.io reads, or .db)")
     p.add_argument("-o", "--output", required=True, help="report directory (metrics.json, report.md, plots)")
     p.add_argument("--reference", default="mp20", help="reference data for hull, coverage and novelty (default: mp20)")
     p.add_argument("--data-dir", help="folder holding mp_20/ and hull/ (default: $CRYSTAL_LLM_DATA)")
-    p.add_argument("--potential", default="m3gnet", help="m3gnet, chgnet, sevennet, sevennet-l3i5 or a matgl model directory (default m3gnet)")
+    p.add_argument("--potential", default="m3gnet",
+                   help="m3gnet, chgnet, sevennet, sevennet-l3i5 or a matgl model directory (default m3gnet)")
     p.add_argument("--fmax", type=positive_float, default=0.1, help="relaxation force criterion, eV/A (default 0.1)")
     p.add_argument("--steps", type=positive_int, default=500, help="most FIRE steps per relaxation (default 500)")
     p.add_argument("--workers", type=positive_int, help="parallel processes for relaxations and reference fingerprints")
@@ -159,14 +167,18 @@ def _add_evaluate(sub):
     p.add_argument("--coverage-size", type=coverage_size, metavar="N",
                    help="test crystals for coverage: a seeded subsample of N (default 1000), or all (or 0) for the "
                    "whole split, the paper's protocol; fingerprints are cached as they are computed")
-    p.add_argument("--ipt-size", type=positive_int, default=100, metavar="N", help="test crystals for IPT (with --model)")
+    p.add_argument("--ipt-size", type=positive_int, default=100, metavar="N",
+                   help="test crystals for IPT (with --model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the reference subsample and IPT translations")
-    p.add_argument("--cache-dir", help="folder for cached reference fingerprints (default: $CRYSTAL_LLM_CACHE or ~/.cache/ase-crystal-llm)")
+    p.add_argument("--cache-dir",
+                   help="folder for cached reference fingerprints "
+                   "(default: $CRYSTAL_LLM_CACHE or ~/.cache/ase-crystal-llm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the report in OUTPUT if it holds one (its relaxation cache is reused)")
     p.add_argument("--db", action="store_true",
-                   help="also write OUTPUT/samples.db: the per-structure table as an ase.db (relaxed structures, energies)")
+                   help="also write OUTPUT/samples.db: the per-structure table as an ase.db "
+                   "(relaxed structures, energies)")
     _add_threads(p)
 
 
@@ -195,15 +207,20 @@ def _add_mutate(sub):
     p = sub.add_parser("mutate", help="LLM-guided (or template) element substitution of structures")
     p.add_argument("input", help="parent structures: CSV(.gz) with a cif column, ase.db, or any ase.io file/glob")
     p.add_argument("-n", type=positive_int, required=True, help="number of children (parents are used in turn)")
-    p.add_argument("-o", "--output", required=True, type=output_file, help="output file: .extxyz, .cif, .traj, .db or .crystxt")
+    p.add_argument("-o", "--output", required=True, type=output_file,
+                   help="output file: .extxyz, .cif, .traj, .db or .crystxt")
     p.add_argument("--model", help="model directory (default: the shipped model)")
     p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
-    p.add_argument("--temperature", type=float, help="softmax temperature of the model's proposal; 0 is greedy (default 1.0)")
+    p.add_argument("--temperature", type=float,
+                   help="softmax temperature of the model's proposal; 0 is greedy (default 1.0)")
     p.add_argument("--baseline", action="store_true", help="use the template (ionic radius) swap instead of the model")
     p.add_argument("--any-element", action="store_true",
                    help="let the model choose among all elements, not only the chemically alike substitutes")
-    p.add_argument("--tolerance", type=float, default=0.1, help="ionic radius tolerance for alike substitutes, A (default 0.1, the paper's; see docs/infill.md)")
-    p.add_argument("--relax", metavar="POTENTIAL", help="relax each child with this potential (m3gnet, chgnet, sevennet, sevennet-l3i5)")
+    p.add_argument("--tolerance", type=float, default=0.1,
+                   help="ionic radius tolerance for alike substitutes, A "
+                   "(default 0.1, the paper's; see docs/infill.md)")
+    p.add_argument("--relax", metavar="POTENTIAL",
+                   help="relax each child with this potential (m3gnet, chgnet, sevennet, sevennet-l3i5)")
     p.add_argument("--device", help="torch device for the model and potential (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, help="random seed of the swaps (default: a fresh one)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (refused otherwise)")
@@ -282,7 +299,8 @@ def _add_convert(sub):
                    "folder (DIR/), the input of LeMat-GenBench and mattergen-evaluate")
     p.add_argument("--no-canonicalize", action="store_true", help="keep cells as read")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported) instead of failing")
-    p.add_argument("--order-disordered", action="store_true", help="give partially occupied sites their majority occupant instead of failing")
+    p.add_argument("--order-disordered", action="store_true",
+                   help="give partially occupied sites their majority occupant instead of failing")
     p.add_argument("--limit", type=positive_int, help="convert only the first N structures")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (refused otherwise)")
 
@@ -297,14 +315,28 @@ def _output_format(path):
 
 
 def _write_atomically(path, images, fmt):
-    """Write to a temporary name beside ``path``, then rename: no half-written outputs."""
+    """Write all of ``images`` to ``path`` or nothing: no half-written outputs."""
+    import io
     import os
     from pathlib import Path
 
     import ase.io
+    from ase.io.formats import ioformats
 
+    from ase_crystal_llm.io.files import atomic_write
+
+    # ase writes some formats by path: .traj (ulm seeks back into its file and writes arrays with tofile,
+    # which needs a real file) and ase.db's .db and .json (it connects to the file by name).
+    by_path = fmt in ("traj", "db", "json") or not ioformats[fmt].acceptsfd
+    if not by_path:  # text or bytes: rendered in memory, then one atomic write
+        buffer = io.BytesIO() if ioformats[fmt].isbinary else io.StringIO()
+        ase.io.write(buffer, images, format=fmt)
+        atomic_write(path, buffer.getvalue())
+        return
+    # The rest: a temporary name beside ``path`` that keeps its extension (ase.db picks its backend
+    # from the name), then rename.
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
         ase.io.write(str(tmp), images, format=fmt)
         os.replace(tmp, path)
@@ -371,7 +403,8 @@ def _add_data(sub):
     link = actions.add_parser("link", help="point the package at a data folder already on disk (offline sites)")
     link.add_argument("source", metavar="DIR", help="a complete data folder (holding mp_20/, hull/, models/)")
     link.add_argument("--dest", metavar="LINK",
-                      help="symbolic link to create (default: $CRYSTAL_LLM_CACHE/data or ~/.cache/ase-crystal-llm/data)")
+                      help="symbolic link to create (default: $CRYSTAL_LLM_CACHE/data or "
+                      "~/.cache/ase-crystal-llm/data)")
     for action in actions.choices.values():  # build_parser adds --debug to the top level only
         action.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
@@ -427,7 +460,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="crystal-llm",
         description="Generate, infill and evaluate crystals with language models (ASE plugin).",
@@ -448,7 +481,7 @@ def _one_line(err):
     return " ".join(text.split())
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

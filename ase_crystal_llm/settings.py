@@ -26,6 +26,11 @@ import importlib
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from types import ModuleType
 
 __all__ = [
     "DEFAULT_MODEL_DIR", "EXTRAS", "M3GNET_NAME", "NAMED_BASES", "PACKAGE_DIR", "SMALL_MODEL_PARAMETERS",
@@ -107,7 +112,7 @@ def default_threads(parameters: int | None = None) -> int:
 
 
 @contextlib.contextmanager
-def torch_threads(threads: int | None = None):
+def torch_threads(threads: int | None = None) -> Iterator[None]:
     """Temporarily run torch with ``threads`` CPU threads (None: leave as is)."""
     if not threads:
         yield
@@ -122,7 +127,7 @@ def torch_threads(threads: int | None = None):
         torch.set_num_threads(before)
 
 
-def require(module):
+def require(module: str) -> ModuleType:
     """Import an optional dependency, or fail with the pip extra that provides it."""
     try:
         return importlib.import_module(module)
@@ -140,7 +145,7 @@ def _first_existing(candidates):
     return None
 
 
-def data_dir(path=None, *, required=True):
+def data_dir(path: str | os.PathLike | None = None, *, required: bool = True) -> Path | None:
     """The data folder (holding ``mp_20/``, ``hull/``, ``models/``).
 
     Order: ``path``, then ``$CRYSTAL_LLM_DATA``, then ``shared/data`` beside the
@@ -164,14 +169,14 @@ def data_dir(path=None, *, required=True):
     return found
 
 
-def mp20_path(split, data=None):
+def mp20_path(split: str, data: str | os.PathLike | None = None) -> Path:
     """Path of an MP-20 split (``train``, ``val`` or ``test``)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown MP-20 split {split!r}: use train, val or test")
     return _must_exist(data_dir(data) / "mp_20" / f"{split}.csv.gz", "MP-20 split")
 
 
-def m3gnet_dir(path=None):
+def m3gnet_dir(path: str | os.PathLike | None = None) -> Path:
     """The M3GNet-MP-2021.2.8-PES model directory for matgl."""
     if path is not None:
         return _must_exist(Path(path), "M3GNet model directory")
@@ -188,7 +193,7 @@ def m3gnet_dir(path=None):
     return found
 
 
-def cache_dir(path=None):
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
     """The cache folder (created on use by the callers)."""
     if path is not None:
         return Path(path)

@@ -44,7 +44,8 @@ def score(relaxed, hull):
     """Per-structure formation energies and E_hull (left out), right and wrong scale."""
     rows = []
     for atoms in relaxed:
-        row = {"material_id": atoms.info["material_id"], "natoms": len(atoms), "dft": atoms.info["formation_energy_per_atom"]}
+        row = {"material_id": atoms.info["material_id"], "natoms": len(atoms),
+               "dft": atoms.info["formation_energy_per_atom"]}
         if atoms.info.get("relax_failed"):
             row["error"] = atoms.info.get("relax_error")
             rows.append(row)
@@ -127,7 +128,8 @@ def main(argv=None):
         "settings": {
             "structures": args.n,
             "source": f"MP-20 test split, random sample (seed {args.seed})",
-            "perturbation": "symmetric strain with components uniform in +-5%, every atom moved 0.1 A in a random direction",
+            "perturbation": "symmetric strain with components uniform in +-5%, "
+                            "every atom moved 0.1 A in a random direction",
             "optimizer": "FIRE + FrechetCellFilter (relax_many, batched)",
             "fmax": args.fmax,
             "max_steps": args.steps,

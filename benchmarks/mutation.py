@@ -118,7 +118,7 @@ def summarize(children, e_hull, known_formulas):
     }
 
 
-def main(argv=None):
+def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="crystal-llm model directory (default: the shipped model)")
     parser.add_argument("-n", type=int, default=30, help="number of MP-20 test structures (paper: 3000)")
@@ -135,7 +135,30 @@ def main(argv=None):
     parser.add_argument("--details", help="also write one CSV row per child (method, parent, swap, E_hull)")
     parser.add_argument("--cache", default=str(settings.cache_dir() / "mutation_relax_cache.db"),
                         help="ase.db of finished relaxations, reused on the next run; '' for none")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _distinct_children(children):
+    """Structure hash -> child, each distinct child once (in first-seen order)."""
+    unique = {}
+    for kids in children.values():
+        for child in kids:
+            if child is not None:
+                unique.setdefault(structure_hash(child), child)
+    return unique
+
+
+def _print_summary(results, recovery, out):
+    print(f"{'method':<12} {'children':>8} {'stable':>8} {'metastable':>10} {'uniq.comp':>9}")
+    for name, r in results.items():
+        print(f"{name:<12} {r['children']:>8} {r['stable_rate']:>8.1%} {r['metastable_rate']:>10.1%} "
+              f"{r['stable_unique_compositions']:>9}")
+    print(f"masked element recovered: top-1 {recovery['top1']:.1%}, top-5 {recovery['top5']:.1%}")
+    print(f"results: {out}", file=sys.stderr)
+
+
+def main(argv=None):
+    args = _parse_args(argv)
 
     import torch
 
@@ -166,11 +189,7 @@ def main(argv=None):
         mutate_s[name] = time.perf_counter() - start
 
     # Relax every distinct child once.
-    unique = {}
-    for kids in children.values():
-        for child in kids:
-            if child is not None:
-                unique.setdefault(structure_hash(child), child)
+    unique = _distinct_children(children)
     keys = list(unique)
     t2 = time.perf_counter()
     relaxed = relax_many([unique[k] for k in keys], args.potential, fmax=args.fmax, steps=args.steps,
@@ -220,13 +239,7 @@ def main(argv=None):
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(record, indent=2) + "\n")
-
-    print(f"{'method':<12} {'children':>8} {'stable':>8} {'metastable':>10} {'uniq.comp':>9}")
-    for name, r in results.items():
-        print(f"{name:<12} {r['children']:>8} {r['stable_rate']:>8.1%} {r['metastable_rate']:>10.1%} "
-              f"{r['stable_unique_compositions']:>9}")
-    print(f"masked element recovered: top-1 {recovery['top1']:.1%}, top-5 {recovery['top5']:.1%}")
-    print(f"results: {out}", file=sys.stderr)
+    _print_summary(results, recovery, out)
 
 
 def write_details(path, parents, children, e_by_key):

@@ -134,7 +134,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="a training run directory")
     p.add_argument("-n", type=int, default=100, help="validation crystals for the NLL (default 100)")
-    p.add_argument("--match", type=int, default=0, help="validation rows for formula / space-group match (default 0: skip)")
+    p.add_argument("--match", type=int, default=0,
+                   help="validation rows for formula / space-group match (default 0: skip)")
     p.add_argument("--no-reference", action="store_true", help="do not score the shipped default model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "pretrained_vs_scratch.json"))

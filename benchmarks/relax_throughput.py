@@ -54,7 +54,7 @@ def relax_per_structure(structures, potential, fmax, steps):
     return energies, steps_taken
 
 
-def main(argv=None):
+def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=64, help="structures (default 64)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -66,7 +66,11 @@ def main(argv=None):
     parser.add_argument("--no-serial", dest="serial", action="store_false",
                         help="skip relax_many(backend='serial'), the third timing")
     parser.add_argument("-o", "--output", default=str(Path(__file__).parent / "results" / "relax_throughput.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = _parse_args(argv)
 
     import torch
 
@@ -105,7 +109,7 @@ def main(argv=None):
         "hardware": hardware(),
         "settings": {
             "structures": args.n,
-            "source": "MP-20 test split, random sample (seed %d), perturbed: +-5%% strain, 0.1 A shifts" % args.seed,
+            "source": f"MP-20 test split, random sample (seed {args.seed}), perturbed: +-5% strain, 0.1 A shifts",
             "potential": calc.potential_name,
             "aggregation_patched": bool(calc.potential.aggregation_patched),
             "optimizer": "FIRE + FrechetCellFilter",

@@ -139,7 +139,8 @@ def main(argv=None):
             file=sys.stderr,
         )
     total = {key: sum(s[key] for s in splits.values()) for key in ("structures", "all_pass", "atoms")}
-    seconds = {k: sum(s["seconds"][k] for s in splits.values()) for k in ("read_cif", "canonicalize", "encode", "parse")}
+    seconds = {k: sum(s["seconds"][k] for s in splits.values())
+               for k in ("read_cif", "canonicalize", "encode", "parse")}
     total["criteria"] = {
         c: {r: sum(s["criteria"][c][r] for s in splits.values()) for r in ("pass", "fail")} for c in CRITERIA
     }

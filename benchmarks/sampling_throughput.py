@@ -130,7 +130,7 @@ def run(name, model, tok, prompt, batch, new_tokens, grammar, device, temperatur
             "tokens_per_s": batch * new_tokens / seconds, "peak_memory_gib": peak / 2**30 if peak else None}
 
 
-def main():
+def _parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of the benchmark code")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 64,128,...,2048; tiny: 4,8)")
@@ -140,7 +140,20 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _best_rows(rows):
+    """The row of each path with the most crystals per hour."""
+    best = {}
+    for r in rows:
+        if not r.get("oom") and r["crystals_per_hour"] > best.get(r["path"], {}).get("crystals_per_hour", 0):
+            best[r["path"]] = r
+    return best
+
+
+def main():
+    args = _parse_args()
     warnings.simplefilter("ignore")
 
     if args.tiny:
@@ -196,10 +209,7 @@ def main():
                      if r["peak_memory_gib"] else ""), flush=True)
         if len(stopped) == len(args.paths.split(",")):
             break
-    best = {}
-    for r in rows:
-        if not r.get("oom") and r["crystals_per_hour"] > best.get(r["path"], {}).get("crystals_per_hour", 0):
-            best[r["path"]] = r
+    best = _best_rows(rows)
     result = {
         "benchmark": "sampling_throughput" + ("_tiny" if args.tiny else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -72,7 +72,8 @@ def measure(generator, structures, n, cores):
         rows[f"relax_{threads}_threads_s"] = round(seconds, 2)
         rows[f"relax_{threads}_threads_relaxed"] = relaxed
     if cores > 1:
-        rows["decode_speedup_of_more_threads"] = round(rows["decode_1_threads_s"] / rows[f"decode_{cores}_threads_s"], 2)
+        rows["decode_speedup_of_more_threads"] = round(
+            rows["decode_1_threads_s"] / rows[f"decode_{cores}_threads_s"], 2)
         rows["relax_speedup_of_more_threads"] = round(rows["relax_1_threads_s"] / rows[f"relax_{cores}_threads_s"], 2)
     return rows
 
@@ -93,7 +94,8 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     structures = [perturb(a, rng) for a in mp20_sample(args.relax, seed=1)]
     generator.generate(4, seed=1)  # warm-up: grammar masks, first-call allocations
-    result = {"benchmark": "threads", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {"benchmark": "threads", "date": now.isoformat(timespec="seconds"),
               "hardware": info, "n_decoded": args.n, "n_relaxed": args.relax, "cores": cores,
               "parameters": sum(p.numel() for p in generator.model.parameters())}
     result["idle"] = {"load_average": list(os.getloadavg()), **measure(generator, structures, args.n, cores)}

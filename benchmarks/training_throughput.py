@@ -192,7 +192,9 @@ def main(argv=None):
     for size in args.sizes:
         for threads in args.threads:
             command = [sys.executable, __file__, "--one", size, str(threads), "--steps", str(args.steps),
-                       "--limit", str(args.limit)] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])  # fmt: skip
+                       "--limit", str(args.limit)]
+            if args.batch_size:
+                command += ["--batch-size", str(args.batch_size)]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             run = subprocess.run(command, capture_output=True, text=True, env=env)
             line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]

@@ -1,5 +1,6 @@
 """The crystal-llm command: help, version, usage errors and convert."""
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def test_unknown_option_is_one_line_exit_2():
 def test_convert_missing_file_is_one_line_exit_2(tmp_path):
     out = crystal_llm("convert", str(tmp_path / "missing.csv.gz"), "-o", str(tmp_path / "out.crystxt"))
     assert out.returncode == 2
-    assert out.stderr.strip() == f"crystal-llm convert: error: structure source not found: {tmp_path / 'missing.csv.gz'}"
+    missing = tmp_path / "missing.csv.gz"
+    assert out.stderr.strip() == f"crystal-llm convert: error: structure source not found: {missing}"
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "out.crystxt").exists()
 
@@ -72,6 +74,21 @@ def test_convert_options_in_process(tmp_path, capsys):
     assert "wrote 2 structures (as read cells)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["out.db", "out.json", "out.traj"])
+def test_convert_to_formats_ase_writes_by_path(tmp_path, name):
+    import ase.db
+
+    src = tmp_path / "in.extxyz"
+    ase.io.write(src, [bulk("Cu", "fcc", a=3.61), bulk("NaCl", "rocksalt", a=5.64)])
+    assert main(["convert", str(src), "-o", str(tmp_path / name)]) == 0
+    if name == "out.traj":
+        back = ase.io.read(tmp_path / name, index=":")
+    else:
+        back = [row.toatoms() for row in ase.db.connect(tmp_path / name).select()]
+    assert sorted(a.get_chemical_formula() for a in back) == ["ClNa", "Cu"]
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
 def test_convert_skip_bad_reports_on_one_line(tmp_path, capsys):
     src = tmp_path / "in.csv"
     src.write_text("material_id,cif\nmp-1,garbage\n")
@@ -95,10 +112,10 @@ def test_generate_option_types():
     assert spacegroups("225") == [225] and spacegroups("1,230") == [1, 230]
     assert non_negative_float("0") == 0.0 and non_negative_float("0.35") == 0.35
     for bad in ("0,12", "x", "231"):
-        with pytest.raises(Exception, match="space group"):
+        with pytest.raises(argparse.ArgumentTypeError, match="space group"):
             spacegroups(bad)
     for bad in ("-0.1", "inf", "nan", "a"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             non_negative_float(bad)
 
 

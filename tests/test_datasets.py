@@ -114,7 +114,8 @@ def test_csv_gz_and_canonical_default(tmp_path):
 
 
 def test_malformed_row_is_reported_with_its_number(tmp_path):
-    path = write_csv(tmp_path / "bad.csv", [nacl_row("mp-1"), nacl_row("mp-bad", cif="data_x\nnonsense"), nacl_row("mp-3")])
+    path = write_csv(tmp_path / "bad.csv",
+                     [nacl_row("mp-1"), nacl_row("mp-bad", cif="data_x\nnonsense"), nacl_row("mp-3")])
     with pytest.raises(DatasetError, match=r"bad.csv row 2 \(mp-bad\): cif does not parse"):
         read_structures(path)
 
@@ -123,7 +124,8 @@ def test_skip_bad_warns_with_count_and_rows(tmp_path):
     path = write_csv(tmp_path / "bad.csv", [
         nacl_row("mp-1"), nacl_row("mp-bad", cif="garbage"), nacl_row("mp-3"), nacl_row("mp-worse", cif=""),
     ])
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable structure\(s\): bad.csv row 2 \(mp-bad\); bad.csv row 4"):
+    with pytest.warns(UserWarning,
+                      match=r"skipped 2 unreadable structure\(s\): bad.csv row 2 \(mp-bad\); bad.csv row 4"):
         structures = read_structures(path, skip_bad=True)
     assert [a.info["material_id"] for a in structures] == ["mp-1", "mp-3"]
 
@@ -136,6 +138,16 @@ def test_limit_and_streaming(tmp_path):
     assert next(stream).info["material_id"] == "mp-0"
     with pytest.raises(ValueError, match="limit must be a non-negative integer"):
         read_structures(path, limit=-1)
+
+
+def test_reading_selected_rows_skips_the_others_unparsed(tmp_path):
+    rows = [nacl_row(f"mp-{i}") for i in range(5)]
+    rows[1] = nacl_row("mp-1", cif="not a cif")  # never parsed: not selected
+    path = write_csv(tmp_path / "x.csv", rows)
+    assert [a.info["material_id"] for a in read_structures(path, rows=[4, 0, 2])] == ["mp-0", "mp-2", "mp-4"]
+    assert [a.info["material_id"] for a in read_structures(path, rows=range(2, 5), limit=2)] == ["mp-2", "mp-3"]
+    with pytest.raises(DatasetError, match="row 2"):
+        read_structures(path, rows=[1])
 
 
 def test_row_with_wrong_number_of_fields(tmp_path):
@@ -168,7 +180,8 @@ def test_oxidation_states_become_plain_elements(tmp_path):
 
 def test_disordered_site_is_rejected_with_reason(tmp_path):
     path = write_csv(tmp_path / "dis.csv", [nacl_row("mp-dis", cif=DISORDERED_CIF)])
-    with pytest.raises(DatasetError, match=r"row 1 \(mp-dis\): partially occupied site \d \((Li:0.3|Fe:0.6, Co:0.4)\): .*order_disordered=True"):
+    reason = r"row 1 \(mp-dis\): partially occupied site \d \((Li:0.3|Fe:0.6, Co:0.4)\): .*order_disordered=True"
+    with pytest.raises(DatasetError, match=reason):
         read_structures(path)
 
 
@@ -182,7 +195,8 @@ def test_order_disordered_takes_the_majority_occupant(tmp_path):
 def test_real_mp20_rows(mp20_test_sample):
     for atoms in mp20_test_sample:
         assert atoms.pbc.all() and len(atoms) <= 20
-        assert {"material_id", "formation_energy_per_atom", "band_gap", "pretty_formula", "spacegroup_number"} <= set(atoms.info)
+        keys = {"material_id", "formation_energy_per_atom", "band_gap", "pretty_formula", "spacegroup_number"}
+        assert keys <= set(atoms.info)
         assert "elements" not in atoms.info and "cif" not in atoms.info
         assert all(not (isinstance(v, float) and np.isnan(v)) for v in atoms.info.values())
     # e_above_hull is NaN for most MP-20 rows: absent there, present where known

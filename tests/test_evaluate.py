@@ -133,6 +133,13 @@ def test_cli_writes_report(first_run, samples_file):
     report = (out / "report.md").read_text()
     assert "MP-20 only" in report or "MP-20 (plus elemental references) only" in report
     assert "40-crystal subsample" in report and "not the full test split of the paper's protocol" in report
+    assert "metastable S.U.N." in report and f"Hull: {result['settings']['hull']}" in report
+    # distribution: the valid samples (real test crystals here) beside as many real val crystals, same reference
+    dist = result["distribution"]
+    assert dist["samples"]["n"] == N_REAL == dist["real"]["n"] and dist["reference"]["n"] == 40
+    assert 0 <= dist["samples"]["element_count_jsd"] <= 1 and dist["real"]["spacegroup_jsd"] > 0
+    assert sum(dist["reference"]["element_count_mix"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert "## Distribution: samples beside real crystals" in report and "| binary |" in report
 
 
 def test_known_stable_crystals_are_metastable(first_run):

@@ -322,7 +322,8 @@ def test_element_pool_and_no_possible_swap():
     child, _ = op.get_new_individual([_parent(bulk("Cu", "fcc", a=3.6))])
     assert child.get_chemical_symbols() == ["Ni"]  # Au is in the pool but not Cu's look-alike
     # As in ASE's element mutations, elements outside the pool are never swapped.
-    child, reason = TemplateElementMutation(element_pool=["Ni", "Au"]).get_new_individual([_parent(bulk("Cu", "fcc", a=3.6))])
+    operator = TemplateElementMutation(element_pool=["Ni", "Au"])
+    child, reason = operator.get_new_individual([_parent(bulk("Cu", "fcc", a=3.6))])
     assert child is None and "no allowed swap" in reason
     # Hydrogen has no substitute: no swap, no exception.
     child, reason = op.get_new_individual([_parent(_hydrogen())])
@@ -396,7 +397,7 @@ def test_operators_in_ase_ga_loop(generator, tmp_path):
         set_raw_score(atoms, -atoms.get_potential_energy() / len(atoms))
 
     prep = PrepareDB(db, stoichiometry=[29] * 4)
-    for i in range(6):
+    for _ in range(6):
         start = bulk("Cu", "fcc", a=3.8, cubic=True)
         start.set_chemical_symbols(list(rng.choice(pool, size=4)))
         prep.add_unrelaxed_candidate(start)
@@ -468,7 +469,8 @@ def test_cli_mutate_baseline(tmp_path):
 
     out = tmp_path / "children.extxyz"
     with pytest.warns(UserWarning, match="parent 1: .*no allowed swap"):
-        assert main(["mutate", str(_parents_file(tmp_path)), "-n", "5", "--baseline", "--seed", "0", "-o", str(out)]) == 0
+        assert main(["mutate", str(_parents_file(tmp_path)), "-n", "5", "--baseline", "--seed", "0",
+                     "-o", str(out)]) == 0
     children = read(out, ":")
     assert len(children) == 5
     assert [c.info["parent_index"] for c in children] == [0, 2, 0, 2, 0]
@@ -500,7 +502,8 @@ def test_cli_mutate_errors_are_one_line(tmp_path, capsys, extra, message):
 def test_cli_mutate_missing_input(tmp_path, capsys):
     from ase_crystal_llm.cli import main
 
-    assert main(["mutate", str(tmp_path / "nope.extxyz"), "-n", "1", "--baseline", "-o", str(tmp_path / "x.extxyz")]) == 2
+    assert main(["mutate", str(tmp_path / "nope.extxyz"), "-n", "1", "--baseline",
+                 "-o", str(tmp_path / "x.extxyz")]) == 2
     assert "not found" in capsys.readouterr().err
 
 

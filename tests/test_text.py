@@ -63,7 +63,8 @@ def _well_formed(atoms):
     # Rounded angles of a nearly flat cell may describe no cell at all; keep real cells.
     angles = np.rint(atoms.cell.angles())
     a, b, g = angles
-    return atoms.cell.volume / np.prod(atoms.cell.lengths()) > 0.1 and a + b + g < 355 and min(a + b - g, a + g - b, b + g - a) > 5
+    return (atoms.cell.volume / np.prod(atoms.cell.lengths()) > 0.1 and a + b + g < 355
+            and min(a + b - g, a + g - b, b + g - a) > 5)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
@@ -200,7 +201,8 @@ def test_missing_or_malformed_lattice_lines(text, reason):
     [
         ("5.6 abc 5.6\n90 90 90\nNa\n0 0 0", "line 1: lattice lengths has a value that is not a number: 'abc'"),
         ("5.6 5.6 5.6\n90 9O 90\nNa\n0 0 0", "line 2: lattice angles has a value that is not a number: '9O'"),
-        ("5.6 5.6 5.6\n90 90 90\nNa\n0.1 x 0.2", "line 4: fractional coordinates has a value that is not a number: 'x'"),
+        ("5.6 5.6 5.6\n90 90 90\nNa\n0.1 x 0.2",
+         "line 4: fractional coordinates has a value that is not a number: 'x'"),
         ("5.6 5.6 5.6\n90 90 90\nNa\n0.1 1_0 0.2", "not a number: '1_0'"),
         ("5.6 5.6 5.6\n90 90 90\nNa\n0.1,0.2,0.3", "needs 3 numbers, got 1"),
     ],
@@ -259,7 +261,8 @@ def test_impossible_angles(angles):
 
 
 def _many(n):
-    return "50.0 50.0 50.0\n90 90 90\n" + "\n".join(f"Si\n{(i % 100) / 100:.2f} {i // 100 / 100:.2f} 0.00" for i in range(n))
+    sites = "\n".join(f"Si\n{(i % 100) / 100:.2f} {i // 100 / 100:.2f} 0.00" for i in range(n))
+    return "50.0 50.0 50.0\n90 90 90\n" + sites
 
 
 def test_too_many_atoms():

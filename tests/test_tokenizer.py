@@ -88,7 +88,8 @@ def test_corpus_words_come_from_the_corpus():
 def test_save_and_load_pretrained(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    text = PromptTemplate().generation_prompt({"formula": "SrTiO3", "band_gap": 1.7}) + "3.9 3.9 3.9\n90 90 90\nSr\n0.00 0.00 0.00"
+    prompt = PromptTemplate().generation_prompt({"formula": "SrTiO3", "band_gap": 1.7})
+    text = prompt + "3.9 3.9 3.9\n90 90 90\nSr\n0.00 0.00 0.00"
     assert loaded(text)["input_ids"] == tok(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text
     assert loaded.eos_token_id == tok.eos_token_id and loaded.pad_token_id == tok.pad_token_id

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import TYPE_CHECKING
 
 from ase_crystal_llm.text.format import ELEMENTS, is_element
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 __all__ = [
     "oxidation_states", "substitutes", "swap_table", "template_candidates",
@@ -45,7 +49,7 @@ def _all_ionic_radii():
 
 
 @functools.lru_cache(maxsize=8)
-def swap_table(tolerance=0.1):
+def swap_table(tolerance: float = 0.1) -> dict[str, tuple[str, ...]]:
     """The template swap table: element -> elements it may be replaced by.
 
     An element ``B`` is a partner of ``A`` when both have an ionic radius for
@@ -147,7 +151,7 @@ def _group_neighbours(symbol):
                  and abs(e.row - me.row) == 1 and not (e.is_lanthanoid or e.is_actinoid))
 
 
-def substitutes(atoms, element: str, tolerance: float = 0.1, nearest: int = 3) -> tuple[str, ...]:
+def substitutes(atoms: Atoms | str, element: str, tolerance: float = 0.1, nearest: int = 3) -> tuple[str, ...]:
     """Elements that may replace every ``element`` atom of ``atoms``, most alike first.
 
     The oxidation state ``element`` has *in this compound* (:func:`oxidation_states`)
@@ -182,7 +186,7 @@ def _substitutes(formula, element, tolerance, nearest):
     return tuple(found)
 
 
-def template_candidates(element, tolerance=0.1):
+def template_candidates(element: str, tolerance: float = 0.1) -> tuple[str, ...]:
     """The swap-table entry of one element (see :func:`swap_table`)."""
     _check_element(element)
     return swap_table(tolerance)[element]

@@ -16,12 +16,18 @@ import functools
 import math
 import warnings
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.text.format import is_periodic
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from pymatgen.core import Structure
 
 __all__ = [
     "MIN_DISTANCE", "MIN_VOLUME", "OXIDATION_STATES", "as_atoms", "as_structure", "composition_valid",
@@ -40,7 +46,7 @@ OXIDATION_STATES = "smact14"
 
 
 # -- conversions ---------------------------------------------------------------
-def as_structure(obj):
+def as_structure(obj: Atoms | Structure) -> Structure:
     """A pymatgen ``Structure`` from ``Atoms`` or a ``Structure``."""
     from pymatgen.core import Structure
 
@@ -54,7 +60,7 @@ def as_structure(obj):
     raise TypeError(f"expected ase.Atoms or pymatgen Structure, got {type(obj).__name__}")
 
 
-def as_atoms(obj):
+def as_atoms(obj: Atoms | Structure) -> Atoms:
     """``ase.Atoms`` from ``Atoms`` or a pymatgen ``Structure``."""
     if isinstance(obj, Atoms):
         return obj
@@ -63,7 +69,7 @@ def as_atoms(obj):
     return AseAtomsAdaptor.get_atoms(as_structure(obj))
 
 
-def reduced_formula(obj):
+def reduced_formula(obj: Atoms | Structure | str) -> str | None:
     """pymatgen's reduced formula of a structure or a formula string (``None`` if unreadable)."""
     from pymatgen.core import Composition
 
@@ -81,7 +87,8 @@ def _mean(flags):
 
 
 # -- validity ------------------------------------------------------------------
-def structure_valid(structure, min_distance=MIN_DISTANCE, min_volume=MIN_VOLUME):
+def structure_valid(structure: Atoms | Structure, min_distance: float = MIN_DISTANCE,
+                    min_volume: float = MIN_VOLUME) -> bool:
     """CDVAE's structural validity: all periodic distances >= ``min_distance``, volume >= ``min_volume``.
 
     Distances include an atom's own periodic images, so a lattice vector
@@ -108,7 +115,7 @@ def structure_valid(structure, min_distance=MIN_DISTANCE, min_volume=MIN_VOLUME)
     return len(neighbor_list("i", atoms, min_distance)) == 0
 
 
-def composition_valid(structure):
+def composition_valid(structure: Atoms | Structure) -> bool:
     """CDVAE's SMACT validity: some charge-neutral oxidation-state assignment passes the Pauling test.
 
     Single elements and alloys of metals only are valid; compositions with
@@ -122,7 +129,7 @@ def composition_valid(structure):
     return counts_valid(Counter(atoms.get_chemical_symbols()))
 
 
-def counts_valid(counts):
+def counts_valid(counts: Mapping[str, int]) -> bool:
     """:func:`composition_valid` of element counts, e.g. ``{"Na": 1, "Cl": 1}`` (``False`` when empty)."""
     settings.require("smact")
     from pymatgen.core import Composition
@@ -219,14 +226,14 @@ def _neutral_reachable(allowed, counts):
     return 0 in sums
 
 
-def validity_flags(structures):
+def validity_flags(structures: Sequence[Atoms | Structure]) -> dict[str, list[bool]]:
     """Per-sample ``{"structure": [...], "composition": [...], "valid": [...]}`` booleans."""
     struct = [structure_valid(s) for s in structures]
     comp = [composition_valid(s) for s in structures]
     return {"structure": struct, "composition": comp, "valid": [a and b for a, b in zip(struct, comp)]}
 
 
-def validity_rates(flags, n_total=None):
+def validity_rates(flags: Mapping[str, Sequence[bool]], n_total: int | None = None) -> dict[str, float | None]:
     """Fractions of valid samples from :func:`validity_flags`; ``n_total`` counts unparsed output as invalid."""
     n = len(flags["valid"]) if n_total is None else n_total
     if n == 0:

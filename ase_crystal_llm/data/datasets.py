@@ -35,12 +35,18 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms
 
 from ase_crystal_llm.info_keys import ENERGY
 from ase_crystal_llm.text.format import is_periodic
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from pymatgen.core import Structure
 
 __all__ = [
     "CANONICAL_CELL",
@@ -92,7 +98,7 @@ class DatasetError(ValueError):
     """A structure that cannot be read; the message names its row and the reason."""
 
 
-def property_name(column):
+def property_name(column: str) -> str:
     """The ``atoms.info`` key for a table column: ase.db-safe (``spacegroup.number`` -> ``spacegroup_number``)."""
     name = re.sub(r"\W", "_", column.strip())
     return "_" + name if name[:1].isdigit() else name
@@ -117,7 +123,7 @@ def _is_missing(value):
     return value is None or (isinstance(value, float) and not math.isfinite(value))
 
 
-def order_sites(structure):
+def order_sites(structure: Structure) -> Structure:
     """Order a disordered pymatgen structure: every site takes its majority occupant.
 
     The vacancy (``1 - total occupancy``) counts as an occupant, so a site that
@@ -194,7 +200,7 @@ def _atoms_from_cif(text, order_disordered):
     return _structure_to_atoms(structures[0], order_disordered)
 
 
-def canonicalize(atoms, *, tolerance=0.25):
+def canonicalize(atoms: Atoms, *, tolerance: float = 0.25) -> Atoms:
     """The primitive, Niggli-reduced cell of a crystal (the package's one cell convention).
 
     Uses pymatgen's ``get_primitive_structure`` (site tolerance ``tolerance`` in
@@ -406,10 +412,13 @@ def _one_line(err):
     return " ".join(text.split())
 
 
-def iter_structures(source, *, canonical=True, limit=None, skip_bad=False, order_disordered=False):
+def iter_structures(source: str | os.PathLike, *, canonical: bool = True, limit: int | None = None,
+                    skip_bad: bool = False, order_disordered: bool = False,
+                    rows: Iterable[int] | None = None) -> Iterator[Atoms]:
     """Stream crystals with their properties from a dataset; see :func:`read_structures`."""
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+    wanted = None if rows is None else {int(i) for i in rows}
     names = _source_names(source)
     for name in names:  # fail on a missing file before reading anything
         if "://" not in name and not Path(name).is_file():
@@ -417,8 +426,12 @@ def iter_structures(source, *, canonical=True, limit=None, skip_bad=False, order
     skipped = []
     count = 0
     try:
+        position = -1  # row index over all sources
         for name in names:
             for where, make in _file_rows(name, order_disordered):
+                position += 1
+                if wanted is not None and position not in wanted:
+                    continue  # not parsed at all
                 if limit is not None and count >= limit:
                     return
                 try:
@@ -447,7 +460,9 @@ def _warn_skipped(skipped):
     )
 
 
-def read_structures(source, *, canonical=True, limit=None, skip_bad=False, order_disordered=False):
+def read_structures(source: str | os.PathLike, *, canonical: bool = True, limit: int | None = None,
+                    skip_bad: bool = False, order_disordered: bool = False,
+                    rows: Iterable[int] | None = None) -> list[Atoms]:
     """Read crystals with their properties into a list of ``ase.Atoms``.
 
     Parameters
@@ -467,6 +482,9 @@ def read_structures(source, *, canonical=True, limit=None, skip_bad=False, order
     order_disordered : bool
         Order partially occupied sites (majority occupant per site,
         :func:`order_sites`) instead of rejecting them.
+    rows : iterable of int, optional
+        Read only these rows (0-based, over all sources in order); the others
+        are not parsed, so a subsample of a large split reads fast.
 
     Returns
     -------
@@ -484,6 +502,7 @@ def read_structures(source, *, canonical=True, limit=None, skip_bad=False, order
     """
     return list(
         iter_structures(
-            source, canonical=canonical, limit=limit, skip_bad=skip_bad, order_disordered=order_disordered
+            source, canonical=canonical, limit=limit, skip_bad=skip_bad, order_disordered=order_disordered,
+            rows=rows,
         )
     )

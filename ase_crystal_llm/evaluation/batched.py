@@ -14,6 +14,7 @@ is not physical (NaN, collapsed atoms, runaway cell) fails with
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ase import Atoms, units
@@ -22,6 +23,9 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from ase_crystal_llm.info_keys import ENERGY_SCALE, POTENTIAL, RELAX_ERROR, RELAX_FAILED
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
 
 __all__ = [
     "BatchEvaluator", "CHGNetBatchEvaluator", "MAX_VOLUME_RATIO", "MIN_DISTANCE", "MatglBatchEvaluator",
@@ -40,7 +44,8 @@ class RelaxationFailed(RuntimeError):
 
 def _check_sane(atoms, results, volume0):
     """Raise RelaxationFailed for NaN results, collapsed atoms or a runaway cell."""
-    if not (np.isfinite(results["energy"]) and np.isfinite(results["forces"]).all() and np.isfinite(results["stress"]).all()):
+    if not (np.isfinite(results["energy"]) and np.isfinite(results["forces"]).all()
+            and np.isfinite(results["stress"]).all()):
         raise RelaxationFailed("potential returned NaN or infinite energy/forces/stress")
     volume = abs(atoms.get_volume())
     if not np.isfinite(volume) or volume < volume0 / MAX_VOLUME_RATIO or volume > volume0 * MAX_VOLUME_RATIO:
@@ -72,10 +77,10 @@ class BatchEvaluator:
 
     batched = False
 
-    def __init__(self, calculator):
+    def __init__(self, calculator: Calculator) -> None:
         self.calculator = calculator
 
-    def evaluate(self, atoms_list):
+    def evaluate(self, atoms_list: Sequence[Atoms]) -> list[tuple[float, np.ndarray, np.ndarray]]:
         results = []
         for atoms in atoms_list:
             atoms = atoms.copy()
@@ -89,7 +94,7 @@ class MatglBatchEvaluator(BatchEvaluator):
 
     batched = True
 
-    def evaluate(self, atoms_list):
+    def evaluate(self, atoms_list: Sequence[Atoms]) -> list[tuple[float, np.ndarray, np.ndarray]]:
         import torch
         from torch_geometric.data import Batch
 
@@ -129,7 +134,7 @@ class CHGNetBatchEvaluator(BatchEvaluator):
 
     batched = True
 
-    def evaluate(self, atoms_list):
+    def evaluate(self, atoms_list: Sequence[Atoms]) -> list[tuple[float, np.ndarray, np.ndarray]]:
         from pymatgen.io.ase import AseAtomsAdaptor
 
         model = self.calculator.model
@@ -150,7 +155,7 @@ class SevenNetBatchEvaluator(BatchEvaluator):
 
     batched = True
 
-    def evaluate(self, atoms_list):
+    def evaluate(self, atoms_list: Sequence[Atoms]) -> list[tuple[float, np.ndarray, np.ndarray]]:
         import sevenn._keys as KEY
         from sevenn.atom_graph_data import AtomGraphData
         from sevenn.train.dataload import unlabeled_atoms_to_graph
@@ -180,7 +185,7 @@ class SevenNetBatchEvaluator(BatchEvaluator):
         return out
 
 
-def batch_evaluator(calculator):
+def batch_evaluator(calculator: Calculator) -> BatchEvaluator:
     """The best evaluator for a calculator (batched for matgl, CHGNet and SevenNet)."""
     import sys
 
@@ -197,7 +202,9 @@ def batch_evaluator(calculator):
     return BatchEvaluator(calculator)
 
 
-def run_batched(items, evaluator, *, fmax, steps, batch_size, potential, finished):
+def run_batched(items: Iterable[tuple[str, Atoms, int]], evaluator: BatchEvaluator, *, fmax: float, steps: int,
+                batch_size: int, potential: tuple[str, str],
+                finished: Callable[[tuple[str, int], Atoms], Any]) -> None:
     """FIRE on many structures in lockstep, one batched evaluation per step.
 
     Every structure keeps its own ASE ``FIRE`` on ``FrechetCellFilter``; the
@@ -362,7 +369,7 @@ def _eig(matrix):
     return values, vectors
 
 
-def eig_logm(matrix):
+def eig_logm(matrix: np.ndarray) -> np.ndarray:
     """Matrix logarithm of a diagonalisable real matrix (scipy.linalg.logm fallback)."""
     decomposition = _eig(matrix)
     if decomposition is None or np.any(np.abs(decomposition[0]) < 1e-12) or np.any(
@@ -376,7 +383,8 @@ def eig_logm(matrix):
     return log.real
 
 
-def eig_expm_frechet(matrix, direction, compute_expm=True, **kwargs):
+def eig_expm_frechet(matrix: np.ndarray, direction: np.ndarray, compute_expm: bool = True,
+                     **kwargs: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Frechet derivative of expm at ``matrix`` along ``direction`` (scipy signature)."""
     decomposition = _eig(matrix)
     if decomposition is None or kwargs:

@@ -26,12 +26,22 @@ import json
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.data.datasets import csv_reader
 from ase_crystal_llm.info_keys import ENERGY, ENERGY_SCALE, RELAX_ERROR, RELAX_FAILED
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Iterable, Mapping
+
+    from ase import Atoms
+    from pymatgen.analysis.phase_diagram import PhaseDiagram
+    from pymatgen.core import Composition
+    from pymatgen.entries import Entry
 
 __all__ = [
     "ELEMENTAL_REFERENCES", "LP_ABOVE", "MAX_ELEMENTS", "MP_SCALES", "ReferenceHull", "energy_scale_of",
@@ -72,7 +82,8 @@ class ReferenceHull:
         Phase diagrams kept in memory (least recently used dropped first).
     """
 
-    def __init__(self, formation_energies, chemical_potentials, *, cache_size=512):
+    def __init__(self, formation_energies: Iterable[tuple[str | None, str | Composition, float]],
+                 chemical_potentials: Mapping[str, float], *, cache_size: int = 512) -> None:
         from pymatgen.core import Composition
 
         self.chemical_potentials = {str(k): float(v) for k, v in chemical_potentials.items()}
@@ -97,7 +108,8 @@ class ReferenceHull:
     # ------------------------------------------------------------------ builders
 
     @classmethod
-    def from_mp20(cls, data_dir=None, *, splits=("train", "val", "test"), **kwargs):
+    def from_mp20(cls, data_dir: str | os.PathLike | None = None, *, splits: Iterable[str] = ("train", "val", "test"),
+                  **kwargs: Any) -> ReferenceHull:
         """All MP-20 rows (train+val+test) plus the MP elemental reference entries.
 
         Parameters
@@ -119,7 +131,9 @@ class ReferenceHull:
         return hull
 
     @classmethod
-    def from_entries(cls, entries, elemental_references=None, **kwargs):
+    def from_entries(cls, entries: Iterable[Entry],
+                     elemental_references: Mapping[str, float] | Iterable[Entry] | None = None,
+                     **kwargs: Any) -> ReferenceHull:
         """From pymatgen entries whose total energies are on the MP2020 scale.
 
         Parameters
@@ -152,7 +166,7 @@ class ReferenceHull:
 
     # ------------------------------------------------------------------ queries
 
-    def formation_energy(self, atoms, energy=None, *, energy_scale=None):
+    def formation_energy(self, atoms: Atoms, energy: float | None = None, *, energy_scale: str | None = None) -> float:
         """Formation energy (eV/atom) against the elemental chemical potentials.
 
         Parameters
@@ -173,7 +187,8 @@ class ReferenceHull:
         reference = sum(self.chemical_potentials[el] * n for el, n in counts.items())
         return (total - reference) / len(atoms)
 
-    def e_above_hull(self, atoms, energy=None, exclude=None, *, energy_scale=None):
+    def e_above_hull(self, atoms: Atoms, energy: float | None = None, exclude: str | Composition | None = None, *,
+                     energy_scale: str | None = None) -> float:
         """Energy above the hull (eV/atom; negative when below it).
 
         Parameters
@@ -188,7 +203,8 @@ class ReferenceHull:
             _formula(atoms), self.formation_energy(atoms, energy, energy_scale=energy_scale), exclude=exclude
         )
 
-    def e_above_hull_from_formation(self, composition, formation_energy, exclude=None):
+    def e_above_hull_from_formation(self, composition: str | Composition, formation_energy: float,
+                                    exclude: str | Composition | None = None) -> float:
         """Energy above hull of a composition with a given formation energy (eV/atom)."""
         from pymatgen.analysis.phase_diagram import PDEntry
         from pymatgen.core import Composition
@@ -202,11 +218,12 @@ class ReferenceHull:
         _, e_hull = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
         return float(e_hull)
 
-    def phase_diagram(self, elements, exclude=None):
+    def phase_diagram(self, elements: Iterable[str], exclude: str | Composition | None = None) -> PhaseDiagram:
         """The pymatgen PhaseDiagram of a chemical system (cached unless ``exclude``)."""
         system = frozenset(str(el) for el in elements)
         if len(system) > MAX_ELEMENTS:
-            raise ValueError(f"chemical system with {len(system)} elements is too large for the hull (max {MAX_ELEMENTS})")
+            raise ValueError(f"chemical system with {len(system)} elements is too large for the hull "
+                             f"(max {MAX_ELEMENTS})")
         if exclude is None and system in self._cache:
             self._cache.move_to_end(system)
             return self._cache[system]
@@ -217,7 +234,7 @@ class ReferenceHull:
                 self._cache.popitem(last=False)
         return diagram
 
-    def hull_energy(self, composition, exclude=None):
+    def hull_energy(self, composition: str | Composition, exclude: str | Composition | None = None) -> float:
         """Formation energy of the lower convex hull at ``composition`` (eV/atom).
 
         The cheapest mix of the system's entries (elements at 0) with the
@@ -264,7 +281,7 @@ class ReferenceHull:
         return f"ReferenceHull({self.n_entries} entries, {len(self.chemical_potentials)} elements)"
 
 
-def load_elemental_references(path):
+def load_elemental_references(path: str | os.PathLike) -> dict[str, float]:
     """Element -> energy per atom (eV) from a gzipped JSON of ComputedEntry dicts."""
     path = Path(path)
     if not path.is_file():
@@ -279,7 +296,7 @@ def load_elemental_references(path):
     return mu
 
 
-def energy_scale_of(atoms, energy_scale=None):
+def energy_scale_of(atoms: Atoms, energy_scale: str | None = None) -> str:
     """The energy scale recorded on ``atoms`` (info, then its calculator)."""
     scale = energy_scale or atoms.info.get(ENERGY_SCALE) or getattr(atoms.calc, "energy_scale", None)
     if scale is None:
@@ -295,7 +312,7 @@ def energy_scale_of(atoms, energy_scale=None):
     return scale
 
 
-def total_energy_of(atoms, energy=None):
+def total_energy_of(atoms: Atoms, energy: float | None = None) -> float:
     """Total energy (eV): the argument, else ``info[ENERGY]``, else the calculator's."""
     if energy is not None:
         return float(energy)
@@ -306,7 +323,7 @@ def total_energy_of(atoms, energy=None):
     return float(atoms.get_potential_energy())
 
 
-def mp2020_energy(atoms, energy=None, energy_scale=None):
+def mp2020_energy(atoms: Atoms, energy: float | None = None, energy_scale: str | None = None) -> float:
     """Total energy (eV) of ``atoms`` on the MP2020-corrected scale.
 
     ``"mp2020"`` energies are returned unchanged (never corrected twice);
@@ -329,7 +346,7 @@ def mp2020_energy(atoms, energy=None, energy_scale=None):
     return mp2020_correct(atoms, total)
 
 
-def mp_run_parameters(symbols):
+def mp_run_parameters(symbols: Iterable[str]) -> dict[str, Any]:
     """Run type and Hubbard U values MP's relax set uses for these elements."""
     from pymatgen.io.vasp.sets import MPRelaxSet
 
@@ -344,7 +361,7 @@ def mp_run_parameters(symbols):
     return {"run_type": "GGA", "is_hubbard": False, "hubbards": {}}
 
 
-def mp2020_correct(atoms, total_energy):
+def mp2020_correct(atoms: Atoms, total_energy: float) -> float:
     """Raw GGA/GGA+U total energy -> MP2020-corrected total energy (eV)."""
     from pymatgen.entries.compatibility import CompatibilityError
     from pymatgen.entries.computed_entries import ComputedStructureEntry
@@ -376,7 +393,7 @@ def mp2020_correct(atoms, total_energy):
 _OXIDATION_STATES: OrderedDict = OrderedDict()
 
 
-def oxidation_state_guess(composition, cache_size=4096):
+def oxidation_state_guess(composition: Composition, cache_size: int = 4096) -> dict[str, float]:
     """What MP2020 guesses when an entry has no oxidation states, cached per formula.
 
     Same call as pymatgen's ``MaterialsProject2020Compatibility`` (first guess of

@@ -26,12 +26,21 @@ import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.chemistry.validity import _mean, as_atoms, as_structure, reduced_formula, validity_flags
 from ase_crystal_llm.info_keys import ATTEMPTS, CONDITIONS, FORMULA_CONSTRAINED
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+
+    from ase import Atoms
+    from numpy.typing import ArrayLike
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.core import Structure
 
 __all__ = [
     "COMP_CUTOFF", "COMP_FP_SIZE", "CompositionScaler", "Featurizer", "Fingerprints", "METASTABLE",
@@ -68,7 +77,8 @@ def _attempts(info):
     return value if value >= 1 else None
 
 
-def emitted_validity(structures, flags=None, stats=None):
+def emitted_validity(structures: Sequence[Atoms | Structure], flags: Mapping[str, Sequence[bool]] | None = None,
+                     stats: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]] | None:
     """Validity over everything the model emitted, not only over the returned samples.
 
     Each returned sample records in ``info[ATTEMPTS]`` how many model outputs
@@ -142,7 +152,7 @@ def _emitted_entry(idx, emitted, flags):
 class Featurizer:
     """CDVAE's fingerprints: mean CrystalNN site fingerprint ("ops") and Magpie composition features."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         settings.require("matminer")
         from matminer.featurizers.composition.composite import ElementProperty
         from matminer.featurizers.site.fingerprint import CrystalNNFingerprint
@@ -150,7 +160,7 @@ class Featurizer:
         self._site = CrystalNNFingerprint.from_preset("ops")
         self._comp = ElementProperty.from_preset("magpie", impute_nan=True)
 
-    def structure(self, structure):
+    def structure(self, structure: Atoms | Structure) -> np.ndarray | None:
         """Mean CrystalNN fingerprint over sites, or ``None`` when CrystalNN fails."""
         structure = as_structure(structure)
         try:
@@ -162,7 +172,7 @@ class Featurizer:
         fp = np.mean(np.asarray(sites, dtype=float), axis=0)
         return fp if np.isfinite(fp).all() else None
 
-    def composition(self, structure):
+    def composition(self, structure: Atoms | Structure) -> np.ndarray:
         """Magpie composition features (132 values)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -215,7 +225,8 @@ class Fingerprints:
     _ARRAYS = ("structure", "composition", "density", "n_elements")  # not a field: no annotation
 
     @classmethod
-    def from_structures(cls, structures, *, workers=None, progress=False, desc="fingerprints"):
+    def from_structures(cls, structures: Iterable[Atoms | Structure], *, workers: int | None = None,
+                        progress: bool = False, desc: str = "fingerprints") -> Fingerprints:
         structures = [as_structure(s) for s in structures]
         pairs = _pool_map(_featurize_one, structures, workers, progress, desc)
         struct = np.full((len(pairs), STRUCT_FP_SIZE), np.nan)
@@ -228,7 +239,7 @@ class Fingerprints:
         return cls(struct, comp, density, n_el)
 
     @classmethod
-    def concatenate(cls, parts) -> Fingerprints:
+    def concatenate(cls, parts: Iterable[Fingerprints]) -> Fingerprints:
         """The rows of several ``Fingerprints`` in order (an empty list gives zero rows)."""
         parts = list(parts)
         if not parts:
@@ -236,7 +247,7 @@ class Fingerprints:
                        np.empty(0, dtype=int))
         return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls._ARRAYS))
 
-    def take(self, rows) -> Fingerprints:
+    def take(self, rows: ArrayLike) -> Fingerprints:
         """The given rows (indices or a boolean mask), as new ``Fingerprints``."""
         return type(self)(*(getattr(self, name)[rows] for name in self._ARRAYS))
 
@@ -244,16 +255,16 @@ class Fingerprints:
         return len(self.density)
 
     @property
-    def ok(self):
+    def ok(self) -> np.ndarray:
         """Rows with a structure fingerprint and finite composition features."""
         return np.isfinite(self.structure).all(axis=1) & np.isfinite(self.composition).all(axis=1)
 
-    def save(self, path, **extra):
+    def save(self, path: str | os.PathLike | IO[bytes], **extra: ArrayLike) -> None:
         """Write a compressed ``.npz`` (``path`` may be an open binary file); ``extra`` arrays are stored beside."""
         np.savez_compressed(path, **{name: getattr(self, name) for name in self._ARRAYS}, **extra)
 
     @classmethod
-    def load(cls, path) -> Fingerprints:
+    def load(cls, path: str | os.PathLike | IO[bytes]) -> Fingerprints:
         """Read :meth:`save`'s file; a file with missing arrays or wrong shapes raises ``ValueError``."""
         with np.load(path) as data:
             try:
@@ -274,23 +285,24 @@ class CompositionScaler:
     fitted on the reference set in use.  Constant features keep unit scale.
     """
 
-    def __init__(self, mean, std):
+    def __init__(self, mean: ArrayLike, std: ArrayLike) -> None:
         self.mean = np.asarray(mean, dtype=float)
         std = np.asarray(std, dtype=float)
         self.std = np.where(std > 1e-8, std, 1.0)
 
     @classmethod
-    def fit(cls, features):
+    def fit(cls, features: ArrayLike) -> CompositionScaler:
         features = np.asarray(features, dtype=float)
         features = features[np.isfinite(features).all(axis=1)]
         return cls(features.mean(axis=0), features.std(axis=0))
 
-    def transform(self, features):
+    def transform(self, features: ArrayLike) -> np.ndarray:
         return (np.asarray(features, dtype=float) - self.mean) / self.std
 
 
-def coverage(samples, reference, *, n_total=None, struct_cutoff=STRUCT_CUTOFF, comp_cutoff=COMP_CUTOFF,
-             scaler=None):
+def coverage(samples: Fingerprints, reference: Fingerprints, *, n_total: int | None = None,
+             struct_cutoff: float = STRUCT_CUTOFF, comp_cutoff: float = COMP_CUTOFF,
+             scaler: CompositionScaler | None = None) -> dict[str, Any]:
     """CDVAE coverage recall and precision.
 
     Parameters
@@ -326,7 +338,7 @@ def coverage(samples, reference, *, n_total=None, struct_cutoff=STRUCT_CUTOFF, c
     return {"recall": float(close.any(axis=0).mean()), "precision": float(close.any(axis=1).sum() / n_total)}
 
 
-def wasserstein(samples, reference):
+def wasserstein(samples: Fingerprints, reference: Fingerprints) -> dict[str, float | None]:
     """Wasserstein distances of density (g/cm^3) and number of elements to the reference."""
     from scipy.stats import wasserstein_distance
 
@@ -338,7 +350,7 @@ def wasserstein(samples, reference):
     }
 
 
-def diversity(fingerprints, scaler=None):
+def diversity(fingerprints: Fingerprints, scaler: CompositionScaler | None = None) -> dict[str, float | None]:
     """Mean pairwise distance of structure and (standardised) composition fingerprints."""
     from scipy.spatial.distance import pdist
 
@@ -351,7 +363,7 @@ def diversity(fingerprints, scaler=None):
 
 
 # -- novelty and uniqueness ------------------------------------------------------
-def structure_matcher():
+def structure_matcher() -> StructureMatcher:
     """pymatgen's ``StructureMatcher`` with its default tolerances."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
@@ -365,7 +377,7 @@ def _fits(matcher, a, b):
         return False
 
 
-def unique_flags(structures, matcher=None):
+def unique_flags(structures: Iterable[Atoms | Structure], matcher: StructureMatcher | None = None) -> list[bool]:
     """``True`` for the first sample of each group of matching structures.
 
     The fraction of ``True`` is the uniqueness rate (distinct structures over samples).
@@ -394,7 +406,8 @@ class NoveltyIndex:
         when a sample of that formula is checked.
     """
 
-    def __init__(self, structures, matcher=None):
+    def __init__(self, structures: Mapping[str, Iterable[Structure | Callable[[], Structure]]]
+                 | Iterable[Atoms | Structure], matcher: StructureMatcher | None = None) -> None:
         if isinstance(structures, dict):
             self._groups = {k: list(v) for k, v in structures.items()}
         else:
@@ -405,7 +418,8 @@ class NoveltyIndex:
         self.matcher = matcher or structure_matcher()
 
     @classmethod
-    def from_csv(cls, path, matcher=None):
+    def from_csv(cls, path: str | os.PathLike | Iterable[str | os.PathLike],
+                 matcher: StructureMatcher | None = None) -> NoveltyIndex:
         """Index CDVAE-style CSVs (``cif`` column) without parsing every CIF; ``path``: one or several."""
         from pymatgen.core import Structure
 
@@ -433,7 +447,7 @@ class NoveltyIndex:
             if item is not None:
                 yield item
 
-    def is_novel(self, structure):
+    def is_novel(self, structure: Atoms | Structure) -> bool:
         """``True`` when no known structure of the same reduced formula matches."""
         structure = as_structure(structure)
         return not any(_fits(self.matcher, structure, known)
@@ -455,14 +469,16 @@ class _CifLoader:
             return None
 
 
-def novelty_flags(structures, known, matcher=None):
+def novelty_flags(structures: Iterable[Atoms | Structure], known: NoveltyIndex | Iterable[Atoms | Structure],
+                  matcher: StructureMatcher | None = None) -> list[bool]:
     """``True`` for samples with no ``StructureMatcher`` match in ``known`` (a :class:`NoveltyIndex` or structures)."""
     index = known if isinstance(known, NoveltyIndex) else NoveltyIndex(known, matcher)
     return [index.is_novel(s) for s in structures]
 
 
 # -- stability -------------------------------------------------------------------
-def stability_rates(e_hull, *, unique=None, novel=None, threshold=METASTABLE):
+def stability_rates(e_hull: Sequence[float | None], *, unique: Sequence[bool] | None = None,
+                    novel: Sequence[bool] | None = None, threshold: float = METASTABLE) -> dict[str, Any]:
     """Metastable, stable and S.U.N. rates over *all* samples.
 
     Parameters
@@ -487,7 +503,7 @@ def stability_rates(e_hull, *, unique=None, novel=None, threshold=METASTABLE):
 
 
 # -- conditional accuracy --------------------------------------------------------
-def conditions_of(info):
+def conditions_of(info: Mapping[str, Any]) -> dict[str, Any]:
     """Conditions a sample was generated with: ``info[CONDITIONS]`` (dict or JSON) or ``condition_<key>``."""
     conditions = info.get(CONDITIONS)
     if isinstance(conditions, str):
@@ -502,7 +518,7 @@ def conditions_of(info):
     return conditions
 
 
-def spacegroup_number(structure, symprec=0.1):
+def spacegroup_number(structure: Atoms | Structure, symprec: float = 0.1) -> int | None:
     """Space group number from ``SpacegroupAnalyzer``, or ``None`` when spglib fails."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
@@ -512,7 +528,8 @@ def spacegroup_number(structure, symprec=0.1):
         return None
 
 
-def conditional_accuracy(structures, symprecs=SYMPRECS):
+def conditional_accuracy(structures: Sequence[Atoms | Structure],
+                         symprecs: Sequence[float] = SYMPRECS) -> dict[str, Any]:
     """Formula and space group match rates of samples generated with those conditions.
 
     Returns

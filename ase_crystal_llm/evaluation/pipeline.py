@@ -24,11 +24,13 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.chemistry.validity import as_atoms, structure_valid, validity_flags, validity_rates
+from ase_crystal_llm.evaluation.distribution import CrystalStatistics, distribution_summary, split_statistics
 from ase_crystal_llm.evaluation.hull import ReferenceHull
 from ase_crystal_llm.evaluation.metrics import (
     COMP_CUTOFF,
@@ -54,6 +56,17 @@ from ase_crystal_llm.io.files import atomic_write, json_default
 from ase_crystal_llm.model.scoring import ipt
 from ase_crystal_llm.text.format import is_periodic
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    import torch
+    from ase import Atoms
+    from ase.calculators.calculator import Calculator
+    from pymatgen.core import Structure
+    from transformers import PreTrainedTokenizerBase
+
+    from ase_crystal_llm.text.prompts import PromptTemplate
+
 __all__ = [
     "E_HULL_FLOOR", "IPT_SIZE", "REFERENCES", "SAMPLE_COLUMNS", "check_structures", "e_above_hull_many",
     "evaluate", "model_ipt", "read_samples", "run_stats",
@@ -66,7 +79,7 @@ REFERENCES = ("mp20",)
 IPT_SIZE = 100
 
 
-def read_samples(source, limit=None):
+def read_samples(source: str | os.PathLike, limit: int | None = None) -> list[Atoms]:
     """Structures to evaluate; refuses empty sources and non-periodic structures."""
     from ase_crystal_llm.data.datasets import read_structures
 
@@ -75,7 +88,7 @@ def read_samples(source, limit=None):
     return check_structures(read_structures(source, canonical=False, limit=limit), source)
 
 
-def check_structures(structures, source="input"):
+def check_structures(structures: Sequence[Atoms], source: str | os.PathLike = "input") -> Sequence[Atoms]:
     """Refuse an empty list and structures that are not 3D-periodic crystals."""
     if not structures:
         raise ValueError(f"no structures in {source}")
@@ -88,8 +101,11 @@ def check_structures(structures, source="input"):
     return structures
 
 
-def run_stats(source, n, limit=None):
-    """Summed generation statistics of the run records beside ``source``, when they describe exactly its ``n`` samples."""
+def run_stats(source: str | os.PathLike, n: int, limit: int | None = None) -> dict[str, Any] | None:
+    """Summed generation statistics of the run records beside ``source``.
+
+    None unless the records describe exactly its ``n`` samples.
+    """
     if limit is not None or "://" in str(source) or not Path(source).is_file():
         return None
     try:
@@ -127,7 +143,9 @@ def _load_language_model(path):
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), card.template
 
 
-def model_ipt(model, crystals, *, size=IPT_SIZE, seed=0, progress=False):
+def model_ipt(model: str | os.PathLike | tuple[torch.nn.Module, PreTrainedTokenizerBase, PromptTemplate],
+              crystals: str | os.PathLike | Sequence[Atoms], *, size: int = IPT_SIZE, seed: int = 0,
+              progress: bool = False) -> dict[str, Any]:
     """IPT of a model on the first ``size`` crystals of a split (canonical cells, as in training).
 
     ``model`` is a model directory or a ``(model, tokenizer, template)`` triple.
@@ -156,7 +174,8 @@ def _check_potential(potential):
 E_HULL_FLOOR = -1.0  # eV/atom
 
 
-def e_above_hull_many(relaxed, hull, *, exclude=None):
+def e_above_hull_many(relaxed: Sequence[Atoms], hull: ReferenceHull, *,
+                      exclude: Sequence[Any] | None = None) -> tuple[list[float | None], list[str | None]]:
     """Energy above hull of each relaxed structure, failures kept as reasons.
 
     Parameters
@@ -199,9 +218,13 @@ def e_above_hull_many(relaxed, hull, *, exclude=None):
     return values, errors
 
 
-def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3gnet", fmax=0.1, steps=500,
-             workers=None, model=None, limit=None, coverage_size=None, ipt_size=IPT_SIZE, seed=0,
-             cache=None, progress=True, plots=True, threads=None, table_db=False):
+def evaluate(samples: str | os.PathLike | Iterable[Atoms | Structure], out_dir: str | os.PathLike, *,
+             reference: str = "mp20", data_dir: str | os.PathLike | None = None,
+             potential: str | os.PathLike | Calculator = "m3gnet", fmax: float = 0.1, steps: int = 500,
+             workers: int | None = None, model: str | os.PathLike | None = None, limit: int | None = None,
+             coverage_size: int | str | None = None, ipt_size: int = IPT_SIZE, seed: int = 0,
+             cache: str | os.PathLike | None = None, progress: bool = True, plots: bool = True,
+             threads: int | None = None, table_db: bool = False) -> dict[str, Any]:
     """Evaluate generated crystals and write a report.
 
     Parameters
@@ -251,33 +274,18 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
     out_dir = Path(out_dir)
     timer = _Timer()
     with timer("load"):
-        if isinstance(samples, (str, os.PathLike)):
-            source = str(samples)
-            structures = read_samples(samples, limit)
-        else:
-            source = "<structures>"
-            structures = check_structures([as_atoms(a) for a in samples][:limit], "the structures given")
+        source, structures = _read_input(samples, limit)
         test_path, train_path = settings.mp20_path("test", data_dir), settings.mp20_path("train", data_dir)
         if any(structure_valid(a) for a in structures):
             _check_potential(potential)  # before the slow steps
         language_model = _load_language_model(model) if model is not None else None  # bad weights fail here
         out_dir.mkdir(parents=True, exist_ok=True)
     n = len(structures)
-    result = {
-        "samples": {"source": source, "n": n},
-        "settings": {"reference": reference, "potential": potential if isinstance(potential, str) else
-                     type(potential).__name__, "fmax": fmax, "steps": steps,
-                     "coverage_reference_size": None, "seed": seed,
-                     "struct_cutoff": STRUCT_CUTOFF, "comp_cutoff": COMP_CUTOFF,
-                     "metastable_threshold": METASTABLE},
-    }
+    result = {"samples": {"source": source, "n": n}, "settings": _run_settings(reference, potential, fmax, steps, seed)}
     with timer("validity"):
-        flags = validity_flags(structures)
-        valid_idx = [i for i, ok in enumerate(flags["valid"]) if ok]
+        flags, valid_idx, result["validity"] = _validity(structures, source, limit)
         valid = [structures[i] for i in valid_idx]
         result["samples"]["n_valid"] = len(valid)
-        result["validity"] = {"returned": validity_rates(flags),
-                              "emitted": emitted_validity(structures, flags, run_stats(source, n, limit))}
     with timer("reference_fingerprints"):
         ref, ref_info = _reference(test_path, size=ref_size, seed=seed, cache=cache, workers=workers,
                                    progress=progress, label="MP-20 test")
@@ -287,40 +295,21 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
                                                    desc="sample fingerprints")
         result.update(_distribution_metrics(fps, ref, n))
         result["coverage"]["reference"] = {"split": "MP-20 test", **ref_info}
+    with timer("distribution"):
+        result["distribution"] = _distribution(valid, test_path, settings.mp20_path("val", data_dir), ref_size, seed)
     with timer("novelty"):
         known = [train_path, settings.mp20_path("val", data_dir)]  # novel: in neither split the model could see
         unique, novel = _spread(valid_idx, n, *_uniqueness_novelty(valid, known, progress))
         result["settings"]["novelty_reference"] = "MP-20 train+val (pymatgen StructureMatcher)"
-        result["uniqueness"] = _rate([unique[i] for i in valid_idx])
-        result["novelty"] = _rate([novel[i] for i in valid_idx])
-        result["unique_and_novel"] = _rate([unique[i] and novel[i] for i in valid_idx])
+        result.update(_novelty_rates(unique, novel, valid_idx))
     with timer("relaxation"):
-        cache_path = out_dir / "relax_cache.db"
-        before = _cache_rows(cache_path)
-        relaxed = relax_many(valid, potential, fmax=fmax, steps=steps, workers=workers,
-                                         cache=cache_path, progress=progress, threads=threads) if valid else []
-        computed = _cache_rows(cache_path) - before
+        relaxed, computed = _relax_valid(valid, potential, out_dir / "relax_cache.db", fmax=fmax, steps=steps,
+                                         workers=workers, progress=progress, threads=threads)
     with timer("hull"):
         ref_hull = ReferenceHull.from_mp20(data_dir) if relaxed else None
-        e_valid, err_valid = e_above_hull_many(relaxed, ref_hull)
-        e_hull, errors = _spread(valid_idx, n, e_valid, err_valid, fill=(None, "invalid sample"))
-        (e_form,) = _spread(valid_idx, n, [_formation_energy(a, ref_hull) for a in relaxed], fill=(None,))
-        for atoms, i in zip(relaxed, valid_idx):
-            atoms.info["input_index"] = i
-            if e_hull[i] is not None:
-                atoms.info[E_ABOVE_HULL] = e_hull[i]
+        e_hull, errors, e_form = _hull_energies(relaxed, valid_idx, n, ref_hull)
         result["relaxation"] = _relaxation_summary(relaxed, computed)
-        result["stability"] = {**stability_rates(e_hull, unique=unique, novel=novel),
-                               "failures": _count_reasons(errors),
-                               "e_hull_median": _median([e for e in e_hull if e is not None])}
-        emitted = (result["validity"]["emitted"] or {}).get("all")
-        if emitted and result["stability"]["n"]:
-            # Re-sampled attempts (unparsed, too-close atoms) count too: rates per model output.
-            scale = result["stability"]["n"] / emitted["emitted"]
-            result["stability"]["over_emitted"] = {
-                "emitted": emitted["emitted"],
-                **{key: result["stability"][key] * scale for key in ("metastable", "stable", "sun", "msun")},
-            }
+        result["stability"] = _stability_summary(e_hull, errors, unique, novel, result["validity"]["emitted"])
     result["conditional"] = conditional_accuracy(structures)
     result["ipt"] = None
     if model is not None:
@@ -340,6 +329,86 @@ def evaluate(samples, out_dir, *, reference="mp20", data_dir=None, potential="m3
     figures = _plots(out_dir, result, e_hull, fps, ref) if plots else []
     atomic_write(out_dir / "report.md", report_markdown(result, figures))  # a killed run leaves no half report
     return result
+
+
+# -- the stages of evaluate --------------------------------------------------------
+def _read_input(samples, limit):
+    """The name of the samples' source and their checked structures (from a file or given)."""
+    if isinstance(samples, (str, os.PathLike)):
+        return str(samples), read_samples(samples, limit)
+    return "<structures>", check_structures([as_atoms(a) for a in samples][:limit], "the structures given")
+
+
+def _run_settings(reference, potential, fmax, steps, seed):
+    """The ``settings`` of ``metrics.json``; later stages fill in the reference size and add the references used."""
+    potential_name = potential if isinstance(potential, str) else type(potential).__name__
+    return {"reference": reference, "potential": potential_name, "fmax": fmax, "steps": steps,
+            "coverage_reference_size": None, "seed": seed, "struct_cutoff": STRUCT_CUTOFF,
+            "comp_cutoff": COMP_CUTOFF, "metastable_threshold": METASTABLE}
+
+
+def _validity(structures, source, limit):
+    """Validity flags, the indices of the valid samples, and the rates over returned and emitted samples."""
+    flags = validity_flags(structures)
+    valid_idx = [i for i, ok in enumerate(flags["valid"]) if ok]
+    rates = {"returned": validity_rates(flags),
+             "emitted": emitted_validity(structures, flags, run_stats(source, len(structures), limit))}
+    return flags, valid_idx, rates
+
+
+def _distribution(valid, test_path, val_path, ref_size, seed):
+    """Distribution distances of the valid samples, and of as many real val crystals, to the coverage reference."""
+    reference = split_statistics(test_path, ref_size, seed)
+    real = split_statistics(val_path, max(len(valid), 1), seed)
+    summary = distribution_summary(CrystalStatistics.from_structures(valid), reference, real)
+    summary["settings"] = {"reference": "MP-20 test (the coverage reference rows)", "real": "MP-20 val, seeded",
+                           "symprec": 0.1, "cell": "primitive Niggli (samples as generated)"}
+    return summary
+
+
+def _novelty_rates(unique, novel, valid_idx):
+    """Uniqueness, novelty and both, as rates over the valid samples."""
+    return {
+        "uniqueness": _rate([unique[i] for i in valid_idx]),
+        "novelty": _rate([novel[i] for i in valid_idx]),
+        "unique_and_novel": _rate([unique[i] and novel[i] for i in valid_idx]),
+    }
+
+
+def _relax_valid(valid, potential, cache_path, *, fmax, steps, workers, progress, threads):
+    """The relaxed valid samples, and how many of them were computed (the others come from the cache)."""
+    before = _cache_rows(cache_path)
+    relaxed = relax_many(valid, potential, fmax=fmax, steps=steps, workers=workers,
+                         cache=cache_path, progress=progress, threads=threads) if valid else []
+    return relaxed, _cache_rows(cache_path) - before
+
+
+def _hull_energies(relaxed, valid_idx, n, ref_hull):
+    """E_hull, failure reason and formation energy of every sample; the relaxed structures get theirs in ``info``."""
+    e_valid, err_valid = e_above_hull_many(relaxed, ref_hull)
+    e_hull, errors = _spread(valid_idx, n, e_valid, err_valid, fill=(None, "invalid sample"))
+    (e_form,) = _spread(valid_idx, n, [_formation_energy(a, ref_hull) for a in relaxed], fill=(None,))
+    for atoms, i in zip(relaxed, valid_idx):
+        atoms.info["input_index"] = i
+        if e_hull[i] is not None:
+            atoms.info[E_ABOVE_HULL] = e_hull[i]
+    return e_hull, errors, e_form
+
+
+def _stability_summary(e_hull, errors, unique, novel, emitted_rates):
+    """Stability rates, failures and median E_hull; also per model output when the run records count them."""
+    stability = {**stability_rates(e_hull, unique=unique, novel=novel),
+                 "failures": _count_reasons(errors),
+                 "e_hull_median": _median([e for e in e_hull if e is not None])}
+    emitted = (emitted_rates or {}).get("all")
+    if emitted and stability["n"]:
+        # Re-sampled attempts (unparsed, too-close atoms) count too: rates per model output.
+        scale = stability["n"] / emitted["emitted"]
+        stability["over_emitted"] = {
+            "emitted": emitted["emitted"],
+            **{key: stability[key] * scale for key in ("metastable", "stable", "sun", "msun")},
+        }
+    return stability
 
 
 def _coverage_size(value):

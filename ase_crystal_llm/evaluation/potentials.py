@@ -31,10 +31,15 @@ import functools
 import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ase.calculators.calculator import Calculator
 
 from ase_crystal_llm import settings
+
+if TYPE_CHECKING:
+    from chgnet.model import CHGNet
+    from matgl.apps.pes import Potential
 
 __all__ = [
     "ENERGY_SCALES", "KNOWN_ANSWER_TOL", "NACL_A", "NACL_KNOWN_ANSWER", "NACL_REVERSED", "SEVENNET",
@@ -60,7 +65,7 @@ NACL_REVERSED = -1.299
 KNOWN_ANSWER_TOL = 0.01  # eV/atom
 
 
-def get_calculator(spec="m3gnet", *, device=None):
+def get_calculator(spec: str | os.PathLike | Calculator = "m3gnet", *, device: str | None = None) -> Calculator:
     """An ASE calculator for a potential.
 
     Parameters
@@ -84,7 +89,8 @@ def get_calculator(spec="m3gnet", *, device=None):
     if isinstance(spec, Calculator):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"potential must be a name, a matgl model directory or an ASE calculator, not {type(spec).__name__}")
+        raise TypeError("potential must be a name, a matgl model directory or an ASE calculator, "
+                        f"not {type(spec).__name__}")
     name = str(spec)
     if name.lower() == "chgnet":
         return _chgnet_calculator(device)
@@ -102,7 +108,7 @@ def get_calculator(spec="m3gnet", *, device=None):
     )
 
 
-def potential_info(calculator):
+def potential_info(calculator: Calculator) -> tuple[str, str]:
     """``(potential_name, energy_scale)`` declared by a calculator."""
     name = getattr(calculator, "potential_name", None) or type(calculator).__name__.lower()
     return name, getattr(calculator, "energy_scale", "unknown")
@@ -122,7 +128,7 @@ def _matgl_calculator(path, device=None):
     return calc
 
 
-def load_matgl_potential(path, *, device=None):
+def load_matgl_potential(path: str | os.PathLike, *, device: str | None = None) -> Potential:
     """Load a matgl potential from a directory, with the M3GNet aggregation check.
 
     The result is cached per (directory, device); it carries
@@ -163,7 +169,7 @@ def _is_m3gnet_mp_2021(path):
     return "m3gnet-mp-2021.2.8" in path.name.lower()
 
 
-def nacl_energy_per_atom(potential):
+def nacl_energy_per_atom(potential: Potential) -> float:
     """Energy per atom of rock-salt NaCl at a = 5.69 A with a matgl potential."""
     from ase.build import bulk
     from matgl.ext.ase import PESCalculator
@@ -173,7 +179,7 @@ def nacl_energy_per_atom(potential):
     return atoms.get_potential_energy() / len(atoms)
 
 
-def check_m3gnet_aggregation(potential):
+def check_m3gnet_aggregation(potential: Potential) -> Potential:
     """Known-answer check of M3GNet-MP-2021.2.8; patch this instance if reversed.
 
     Raises
@@ -289,7 +295,7 @@ def _sevennet_calculator(name, device=None):
     return calc
 
 
-def load_chgnet(*, device=None):
+def load_chgnet(*, device: str | None = None) -> CHGNet:
     """The pretrained CHGNet (weights shipped in the chgnet wheel), cached per device."""
     return _load_chgnet(_torch_device(device))
 

@@ -45,7 +45,7 @@ FINGERPRINT_CHUNK = 64  # crystals per cached chunk: ~10-30 s of work, the most 
 
 
 # -- caches and reference data ----------------------------------------------------
-def cache_dir(path=None):
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
     """Folder for cached reference fingerprints (created if missing)."""
     path = settings.cache_dir(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
@@ -72,14 +72,15 @@ def subsample_rows(n: int, size: int | None = None, seed: int = 0) -> np.ndarray
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
-def precomputed_path(path) -> Path:
+def precomputed_path(path: str | os.PathLike) -> Path:
     """Where a precomputed fingerprint file of a whole split lives: ``test.csv.gz`` -> ``test_fingerprints.npz``."""
     path = Path(path)
     return path.with_name(path.name.split(".")[0] + "_fingerprints.npz")
 
 
-def reference_fingerprints(path, *, size: int | None = None, seed: int = 0, cache=None, workers: int | None = None,
-                           progress: bool = True, chunk_size: int = FINGERPRINT_CHUNK, label: str | None = None,
+def reference_fingerprints(path: str | os.PathLike, *, size: int | None = None, seed: int = 0,
+                           cache: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True,
+                           chunk_size: int = FINGERPRINT_CHUNK, label: str | None = None,
                            precomputed: bool = True) -> Fingerprints:
     """Fingerprints of a reference split, computed in chunks that are cached as they finish.
 
@@ -159,11 +160,11 @@ def _precomputed(path, n):
             version = int(data["version"]) if "version" in data.files else 1
         fps = Fingerprints.load(file)
     except _DAMAGED as err:
-        warnings.warn(f"ignoring {file}: {err}")
+        warnings.warn(f"ignoring {file}: {err}", stacklevel=2)
         return None
     if version != FINGERPRINT_VERSION or len(fps) != n:
         warnings.warn(f"ignoring {file}: fingerprint version {version} for {len(fps)} rows, "
-                      f"expected version {FINGERPRINT_VERSION} for the {n} rows of {Path(path).name}")
+                      f"expected version {FINGERPRINT_VERSION} for the {n} rows of {Path(path).name}", stacklevel=2)
         return None
     return fps
 

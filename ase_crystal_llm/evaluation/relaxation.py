@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms
@@ -35,12 +36,16 @@ from ase_crystal_llm.io.files import plain
 from ase_crystal_llm.settings import torch_threads
 from ase_crystal_llm.text.format import is_periodic
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 __all__ = [
     "RelaxCache", "relax", "relax_key", "relax_many", "structure_hash",
 ]
 
 
-def relax(atoms, calculator, fmax=0.1, steps=500, threads=None):
+def relax(atoms: Atoms, calculator: Calculator | str | os.PathLike, fmax: float = 0.1, steps: int = 500,
+          threads: int | None = None) -> Atoms:
     """Relax cell and positions with FIRE on ``FrechetCellFilter``.
 
     Parameters
@@ -82,19 +87,19 @@ def relax(atoms, calculator, fmax=0.1, steps=500, threads=None):
 
 
 def relax_many(
-    structures,
-    potential="m3gnet",
+    structures: Iterable[Atoms],
+    potential: str | os.PathLike | Calculator = "m3gnet",
     *,
-    fmax=0.1,
-    steps=500,
-    workers=None,
-    cache=None,
-    batch_size=32,
-    backend="auto",
-    device=None,
-    threads=None,
-    progress=False,
-):
+    fmax: float = 0.1,
+    steps: int = 500,
+    workers: int | None = None,
+    cache: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    backend: str = "auto",
+    device: str | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> list[Atoms]:
     """Relax many structures: batched, cached, optionally in worker processes.
 
     Parameters
@@ -259,7 +264,7 @@ def _worker_relax(items, opts):
     return out
 
 
-def structure_hash(atoms, decimals=5):
+def structure_hash(atoms: Atoms, decimals: int = 5) -> str:
     """sha256 of numbers, pbc, cell and fractional positions (rounded)."""
     digest = hashlib.sha256()
     digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
@@ -270,7 +275,7 @@ def structure_hash(atoms, decimals=5):
     return digest.hexdigest()
 
 
-def relax_key(atoms, potential_name, fmax, steps):
+def relax_key(atoms: Atoms, potential_name: str, fmax: float, steps: int) -> str:
     """Cache key of one relaxation: structure hash plus potential and settings."""
     text = f"{structure_hash(atoms)}|{potential_name}|{float(fmax):g}|{int(steps)}"
     return hashlib.sha256(text.encode()).hexdigest()[:40]
@@ -282,7 +287,7 @@ class RelaxCache:
     # "energy" is reserved in ase.db: it lives in the row's calculator results.
     _INFO = ("relax_converged", "relax_steps", "potential", "energy_scale", "relax_failed", "relax_error")
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike) -> None:
         from ase.db import connect
 
         self.path = Path(path)
@@ -290,7 +295,7 @@ class RelaxCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = connect(str(self.path), type="db")
 
-    def get(self, key):
+    def get(self, key: str) -> Atoms | None:
         # Two processes sharing a cache (or one relaxing a duplicate sample) may both have
         # written a key: any of its rows is the same relaxation.
         row = next(iter(self.db.select(relax_key=key, limit=1)), None)
@@ -308,7 +313,7 @@ class RelaxCache:
             atoms.info[ENERGY] = float(row.energy)
         return atoms
 
-    def put(self, key, atoms):
+    def put(self, key: str, atoms: Atoms) -> None:
         pairs = {k: plain(atoms.info[k]) for k in self._INFO if k in atoms.info}
         self.db.write(atoms, relax_key=key, **pairs)
 

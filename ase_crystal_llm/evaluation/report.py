@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.evaluation.metrics import METASTABLE
 from ase_crystal_llm.io.files import atomic_write
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 __all__ = [
     "report_markdown",
@@ -115,7 +119,37 @@ def _reference_sentence(result):
             f"`--coverage-size {ref['split_size']}` uses the full split.")
 
 
-def report_markdown(result, figures=()):
+_DISTANCES = (("element_count_jsd", "element-count mix, Jensen-Shannon distance"),
+              ("atoms_per_cell_jsd", "atoms per cell, Jensen-Shannon distance"),
+              ("spacegroup_jsd", "space groups (symprec 0.1), Jensen-Shannon distance"),
+              ("element_jsd", "element frequencies, Jensen-Shannon distance"),
+              ("density_wasserstein", "density, Wasserstein distance (g/cm^3)"),
+              ("atoms_per_cell_wasserstein", "atoms per cell, Wasserstein distance"))
+
+
+def _distribution_lines(dist: Mapping[str, Any] | None) -> list[str]:
+    """The distances of the samples beside those of real val crystals, and the mixes of all three sets."""
+    if not dist or not dist["samples"].get("n"):
+        return []
+    sets = [dist["samples"], dist.get("real") or {}, dist["reference"]]
+    lines = ["", "## Distribution: samples beside real crystals", "",
+             f"Valid samples ({sets[0]['n']}) and as many real MP-20 val crystals ({sets[1].get('n', 0)}), each "
+             f"against the same {sets[2]['n']} MP-20 test crystals: the real column is the distance real data "
+             "itself has at this sample size.", "",
+             "| distance to the test crystals | samples | real val crystals |", "|---|---|---|"]
+    lines += [f"| {label} | {_fmt(sets[0].get(key))} | {_fmt(sets[1].get(key))} |" for key, label in _DISTANCES]
+    lines += ["", "| mix | samples | real val crystals | test crystals |", "|---|---|---|---|"]
+    for k, name in (("1", "unary"), ("2", "binary"), ("3", "ternary"), ("4", "quaternary"), ("5", "5 elements")):
+        shares = (_fmt(x.get("element_count_mix", {}).get(k), True) for x in sets)
+        lines.append(f"| {name} | " + " | ".join(shares) + " |")
+    lines.append("| mean atoms per cell | " + " | ".join(_fmt(x.get("mean_atoms_per_cell")) for x in sets) + " |")
+    lines.append("| mean density (g/cm^3) | " + " | ".join(_fmt(x.get("mean_density")) for x in sets) + " |")
+    lines.append("| containing oxygen | " + " | ".join(_fmt(x.get("oxygen_fraction"), True) for x in sets) + " |")
+    lines.append("| distinct space groups | " + " | ".join(str(x.get("distinct_spacegroups", "")) for x in sets) + " |")
+    return lines
+
+
+def report_markdown(result: Mapping[str, Any], figures: Sequence[str] = ()) -> str:
     """A readable summary of :func:`evaluate`'s result."""
     v = result["validity"]["returned"]
     s = result["stability"]
@@ -168,6 +202,7 @@ def report_markdown(result, figures=()):
             lines += ["", f"Per model output ({over['emitted']} emitted): metastable {_fmt(over['metastable'], True)}, "
                       f"stable {_fmt(over['stable'], True)}, S.U.N. {_fmt(over['sun'], True)}, "
                       f"metastable S.U.N. {_fmt(over.get('msun'), True)}."]
+    lines += _distribution_lines(result.get("distribution"))
     cond = result.get("conditional") or {}
     if cond:
         lines += ["", "## Conditional accuracy", ""]

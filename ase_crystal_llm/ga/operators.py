@@ -17,6 +17,7 @@ Both work next to ASE's own operators in an ``OperationSelector``.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ase.data import atomic_masses, atomic_numbers
@@ -37,6 +38,13 @@ try:  # ase_ga is the GA's home since ASE 3.26; older ASE ships it as ase.ga
 except ImportError:  # pragma: no cover - depends on the installed ASE
     from ase.ga.offspring_creator import OffspringCreator
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator, Sequence
+    from types import ModuleType
+
+    from ase import Atoms
+
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
 __all__ = [
     "LLMElementMutation",
@@ -50,7 +58,7 @@ __all__ = [
 ]
 
 
-def swap_element(atoms, old, new):
+def swap_element(atoms: Atoms, old: str, new: str) -> Atoms:
     """A copy of ``atoms`` with every ``old`` atom turned into ``new``.
 
     Only whole symbols are compared, so swapping N never touches Na.  Per-atom
@@ -187,16 +195,18 @@ class TemplateElementMutation(_ElementSwapMutation):
         Print each mutation.
     """
 
-    def __init__(self, element_pool=None, tolerance=0.1, rng=np.random, verbose=False):
+    def __init__(self, element_pool: Sequence[str] | Sequence[Sequence[str]] | None = None, tolerance: float = 0.1,
+                 rng: ModuleType | np.random.RandomState | np.random.Generator = np.random,
+                 verbose: bool = False) -> None:
         super().__init__(element_pool, rng=rng, verbose=verbose)
         self.tolerance = float(tolerance)
         swap_table(self.tolerance)  # checks the tolerance now, not at the first swap
         self.descriptor = "TemplateElementMutation"
 
-    def candidates(self, atoms, element):
+    def candidates(self, atoms: Atoms, element: str) -> Sequence[str]:
         return self._alike(atoms, element)
 
-    def choose(self, atoms, element, candidates):
+    def choose(self, atoms: Atoms, element: str, candidates: Sequence[str]) -> tuple[str, dict[str, Any]]:
         return str(self.rng.choice(list(candidates))), {}
 
 
@@ -232,8 +242,10 @@ class LLMElementMutation(_ElementSwapMutation):
         Print each mutation.
     """
 
-    def __init__(self, generator, element_pool=None, temperature=1.0, restrict_to_template=True,
-                 tolerance=0.1, rng=np.random, verbose=False):
+    def __init__(self, generator: CrystalGenerator, element_pool: Sequence[str] | Sequence[Sequence[str]] | None = None,
+                 temperature: float = 1.0, restrict_to_template: bool = True, tolerance: float = 0.1,
+                 rng: ModuleType | np.random.RandomState | np.random.Generator = np.random,
+                 verbose: bool = False) -> None:
         super().__init__(element_pool, rng=rng, verbose=verbose)
         self.generator = generator
         self.temperature = _check_temperature(temperature)
@@ -242,13 +254,13 @@ class LLMElementMutation(_ElementSwapMutation):
         swap_table(self.tolerance)  # checks the tolerance now, not at the first swap
         self.descriptor = "LLMElementMutation"
 
-    def candidates(self, atoms, element):
+    def candidates(self, atoms: Atoms, element: str) -> Sequence[str]:
         if self.restrict_to_template:
             return self._alike(atoms, element)
         group = self.group(element)
         return ELEMENTS if group is None else group
 
-    def choose(self, atoms, element, candidates):
+    def choose(self, atoms: Atoms, element: str, candidates: Sequence[str]) -> tuple[str, dict[str, Any]]:
         probs = propose_elements(self.generator, atoms, element, candidates=candidates,
                                  temperature=self.temperature)
         symbols = list(probs)
@@ -273,12 +285,14 @@ def _child_info(child, parent, index):
     return info
 
 
-def mutate_structures(parents, n, operator):
+def mutate_structures(parents: Iterable[Atoms], n: int,
+                      operator: TemplateElementMutation | LLMElementMutation) -> Iterator[Atoms]:
     """Yield ``n`` children of ``parents``, one mutation each, parents taken in turn.
 
     Every parent must be a crystal (periodic in 3D).  A parent the operator
-    cannot mutate (no allowed swap) leaves the rotation with a warning; when none is left a ``ValueError`` says so.  Children carry
-    flat ``info``: ``parent_index``, ``parent_formula``, ``parent_material_id``
+    cannot mutate (no allowed swap) leaves the rotation with a warning; when
+    none is left a ``ValueError`` says so.  Children carry flat ``info``:
+    ``parent_index``, ``parent_formula``, ``parent_material_id``
     (when the parent has one), ``mutation`` (``"Na->K"``), ``origin`` and, for
     the model, ``swap_probability``.
 

@@ -37,6 +37,7 @@ small.
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,6 +50,11 @@ from ase_crystal_llm.chemistry.validity import counts_valid
 from ase_crystal_llm.generation.options import EXTRA_ATOMS
 from ase_crystal_llm.generation.spacing import RowSpacing
 from ase_crystal_llm.text.format import ELEMENTS
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Iterable, Sequence
+
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "CrystalGrammar", "CrystalLogitsProcessor", "DIGITS", "DONE", "FIELDS", "FormulaTarget", "RowComposition",
@@ -92,7 +98,7 @@ def _number_complete(state):
     return state[4] >= 1
 
 
-def step_char(state, char, symbols, prefixes):
+def step_char(state: tuple, char: str, symbols: Collection[str], prefixes: Collection[str]) -> tuple[tuple, int] | None:
     """The state after reading ``char``, or ``None`` when it is not allowed.
 
     Returns a pair ``(state, atoms_started)``: ``atoms_started`` is 1 when the
@@ -133,7 +139,7 @@ def step_char(state, char, symbols, prefixes):
     return None
 
 
-def can_end(state, n_atoms):
+def can_end(state: tuple, n_atoms: int) -> bool:
     """True where a crystal may end: after the last coordinate of an atom."""
     if n_atoms < 1:
         return False
@@ -142,7 +148,7 @@ def can_end(state, n_atoms):
     return state[0] == "num" and state[1] == "coords" and state[2] == 2 and _number_complete(state)
 
 
-def reads_symbol(state, text, symbols, prefixes):
+def reads_symbol(state: tuple, text: str, symbols: Collection[str], prefixes: Collection[str]) -> bool:
     """True when ``text``, read from ``state``, reads a character of a symbol line (before any refusal)."""
     for char in text:
         if state[0] == "sym":
@@ -154,7 +160,7 @@ def reads_symbol(state, text, symbols, prefixes):
     return False
 
 
-def formula_composition(formula, elements=None):
+def formula_composition(formula: str, elements: Collection[str] | None = None) -> dict[str, int]:
     """Element counts of one formula unit of ``formula`` (``ase.formula.Formula``).
 
     Raises a one-line ``ValueError`` for an unparsable formula, a zero count,
@@ -223,7 +229,7 @@ class FormulaTarget:
         Elements the formula must stay within.
     """
 
-    def __init__(self, formula, max_atoms, elements=None):
+    def __init__(self, formula: str, max_atoms: int, elements: Collection[str] | None = None) -> None:
         count = formula_composition(formula, elements)
         per_unit = sum(count.values())
         if per_unit > max_atoms:
@@ -240,16 +246,16 @@ class FormulaTarget:
     def __repr__(self):
         return f"FormulaTarget({self.formula!r}, k_max={self.k_max})"
 
-    def add(self, counts, symbol):
+    def add(self, counts: tuple[int, ...], symbol: str) -> tuple[int, ...]:
         """``counts`` with one more ``symbol``."""
         i = self._index[symbol]
         return counts[:i] + (counts[i] + 1,) + counts[i + 1:]
 
-    def open_symbols(self, counts):
+    def open_symbols(self, counts: tuple[int, ...]) -> frozenset[str]:
         """Elements that may still be added: some allowed ``k`` stays reachable."""
         return frozenset(s for s, c, m in zip(self.symbols, counts, self.limits) if c < m)
 
-    def complete(self, counts):
+    def complete(self, counts: tuple[int, ...]) -> bool:
         """True when ``counts`` are exactly ``k`` formula units, ``k >= 1``."""
         k, rest = divmod(counts[0], self.units[0])
         return k >= 1 and rest == 0 and all(c == k * u for c, u in zip(counts, self.units))
@@ -258,7 +264,7 @@ class FormulaTarget:
 _TOKEN_STRINGS = weakref.WeakKeyDictionary()
 
 
-def token_strings(tokenizer):
+def token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The decoded string of every token id, as it reads *inside* a text.
 
     SentencePiece drops a piece's leading space when it starts a text, so
@@ -318,7 +324,8 @@ class CrystalGrammar:
     ``(state, n_atoms)``.
     """
 
-    def __init__(self, tokenizer, *, elements=None, max_atoms=64, vocab_size=None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, elements: Iterable[str] | None = None,
+                 max_atoms: int = 64, vocab_size: int | None = None) -> None:
         symbols = ELEMENTS if elements is None else tuple(elements)
         unknown = [s for s in symbols if s not in ELEMENTS]
         if unknown:
@@ -348,7 +355,7 @@ class CrystalGrammar:
         self._rows = {}  # device -> {mask key: row of the device table}
         self._tables = {}  # device -> (n_keys, vocab) bool tensor
 
-    def target(self, formula):
+    def target(self, formula: str) -> FormulaTarget:
         """The (cached) :class:`FormulaTarget` of ``formula`` under this grammar's elements and ``max_atoms``."""
         key = str(formula)
         if key not in self._targets:
@@ -456,7 +463,8 @@ class CrystalGrammar:
             return None  # ... only where some tokens can finish it
         return state, n_atoms, counts
 
-    def run(self, state, n_atoms, text, target=None, counts=None):
+    def run(self, state: tuple, n_atoms: int, text: str, target: FormulaTarget | None = None,
+            counts: tuple[int, ...] | None = None) -> tuple | None:
         """Feed ``text`` from ``(state, n_atoms)``; ``None`` when not allowed.
 
         With a formula ``target`` (and its ``counts``, default none yet),
@@ -467,7 +475,8 @@ class CrystalGrammar:
         result = self._feed(state, n_atoms, counts, target, text)
         return result if result is None or target is not None else result[:2]
 
-    def allowed(self, state, n_atoms, device="cpu", target=None, counts=None):
+    def allowed(self, state: tuple, n_atoms: int, device: str | torch.device = "cpu",
+                target: FormulaTarget | None = None, counts: tuple[int, ...] | None = None) -> torch.Tensor:
         """Boolean mask over the vocabulary for one state (cached)."""
         if target is not None and counts is None:
             counts = target.zero
@@ -478,7 +487,9 @@ class CrystalGrammar:
             self._masks[key] = mask
         return mask
 
-    def rows_mask(self, states, n_atoms, device, targets=None, counts=None):
+    def rows_mask(self, states: Sequence[tuple], n_atoms: Sequence[int], device: str | torch.device,
+                  targets: Sequence[FormulaTarget | None] | None = None,
+                  counts: Sequence[tuple[int, ...] | None] | None = None) -> torch.Tensor:
         """Stacked masks of many rows: one gather from a per-device table of state masks."""
         device = str(device)
         targets = targets or [None] * len(states)
@@ -514,7 +525,8 @@ class CrystalGrammar:
             mask[list(self.eos_ids)] = True
         return mask
 
-    def advance(self, state, n_atoms, token_id, target=None, counts=None):
+    def advance(self, state: tuple, n_atoms: int, token_id: int, target: FormulaTarget | None = None,
+                counts: tuple[int, ...] | None = None) -> tuple:
         """State after emitting ``token_id`` (cached per state and token)."""
         if target is not None and counts is None:
             counts = target.zero
@@ -543,7 +555,7 @@ class CrystalGrammar:
             self._formula_moves[key] = moved
         return moved
 
-    def accepts(self, text, *, complete=True, formula=None):
+    def accepts(self, text: str, *, complete: bool = True, formula: str | None = None) -> bool:
         """True when ``text`` is allowed by the machine (and may end there).
 
         With ``formula``, its element counts must also be (complete: exactly,
@@ -558,7 +570,8 @@ class CrystalGrammar:
             return True
         return can_end(state, n_atoms) and (target is None or target.complete(counts))
 
-    def processor(self, formulas=None, min_distance=None, charge_guard=False):
+    def processor(self, formulas: Sequence[str | None] | None = None, min_distance: float | None = None,
+                  charge_guard: bool = False) -> CrystalLogitsProcessor:
         """A fresh :class:`CrystalLogitsProcessor` for one generation run.
 
         ``formulas`` (optional) gives one formula or ``None`` per batch row:
@@ -597,14 +610,14 @@ class RowComposition:
 
     __slots__ = ("extra_atoms", "counts", "line", "n_lines", "held_at")
 
-    def __init__(self, extra_atoms=EXTRA_ATOMS):
+    def __init__(self, extra_atoms: int = EXTRA_ATOMS) -> None:
         self.extra_atoms = int(extra_atoms)
         self.counts = {}
         self.line = ""
         self.n_lines = 0
         self.held_at = None  # atom count at the first refused end
 
-    def feed(self, text):
+    def feed(self, text: str) -> None:
         """Read generated ``text``."""
         for char in text:
             if char != "\n":
@@ -615,7 +628,7 @@ class RowComposition:
                 self.counts[symbol] = self.counts.get(symbol, 0) + 1
             self.line, self.n_lines = "", self.n_lines + 1
 
-    def holds_end(self, n_atoms):
+    def holds_end(self, n_atoms: int) -> bool:
         """True when the row, able to end with ``n_atoms`` atoms, should write another atom instead."""
         if counts_valid(self.counts):
             return False
@@ -650,7 +663,8 @@ class CrystalLogitsProcessor(LogitsProcessor):
         other tokens are allowed.
     """
 
-    def __init__(self, grammar, targets=None, min_distance=None, charge_guard=False):
+    def __init__(self, grammar: CrystalGrammar, targets: Sequence[FormulaTarget | None] | None = None,
+                 min_distance: float | None = None, charge_guard: bool = False) -> None:
         self.grammar = grammar
         self.min_distance = min_distance or None
         self.charge_guard = bool(charge_guard)
@@ -663,7 +677,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
         self.counts = None
         self._length = None
 
-    def reset(self, batch_size):
+    def reset(self, batch_size: int) -> None:
         if self._row_targets is not None and len(self._row_targets) != batch_size:
             raise ValueError(f"the processor has formula targets for {len(self._row_targets)} rows, "
                              f"got a batch of {batch_size}")
@@ -678,7 +692,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
         if self.charge_guard:  # a formula row's composition is fixed by its target
             self.charge = [RowComposition() if t is None else None for t in self.targets]
 
-    def advance(self, tokens):
+    def advance(self, tokens: torch.Tensor | Iterable[int]) -> None:
         """Move every row on by its newly generated token (tensor or list)."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
         g = self.grammar
@@ -691,7 +705,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
             self.states[row], self.n_atoms[row], self.counts[row] = g._advance(
                 self.states[row], self.n_atoms[row], self.counts[row], self.targets[row], token)
 
-    def select(self, rows):
+    def select(self, rows: torch.Tensor | Iterable[int]) -> None:
         """Keep only ``rows`` (finished rows dropped from the batch)."""
         rows = rows.tolist() if torch.is_tensor(rows) else list(rows)
         self.states = [self.states[r] for r in rows]
@@ -704,10 +718,10 @@ class CrystalLogitsProcessor(LogitsProcessor):
             self.charge = [self.charge[r] for r in rows]
 
     @property
-    def finished(self):
+    def finished(self) -> list[bool]:
         return [s == DONE for s in self.states]
 
-    def mask(self, scores):
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` with forbidden tokens set to ``-inf`` (a new tensor)."""
         allowed = self.grammar.rows_mask(self.states, self.n_atoms, scores.device, self.targets,
                                          self.counts)[:, : scores.shape[-1]]

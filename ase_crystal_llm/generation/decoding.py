@@ -13,8 +13,17 @@ are transformers' own ``TemperatureLogitsWarper`` / ``TopPLogitsWarper``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from transformers import PreTrainedTokenizerBase
+
+    from ase_crystal_llm.generation.constraints import CrystalLogitsProcessor
 
 __all__ = [
     "fast_sample", "plain_sample",
@@ -111,8 +120,10 @@ def _left_pad(tokenizer, prompts, device):
 
 
 @torch.inference_mode()
-def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, temperature=0.0, top_p=1.0,
-                generator=None, compact_fraction=0.25, min_new_tokens=0):
+def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                processor: CrystalLogitsProcessor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None, compact_fraction: float = 0.25,
+                min_new_tokens: int = 0) -> tuple[list[list[int]], list[bool]]:
     """Sample one continuation per prompt with the lean decoding loop.
 
     Parameters
@@ -200,8 +211,10 @@ def fast_sample(model, tokenizer, prompts, processor, *, max_new_tokens, tempera
 
 
 @torch.inference_mode()
-def plain_sample(model, tokenizer, prompts, processor, *, max_new_tokens, temperature=0.0, top_p=1.0,
-                 generator=None, min_new_tokens=0):
+def plain_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                 processor: CrystalLogitsProcessor | None, *, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None,
+                 min_new_tokens: int = 0) -> tuple[list[list[int]], list[bool]]:
     """The same sampling through ``model.generate`` (the reference-style path).
 
     ``processor=None`` samples without the grammar, as the reference code

@@ -23,6 +23,7 @@ import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,13 +57,22 @@ from ase_crystal_llm.options import document_options
 from ase_crystal_llm.text.format import CrystalTextError, is_element, one_line, text_to_atoms
 from ase_crystal_llm.text.prompts import CONDITION_KEYS, spacegroup_number
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator, Sequence
+
+    from ase import Atoms
+    from transformers import PreTrainedTokenizerBase
+
+    from ase_crystal_llm.model.modelcard import ModelCard
+    from ase_crystal_llm.text.prompts import PromptTemplate
+
 __all__ = [
     "CrystalGenerator", "GenerationStats", "condition_sets", "failure_reason", "new_run_id", "seen_in_training",
     "whole_number",
 ]
 
 
-def failure_reason(message):
+def failure_reason(message: str | Exception) -> str:
     """A short, countable reason from a :class:`CrystalTextError` message."""
     text = re.sub(r"^line \d+: ", "", str(message))
     text = text.split(":")[0]
@@ -85,20 +95,20 @@ class GenerationStats:
     seed: int | None = None
 
     @property
-    def raw_parse_rate(self):
+    def raw_parse_rate(self) -> float:
         """Parsed fraction of all attempts (before re-sampling)."""
         return (self.attempts - sum(self.parse_failures.values())) / self.attempts if self.attempts else 0.0
 
     @property
-    def final_parse_rate(self):
+    def final_parse_rate(self) -> float:
         """Returned fraction of the requested crystals (after re-sampling)."""
         return self.returned / self.requested if self.requested else 0.0
 
     @property
-    def crystals_per_second(self):
+    def crystals_per_second(self) -> float:
         return self.returned / self.seconds if self.seconds else 0.0
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return {
             "requested": self.requested, "returned": self.returned, "attempts": self.attempts,
             "parse_failures": dict(self.parse_failures), "rejected": self.rejected, "gave_up": self.gave_up,
@@ -108,7 +118,7 @@ class GenerationStats:
         }
 
 
-def condition_sets(n, **conditions):
+def condition_sets(n: int, **conditions: Any) -> list[dict[str, Any]]:
     """Per-crystal condition dicts; list values cycle over the ``n`` crystals.
 
     ``generate(6, formula=["NaCl", "KCl"])`` asks for NaCl, KCl, NaCl, ...
@@ -166,7 +176,7 @@ def _check_formula(conditions, elements, max_atoms, constrain):
         formula_composition(formula, elements or None)
 
 
-def seen_in_training(keys, card=None):
+def seen_in_training(keys: Iterable[str], card: ModelCard | dict[str, Any] | None = None) -> bool:
     """Whether the training curriculum ever wrote this combination of conditions.
 
     The card's ``condition_combinations`` (a list of key lists) decides when
@@ -192,7 +202,7 @@ def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def whole_number(value, name: str) -> int:
+def whole_number(value: Any, name: str) -> int:
     """``value`` as an int; 2.5, "3" or True are refused (silently truncating them hides mistakes)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         if not (isinstance(value, (float, np.floating)) and float(value).is_integer()):
@@ -231,7 +241,9 @@ class CrystalGenerator:
         else one per idle core); ignored on a GPU.  Set ``gen.threads`` to change it.
     """
 
-    def __init__(self, model, tokenizer, card=None, *, template=None, model_dir=None, threads=None):
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, card: ModelCard | None = None, *,
+                 template: PromptTemplate | None = None, model_dir: str | os.PathLike | None = None,
+                 threads: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.card = card
@@ -253,7 +265,9 @@ class CrystalGenerator:
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path=None, device=None, base=None, quantize=None, threads=None):
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                        base: str | None = None, quantize: str | None = None,
+                        threads: int | None = None) -> CrystalGenerator:
         """Load a model directory written by ``crystal-llm train``.
 
         Parameters
@@ -292,10 +306,10 @@ class CrystalGenerator:
         return cls(model, tokenizer, card, model_dir=path, threads=threads)
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def weights_sha256(self):
+    def weights_sha256(self) -> dict[str, str]:
         """Hashes of the weight files as recorded in the card (computed when absent)."""
         recorded = _card_get(self.card, "weights")
         if recorded:
@@ -315,7 +329,7 @@ class CrystalGenerator:
             sampling = {**sampling, **(sampling.get("formula_constrained") or {})}
         return (sampling.get("temperature", DEFAULT_TEMPERATURE), sampling.get("top_p", DEFAULT_TOP_P))
 
-    def grammar(self, elements=None, max_atoms=DEFAULT_MAX_ATOMS):
+    def grammar(self, elements: Iterable[str] | None = None, max_atoms: int = DEFAULT_MAX_ATOMS) -> CrystalGrammar:
         """The (cached) crystal grammar for this tokenizer and element set."""
         key = (tuple(sorted(set(elements))) if elements else None, int(max_atoms))
         if key not in self._grammars:
@@ -325,7 +339,7 @@ class CrystalGenerator:
         return self._grammars[key]
 
     @staticmethod
-    def max_new_tokens(max_atoms):
+    def max_new_tokens(max_atoms: int) -> int:
         """Tokens a crystal of ``max_atoms`` atoms can need under the grammar (one token >= one char)."""
         lattice = 2 * (3 * (FIELDS["lengths"][0] + 1 + FIELDS["lengths"][1]) + 3)
         atom = 2 + 1 + 3 * (FIELDS["coords"][0] + 1 + FIELDS["coords"][1]) + 3
@@ -333,12 +347,15 @@ class CrystalGenerator:
 
     # -- generation --------------------------------------------------------------------------
     @document_options(GenerationOptions)
-    def generate(self, n: int, *, formula=None, spacegroup=None, e_above_hull=None, band_gap=None,
-                 formation_energy=None, elements=None, constrain_formula: bool = True, temperature: float | None = None,
+    def generate(self, n: int, *, formula: str | Sequence[str] | None = None,
+                 spacegroup: int | str | Sequence[int | str] | None = None,
+                 e_above_hull: float | Sequence[float] | None = None, band_gap: float | Sequence[float] | None = None,
+                 formation_energy: float | Sequence[float] | None = None, elements: str | Iterable[str] | None = None,
+                 constrain_formula: bool = True, temperature: float | None = None,
                  top_p: float | None = None, batch_size: int | None = None, seed: int | None = None,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, symmetrize: float | None = None,
                  max_atoms: int = DEFAULT_MAX_ATOMS, min_distance: float | None = MIN_DISTANCE,
-                 spacing_guard: bool = True, charge_guard: bool = True, fast: bool = True) -> list:
+                 spacing_guard: bool = True, charge_guard: bool = True, fast: bool = True) -> list[Atoms]:
         """Sample ``n`` crystals; returns a list of periodic :class:`ase.Atoms`.
 
         The options are the fields of :class:`~.options.GenerationOptions`.
@@ -361,12 +378,19 @@ class CrystalGenerator:
         return sorted(out, key=lambda a: a.info[SAMPLE_INDEX])
 
     @document_options(GenerationOptions)  # checks that the defaults are the options'
-    def iter_generate(self, n, *, formula=None, spacegroup=None, e_above_hull=None, band_gap=None,
-                      formation_energy=None, elements=None, constrain_formula=True, temperature=None,
-                      top_p=None, batch_size=None, seed=None, max_attempts=DEFAULT_MAX_ATTEMPTS, symmetrize=None,
-                      max_atoms=DEFAULT_MAX_ATOMS, min_distance=MIN_DISTANCE, spacing_guard=True, charge_guard=True,
-                      fast=True, start_index=0,
-                      run_id=None, rank=0, indices=None):
+    def iter_generate(self, n: int, *, formula: str | Sequence[str] | None = None,
+                      spacegroup: int | str | Sequence[int | str] | None = None,
+                      e_above_hull: float | Sequence[float] | None = None,
+                      band_gap: float | Sequence[float] | None = None,
+                      formation_energy: float | Sequence[float] | None = None,
+                      elements: str | Iterable[str] | None = None, constrain_formula: bool = True,
+                      temperature: float | None = None, top_p: float | None = None, batch_size: int | None = None,
+                      seed: int | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                      symmetrize: float | None = None, max_atoms: int = DEFAULT_MAX_ATOMS,
+                      min_distance: float | None = MIN_DISTANCE, spacing_guard: bool = True,
+                      charge_guard: bool = True, fast: bool = True, start_index: int = 0,
+                      run_id: str | None = None, rank: int = 0, indices: Iterable[int] | None = None,
+                      ) -> Iterator[Atoms]:
         """Like :meth:`generate`, but yield each crystal as soon as its batch finishes.
 
         Memory does not grow with ``n``.  ``indices`` (default
@@ -491,7 +515,8 @@ class CrystalGenerator:
         return info
 
     # -- infill ------------------------------------------------------------------------------
-    def propose_elements(self, atoms, element, *, candidates=None, temperature=1.0):
+    def propose_elements(self, atoms: Atoms, element: str, *, candidates: Iterable[str] | None = None,
+                         temperature: float = 1.0) -> dict[str, float]:
         """Probabilities of elements that could replace ``element`` in ``atoms``.
 
         Delegates to :func:`ase_crystal_llm.generation.infill.propose_elements`.
@@ -500,7 +525,7 @@ class CrystalGenerator:
 
         return propose_elements(self, atoms, element, candidates=candidates, temperature=temperature)
 
-    def run_record(self, **settings_):
+    def run_record(self, **settings_: Any) -> dict[str, Any]:
         """What to store with an output: model, weight hashes, package version, settings."""
         from ase_crystal_llm import __version__
 

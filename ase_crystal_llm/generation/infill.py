@@ -8,11 +8,20 @@ distribution; the GA operators of :mod:`ase_crystal_llm.ga` draw from it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.chemistry.substitution import _check_element, substitutes
 from ase_crystal_llm.text.format import ELEMENTS, atoms_to_text, mask_element
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ase import Atoms
+
+    from ase_crystal_llm.generation.generator import CrystalGenerator
 
 __all__ = [
     "element_log_likelihoods", "infill_prompt", "propose_elements",
@@ -36,7 +45,7 @@ def _encode(tokenizer, text, special):
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def infill_prompt(generator, atoms, element):
+def infill_prompt(generator: CrystalGenerator, atoms: Atoms, element: str) -> str:
     """The infill prompt for ``atoms`` with every ``element`` atom masked.
 
     The crystal is written in its canonical cell (primitive, Niggli-reduced),
@@ -65,7 +74,8 @@ def _forward_kwargs(model, keep):
     return {}
 
 
-def element_log_likelihoods(generator, atoms, element, candidates=None):
+def element_log_likelihoods(generator: CrystalGenerator, atoms: Atoms, element: str,
+                            candidates: Iterable[str] | None = None) -> dict[str, float]:
     """Log-likelihood of each candidate as the answer to the infill prompt.
 
     Each candidate is scored as ``log p(symbol tokens, EOS | prompt)``, summed
@@ -144,7 +154,8 @@ def _check_temperature(temperature):
     return temperature
 
 
-def propose_elements(generator, atoms, element, *, candidates=None, temperature=1.0):
+def propose_elements(generator: CrystalGenerator, atoms: Atoms, element: str, *,
+                     candidates: Iterable[str] | None = None, temperature: float = 1.0) -> dict[str, float]:
     """The model's distribution over replacements for every atom of ``element``.
 
     Exact, not estimated from samples: each candidate is scored by

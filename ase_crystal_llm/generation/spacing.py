@@ -20,9 +20,13 @@ checked up to its first newline.  Generated crystals are still checked with
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ase.geometry import cellpar_to_cell
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "FreeSites", "GRID", "MARGIN", "MAX_STEPS", "RowSpacing", "blocked_steps", "coordinate_sites",
@@ -38,7 +42,7 @@ MARGIN = 1e-6  # angstrom
 MAX_STEPS = 2_000_000  # larger search boxes (nearly flat cells) leave the guard off
 
 
-def blocked_steps(cell, min_distance):
+def blocked_steps(cell: ArrayLike, min_distance: float) -> tuple[np.ndarray | None, bool]:
     """Site offsets closer than ``min_distance`` (angstrom) under ``cell``.
 
     Returns
@@ -79,13 +83,13 @@ class FreeSites:
         No site is usable (an atom would touch its own image).
     """
 
-    def __init__(self, steps, full=False):
+    def __init__(self, steps: np.ndarray, full: bool = False) -> None:
         self.steps = steps
         self.free = np.full((GRID, GRID, GRID), not full)
         self.free_xy = self.free.any(axis=2)
         self.free_x = self.free_xy.any(axis=1)
 
-    def place(self, site):
+    def place(self, site: ArrayLike) -> None:
         """Block the sites around an atom at ``site`` (three grid indices)."""
         idx = (np.asarray(site) + self.steps) % GRID
         self.free[idx[:, 0], idx[:, 1], idx[:, 2]] = False
@@ -93,7 +97,8 @@ class FreeSites:
         self.free_xy[xs] = self.free[xs].any(axis=2)
         self.free_x[xs] = self.free_xy[xs].any(axis=1)
 
-    def any_free(self, x=None, y=None, z=None):
+    def any_free(self, x: int | slice | None = None, y: int | slice | None = None,
+                 z: int | slice | None = None) -> bool:
         """True when some free site matches: each axis an index, a slice or ``None`` (any)."""
         if not isinstance(x, (int, np.integer)):
             return bool(self.free_x[_axis(x)].any())
@@ -107,7 +112,7 @@ def _axis(value):
 
 
 @lru_cache(maxsize=1 << 16)  # partial lines repeat across rows and atoms
-def coordinate_sites(line, complete):
+def coordinate_sites(line: str, complete: bool) -> tuple[int | slice | None, ...]:
     """Site index, slice of indices, or ``None`` (undecided) for each of the 3 numbers of ``line``.
 
     ``line`` is a (partial) coordinate line such as ``"0.25 0.5"``;
@@ -142,14 +147,14 @@ class RowSpacing:
 
     __slots__ = ("min_distance", "line", "n_lines", "lengths", "sites")
 
-    def __init__(self, min_distance):
+    def __init__(self, min_distance: float) -> None:
         self.min_distance = float(min_distance)
         self.line = ""
         self.n_lines = 0
         self.lengths = None
         self.sites = None
 
-    def feed(self, text):
+    def feed(self, text: str) -> None:
         """Read generated ``text``."""
         for char in text:
             if char == "\n":
@@ -182,7 +187,7 @@ class RowSpacing:
         if steps is not None:
             self.sites = FreeSites(steps, full=self_image)
 
-    def fits(self, text):
+    def fits(self, text: str) -> bool:
         """False when ``text``, generated next, starts an atom with no free site or heads for a taken one."""
         if self.sites is None or not text:
             return True
@@ -195,5 +200,5 @@ class RowSpacing:
             return True
 
     @property
-    def active(self):
+    def active(self) -> bool:
         return self.sites is not None

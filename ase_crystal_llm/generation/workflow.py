@@ -8,9 +8,11 @@ over processes (one part file per rank, merged at the end).
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,9 +61,12 @@ def _summary(output, records):
 
 # Not check_defaults: None here stands for "not given", kept out of the run record.
 @document_options(GenerationOptions, check_defaults=False)
-def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None, resume=False, overwrite=False,
-                     fast=True, progress=False, max_attempts=None, max_atoms=None, generator=None, threads=None,
-                     **kwargs):
+def generate_to_file(output: str | os.PathLike, n: int, *, model: str | os.PathLike | None = None,
+                     base: str | None = None, device: str | torch.device | None = None, seed: int | None = None,
+                     resume: bool = False, overwrite: bool = False, fast: bool = True, progress: bool = False,
+                     max_attempts: int | None = None, max_atoms: int | None = None,
+                     generator: CrystalGenerator | None = None, threads: int | None = None,
+                     **kwargs: Any) -> str | None:
     """Sample ``n`` crystals into ``output`` as they come (the ``crystal-llm generate`` workflow).
 
     Every structure is durable once written, so an interrupted run keeps what
@@ -96,15 +101,7 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
     """
     from accelerate.utils import broadcast_object_list
 
-    from ase_crystal_llm.io.outputs import (
-        StructureWriter,
-        check_output,
-        is_db_url,
-        merge_outputs,
-        output_format,
-        read_run_records,
-        run_record_path,
-    )
+    from ase_crystal_llm.io.outputs import check_output, is_db_url, output_format
 
     server = is_db_url(str(output))  # a database server: every process writes into it directly
     output = str(output) if server else Path(output)
@@ -124,30 +121,7 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
 
     existing, run_id = set(), None
     if main:
-        parts = [_part_path(output, r, world) for r in range(world)] if world > 1 and not server else []
-        if resume:
-            records = read_run_records(output) + [r for p in parts for r in read_run_records(p)]
-            if not records:
-                raise FileNotFoundError(f"cannot resume: no run record {run_record_path(output)}")
-            previous = records[-1]
-            changed = sorted(k for k in set(run_settings) | set(previous.get("settings", {}))
-                             if k not in ("fast", "batch_size")
-                             and run_settings.get(k) != previous.get("settings", {}).get(k))
-            if changed:
-                raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
-            run_id, seed = previous["run_id"], previous["seed"]
-            merge_outputs([p for p in parts if p.exists()], output)
-            if server or output.exists():
-                with StructureWriter(output, append=True) as w:
-                    existing = {i for r, i in w.existing if r == run_id}
-        else:
-            seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
-            run_id = new_run_id()
-            # A server keeps other runs' rows: the new run id keeps them apart.
-            for path in [] if server else [output, run_record_path(output), Path(str(output) + ".ids"), *parts]:
-                path.unlink(missing_ok=True)
-        if server:  # create the tables once, before the other processes connect (they race otherwise)
-            StructureWriter(output, append=True).close()
+        run_id, seed, existing = _start_or_resume(output, world, server, resume, run_settings, seed)
     run_id, seed, existing = broadcast_object_list([run_id, seed, existing])
 
     _check_request(n, kwargs, max_atoms)  # before the (slow) model load
@@ -156,12 +130,8 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
     part = output if server else _part_path(output, rank, world)
     stream = gen.iter_generate(len(todo), indices=todo, run_id=run_id, rank=rank, seed=seed,
                                max_attempts=max_attempts, max_atoms=max_atoms, fast=fast, **kwargs)
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), unit="crystal", desc="generate", disable=not todo)
-    status, session = "interrupted", uuid.uuid4().hex[:8]
+    bar = _progress_bar(len(todo)) if progress and main else None
+    session = uuid.uuid4().hex[:8]
 
     def record(status):
         entry = gen.run_record(**run_settings)
@@ -169,7 +139,80 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
                      output=str(output))
         return entry
 
-    with StructureWriter(part, append=server or resume or world == 1 and output.exists()) as writer:
+    append = server or resume or world == 1 and output.exists()
+    _write_stream(part, append, stream, gen, bar, record)
+    state.wait_for_everyone()
+    if not main:
+        return None
+    return _gather(output, world, server, run_id)
+
+
+def _start_or_resume(output, world, server, resume, run_settings, seed):
+    """On the main process: the run id, seed and sample indices already written (none for a new run)."""
+    from ase_crystal_llm.io.outputs import StructureWriter
+
+    parts = [_part_path(output, r, world) for r in range(world)] if world > 1 and not server else []
+    if resume:
+        run_id, seed, existing = _resume(output, parts, server, run_settings)
+    else:
+        run_id, seed = _start(output, parts, server, seed)
+        existing = set()
+    if server:  # create the tables once, before the other processes connect (they race otherwise)
+        StructureWriter(output, append=True).close()
+    return run_id, seed, existing
+
+
+def _resume(output, parts, server, run_settings):
+    """Run id, seed and written sample indices of the run to resume; its part files are merged first."""
+    from ase_crystal_llm.io.outputs import StructureWriter, merge_outputs, read_run_records, run_record_path
+
+    records = read_run_records(output) + [r for p in parts for r in read_run_records(p)]
+    if not records:
+        raise FileNotFoundError(f"cannot resume: no run record {run_record_path(output)}")
+    previous = records[-1]
+    _check_same_settings(run_settings, previous.get("settings", {}))
+    run_id, seed = previous["run_id"], previous["seed"]
+    merge_outputs([p for p in parts if p.exists()], output)
+    existing = set()
+    if server or output.exists():
+        with StructureWriter(output, append=True) as w:
+            existing = {i for r, i in w.existing if r == run_id}
+    return run_id, seed, existing
+
+
+def _check_same_settings(run_settings, previous):
+    """Refuse to resume with settings other than the run's (``fast`` and ``batch_size`` may differ)."""
+    changed = sorted(k for k in set(run_settings) | set(previous)
+                     if k not in ("fast", "batch_size") and run_settings.get(k) != previous.get(k))
+    if changed:
+        raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
+
+
+def _start(output, parts, server, seed):
+    """A new run id and the seed (drawn unless given); a file output and its leftovers are removed."""
+    from ase_crystal_llm.io.outputs import run_record_path
+
+    seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+    run_id = new_run_id()
+    # A server keeps other runs' rows: the new run id keeps them apart.
+    for path in [] if server else [output, run_record_path(output), Path(str(output) + ".ids"), *parts]:
+        path.unlink(missing_ok=True)
+    return run_id, seed
+
+
+def _progress_bar(total):
+    """The main process's bar, counting crystals."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="crystal", desc="generate", disable=not total)
+
+
+def _write_stream(part, append, stream, gen, bar, record):
+    """Write the crystals as they come, with the run record ``record(status)`` first, every 10 s and last."""
+    from ase_crystal_llm.io.outputs import StructureWriter
+
+    status = "interrupted"
+    with StructureWriter(part, append=append) as writer:
         # Written first, so that a killed run (no chance to clean up) can be resumed.
         writer.write_run_record(record("running"))
         try:
@@ -190,9 +233,12 @@ def generate_to_file(output, n, *, model=None, base=None, device=None, seed=None
             if bar is not None:
                 bar.close()
             writer.write_run_record(record(status))
-    state.wait_for_everyone()
-    if not main:
-        return None
+
+
+def _gather(output, world, server, run_id):
+    """On the main process, once all are done: merge the part files and summarise this run."""
+    from ase_crystal_llm.io.outputs import merge_outputs, read_run_records
+
     if world > 1 and not server:
         merge_outputs([_part_path(output, r, world) for r in range(world)], output)
     records = [r for r in read_run_records(output) if r.get("run_id") == run_id]

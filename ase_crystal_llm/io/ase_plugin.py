@@ -7,9 +7,16 @@ ase_crystal_llm.  Several crystals per file are separated by one blank line.
 
 from __future__ import annotations
 
+from typing import IO, TYPE_CHECKING
+
 from ase.utils.plugins import ExternalIOFormat
 
 from ase_crystal_llm.text.format import atoms_to_text, split_crystals, text_to_atoms
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from ase import Atoms
 
 __all__ = [
     "EXTENSION", "crystal_text_format", "read_crystal_text", "write_crystal_text",
@@ -27,7 +34,7 @@ crystal_text_format = ExternalIOFormat(
 )
 
 
-def read_crystal_text(fd, index=-1):
+def read_crystal_text(fd: IO[str], index: int | slice = -1) -> Iterator[Atoms]:
     """Read crystals from a blank-line separated crystal-text file."""
     blocks = split_crystals(fd.read())
     if isinstance(index, int):
@@ -38,7 +45,7 @@ def read_crystal_text(fd, index=-1):
         yield text_to_atoms(block)
 
 
-def write_crystal_text(fd, images):
+def write_crystal_text(fd: IO[str], images: Atoms | Iterable[Atoms]) -> None:
     """Write one or several crystals, separated by one blank line."""
     if hasattr(images, "get_positions"):
         images = [images]

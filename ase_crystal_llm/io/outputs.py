@@ -26,6 +26,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ase.db.core import reserved_keys, word
@@ -33,6 +34,11 @@ from ase.db.core import reserved_keys, word
 from ase_crystal_llm.info_keys import RUN_ID, SAMPLE_INDEX
 from ase_crystal_llm.io.files import atomic_write, fsync, plain
 from ase_crystal_llm.text.format import LINE_SEPARATOR, atoms_to_text, split_crystals, text_to_atoms
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from ase import Atoms
 
 __all__ = [
     "CIF_END", "DATA_KEYS", "DB_URL_SCHEMES", "FORMATS", "ID_KEYS", "StructureWriter", "check_output",
@@ -64,12 +70,12 @@ CIF_END = "#end_of_structure\n\n"
 DB_URL_SCHEMES = ("postgresql://", "postgres://", "mysql://", "mariadb://")
 
 
-def is_db_url(path):
+def is_db_url(path: str | os.PathLike) -> bool:
     """True for an ase.db server address (``postgresql://user@host:port/db``), which is not a path."""
     return isinstance(path, str) and path.lower().startswith(DB_URL_SCHEMES)
 
 
-def output_format(path):
+def output_format(path: str | os.PathLike) -> str:
     """The writer format for ``path`` from its extension; a clear error otherwise."""
     if is_db_url(path):
         return "db"
@@ -80,7 +86,7 @@ def output_format(path):
     return FORMATS[suffix]
 
 
-def identifier(info):
+def identifier(info: Mapping[str, Any]) -> tuple[str, int] | None:
     """``(run_id, sample_index)`` of a structure, or ``None`` when it has none.
 
     ``sample_index`` numbers the crystals of a whole run (over all ranks), so
@@ -91,7 +97,7 @@ def identifier(info):
     return (str(info[RUN_ID]), int(info[SAMPLE_INDEX]))
 
 
-def split_info(info):
+def split_info(info: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split ``atoms.info`` into ase.db ``key_value_pairs`` and ``data``.
 
     Keys follow ase.db's rules (identifier-like, not reserved, scalar values;
@@ -101,7 +107,8 @@ def split_info(info):
     kvp, data = {}, {}
     for key, value in info.items():
         value = plain(value)
-        scalar = isinstance(value, (bool, int, float, str)) and not (isinstance(value, float) and not np.isfinite(value))
+        finite = not (isinstance(value, float) and not np.isfinite(value))
+        scalar = isinstance(value, (bool, int, float, str)) and finite
         if (key in DATA_KEYS or not scalar or not word.match(key) or key in reserved_keys
                 or (isinstance(value, str) and (_reads_as_number(value) or "\n" in value))):
             data[key] = value
@@ -118,7 +125,8 @@ def _reads_as_number(text):
         return text.strip().lower() in ("true", "false")
 
 
-def check_output(path, *, overwrite=False, resume=False, what="output"):
+def check_output(path: str | os.PathLike, *, overwrite: bool = False, resume: bool | None = False,
+                 what: str = "output") -> None:
     """Refuse, before any slow work, an output that exists (without ``overwrite`` or
     ``resume``) or whose folder is missing or not writable.
 
@@ -144,13 +152,13 @@ def check_output(path, *, overwrite=False, resume=False, what="output"):
         raise PermissionError(f"cannot write into {folder}: {err.strerror or err}") from None
 
 
-def is_cif_archive(path) -> bool:
+def is_cif_archive(path: str | os.PathLike) -> bool:
     """True for an output that is one CIF per crystal: a ``.zip`` file or a folder (``dir/``)."""
     text = str(path)
     return text.lower().endswith(".zip") or text.endswith(("/", os.sep)) or Path(text).is_dir()
 
 
-def write_cif_archive(images, path) -> list[str]:
+def write_cif_archive(images: Iterable[Atoms], path: str | os.PathLike) -> list[str]:
     """One CIF per crystal (pymatgen's ``CifWriter``), as the input of outside benchmarks
     (LeMat-GenBench, MatterGen's ``mattergen-evaluate``): a ``.zip`` file or a folder.
 
@@ -192,11 +200,11 @@ def write_cif_archive(images, path) -> list[str]:
     return names
 
 
-def run_record_path(path):
+def run_record_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".run.json")
 
 
-def read_run_records(path):
+def read_run_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The run records stored beside ``path`` (a database server: in its metadata; empty list when none)."""
     if is_db_url(path):
         import ase.db
@@ -212,7 +220,7 @@ def _record_key(record):
     return record.get("run_id"), record.get("rank"), record.get("session")
 
 
-def write_run_record(path, record):
+def write_run_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Add or update (same ``run_id``, ``rank`` and ``session``) a run record beside ``path``, atomically."""
     runs = [r for r in read_run_records(path) if _record_key(r) != _record_key(record)]
     runs.append(record)
@@ -243,7 +251,7 @@ class _TextBackend:
         self.n_kept = len(good)
         kept = "".join(good)
         if kept != text:
-            warnings.warn(f"{self.path}: dropped an incomplete structure at the end of the file")
+            warnings.warn(f"{self.path}: dropped an incomplete structure at the end of the file", stacklevel=2)
             atomic_write(self.path, kept)
 
     def write(self, atoms):
@@ -489,7 +497,7 @@ class StructureWriter:
     ...         w.write(atoms)
     """
 
-    def __init__(self, path, append=False):
+    def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
         self.path = str(path) if is_db_url(str(path)) else Path(path)
         self.format = output_format(self.path)
         if not is_db_url(self.path) and not self.path.parent.exists():
@@ -500,11 +508,11 @@ class StructureWriter:
         self.skipped = 0
 
     @property
-    def existing(self):
+    def existing(self) -> set[tuple[str, int]]:
         """Identifiers already in the file when it was opened (``append=True``)."""
         return set(self._backend.seen)
 
-    def write(self, atoms):
+    def write(self, atoms: Atoms) -> bool:
         """Write one structure; returns ``False`` when it was already in the file."""
         ident = identifier(atoms.info)
         if ident is not None and ident in self._backend.seen:
@@ -516,14 +524,14 @@ class StructureWriter:
         self.written += 1
         return True
 
-    def write_run_record(self, record):
+    def write_run_record(self, record: dict[str, Any]) -> None:
         """Store the run record beside the output (and in ase.db metadata)."""
         if not is_db_url(self.path):  # a server keeps its records in the metadata only
             write_run_record(self.path, record)
         if isinstance(self._backend, _DbBackend):
             self._backend.set_metadata(record)
 
-    def close(self):
+    def close(self) -> None:
         self._backend.close()
 
     def __enter__(self):
@@ -534,7 +542,7 @@ class StructureWriter:
         return False
 
 
-def merge_outputs(parts, path):
+def merge_outputs(parts: Iterable[str | os.PathLike], path: str | os.PathLike) -> None:
     """Append the structures of per-process part files to ``path``, then delete the parts.
 
     Text formats are concatenated as written (identifiers and all); ``.traj``

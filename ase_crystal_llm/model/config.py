@@ -11,8 +11,12 @@ no numpy on import): ``crystal-llm --help`` reads it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ase_crystal_llm.options import non_negative_int, positive_float, positive_int
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 __all__ = [
     "LOSS_AVERAGING", "MAX_POSITIONS", "QUANTIZE", "SIZES", "TrainConfig", "TrainRunOptions",
@@ -122,7 +126,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict, metadata={
         "help": "values derived during the run (e.g. ``total_steps``)", "cli": False})
 
-    def resolve(self):
+    def resolve(self) -> TrainConfig:
         """Check the settings and fill in the defaults that depend on the mode."""
         if (self.base is None) == (self.from_scratch is None):
             raise ValueError("give exactly one of base (a Hugging Face model) or from_scratch (a size)")
@@ -199,7 +203,7 @@ class TrainRunOptions:
         "cli": False})
 
 
-def scratch_config(size, tokenizer, max_positions=MAX_POSITIONS):
+def scratch_config(size: str, tokenizer: PreTrainedTokenizerBase, max_positions: int = MAX_POSITIONS) -> LlamaConfig:
     """A :class:`transformers.LlamaConfig` of a named from-scratch size."""
     from transformers import LlamaConfig
 
@@ -219,7 +223,7 @@ def scratch_config(size, tokenizer, max_positions=MAX_POSITIONS):
     )
 
 
-def count_parameters(size):
+def count_parameters(size: str) -> int:
     """Parameter count of a from-scratch size with the default tokenizer."""
     from transformers import LlamaForCausalLM
 

@@ -20,6 +20,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,15 @@ from ase_crystal_llm import settings
 from ase_crystal_llm.data import datasets
 from ase_crystal_llm.io.files import atomic_write, plain
 from ase_crystal_llm.text.prompts import make_example
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    import torch
+    from ase import Atoms
+    from transformers import PreTrainedTokenizerBase
+
+    from ase_crystal_llm.text.prompts import PromptTemplate
 
 __all__ = [
     "EpochData", "IGNORE_INDEX", "collate", "encode_example", "encode_examples", "load_training_structures",
@@ -107,7 +117,9 @@ def _load_structure_cache(path):
     return structures
 
 
-def load_training_structures(source, *, canonical=True, limit=None, skip_bad=False, cache=True, cache_dir=None):
+def load_training_structures(source: str | os.PathLike | Atoms | Sequence[Atoms], *, canonical: bool = True,
+                             limit: int | None = None, skip_bad: bool = False, cache: bool = True,
+                             cache_dir: str | os.PathLike | None = None) -> tuple[list[Atoms], dict[str, Any]]:
     """Read (and cache) the structures of a training or validation split.
 
     Canonicalising 27k MP-20 cells takes minutes, so file sources are cached
@@ -169,7 +181,7 @@ def _module_hash(module):
     return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
 
 
-def encode_example(tokenizer, prompt, answer):
+def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[np.ndarray, int]:
     """Token ids of prompt + answer + EOS and the number of prompt tokens.
 
     Prompt and answer are tokenised separately (the prompt with the
@@ -180,7 +192,8 @@ def encode_example(tokenizer, prompt, answer):
     return ids[0], int(n_prompt[0])
 
 
-def encode_examples(tokenizer, prompts, answers):
+def encode_examples(tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
+                    answers: Iterable[str]) -> tuple[list[np.ndarray], np.ndarray]:
     """Batched :func:`encode_example`: a list of id arrays and the prompt lengths."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no end-of-sequence token")
@@ -192,7 +205,7 @@ def encode_examples(tokenizer, prompts, answers):
     return ids, n_prompt
 
 
-def collate(examples, pad_id):
+def collate(examples: Sequence[tuple[np.ndarray, int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad encoded examples into a batch.
 
     Parameters
@@ -232,7 +245,8 @@ class EpochData:
 
     CHUNK = 64  # batches per length-sorting chunk
 
-    def __init__(self, structures, tokenizer, template, *, seed, epoch, batch_size, infill_fraction, max_length):
+    def __init__(self, structures: Sequence[Atoms], tokenizer: PreTrainedTokenizerBase, template: PromptTemplate | None,
+                 *, seed: int, epoch: int, batch_size: int, infill_fraction: float, max_length: int | None) -> None:
         examples = [
             make_example(a, template, seed=seed, epoch=epoch, index=i, infill_fraction=infill_fraction)
             for i, a in enumerate(structures)
@@ -257,7 +271,7 @@ class EpochData:
             batches = [b[self.lengths[b] <= max_length] for b in batches]
         return batches
 
-    def batch(self, j):
+    def batch(self, j: int) -> list[tuple[np.ndarray, int]]:
         return [(self.ids[i], int(self.n_prompt[i])) for i in self.batches[j]]
 
 

@@ -18,9 +18,17 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.model.modelcard import ModelCard, verify_hashes
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "CHECKPOINTS", "STATE_NAME", "base_record", "check_base", "checkpoints", "load_base_model",
@@ -72,7 +80,8 @@ def resolve_base(base: str) -> str:
     path = Path(os.path.expanduser(str(base)))
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise FileNotFoundError(f"base model file {path} is not a .gguf file: pass a .gguf file or a model directory")
+            raise FileNotFoundError(f"base model file {path} is not a .gguf file: "
+                                    "pass a .gguf file or a model directory")
         return str(path.resolve())
     if path.is_dir():
         return _resolve_base_dir(path)
@@ -145,7 +154,7 @@ def _compute_dtype(device):
 
 
 @contextlib.contextmanager
-def quiet_loading():
+def quiet_loading() -> Iterator[None]:
     """No weight-loading progress bars: transformers' own (its switch) and its GGUF reader's (plain tqdm)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_loading
     from transformers.utils import logging as hf_logging
@@ -162,7 +171,8 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_base_model(base, *, quantize=None, device=None, dtype=None):
+def load_base_model(base: str, *, quantize: str | None = None, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a causal LM (optionally 4-bit NF4 / 8-bit) from a hub id or directory."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -227,7 +237,7 @@ def _forget_gguf_quantizer(model):
         del model.config.quantization_config
 
 
-def load_base_tokenizer(base):
+def load_base_tokenizer(base: str) -> PreTrainedTokenizerBase:
     """The base model's tokenizer, with a pad token (EOS if it has none)."""
     from transformers import AutoTokenizer
 
@@ -258,7 +268,9 @@ def _lora_config(cfg):
     )
 
 
-def load_trained(model_dir, *, base=None, device=None, quantize=None, verify=True):
+def load_trained(model_dir: str | os.PathLike, *, base: str | None = None, device: str | torch.device | None = None,
+                 quantize: str | None = None, verify: bool = True,
+                 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, ModelCard]:
     """Load a model directory written by :func:`train` (full weights or adapter).
 
     Parameters
@@ -297,14 +309,16 @@ def load_trained(model_dir, *, base=None, device=None, quantize=None, verify=Tru
     return model, tokenizer, card
 
 
-def checkpoints(run_dir) -> list[Path]:
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The finished checkpoints of a training run, oldest first (``<run>/checkpoints/step-*``)."""
     root = Path(run_dir) / CHECKPOINTS
     found = sorted(root.glob("step-*")) if root.is_dir() else []
     return [p for p in found if (p / STATE_NAME).is_file()]
 
 
-def load_checkpoint(checkpoint_dir, *, base=None, device=None):
+def load_checkpoint(checkpoint_dir: str | os.PathLike, *, base: str | None = None,
+                    device: str | torch.device | None = None,
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Load the model of one training checkpoint (to evaluate a learning curve).
 
     A checkpoint has no model card: its ``trainer_state.json`` says how the run
@@ -337,7 +351,7 @@ def load_checkpoint(checkpoint_dir, *, base=None, device=None):
     return model.eval(), tokenizer, state
 
 
-def merge_adapter(model_dir, out_dir, *, base=None):
+def merge_adapter(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | None = None) -> ModelCard:
     """Merge a LoRA adapter into its base and save a full model directory.
 
     Parameters

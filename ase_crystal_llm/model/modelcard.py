@@ -14,9 +14,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ase_crystal_llm.io.files import atomic_write
 from ase_crystal_llm.text.prompts import PromptTemplate
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Mapping
 
 __all__ = [
     "CARD_NAME", "DEFAULT_SAMPLING", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "FORMAT_VERSION", "ModelCard",
@@ -59,7 +64,7 @@ class ModelCardError(ValueError):
     """A missing, unreadable or inconsistent model card or weight file."""
 
 
-def sha256_file(path, chunk=1 << 20):
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -68,18 +73,18 @@ def sha256_file(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
-def weight_files(model_dir):
+def weight_files(model_dir: str | os.PathLike) -> list[str]:
     """Weight files directly inside ``model_dir`` (not checkpoints), sorted."""
     model_dir = Path(model_dir)
     return sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def hash_weights(model_dir):
+def hash_weights(model_dir: str | os.PathLike) -> dict[str, str]:
     """File name -> sha256 of every weight file in ``model_dir``."""
     return {name: sha256_file(Path(model_dir) / name) for name in weight_files(model_dir)}
 
 
-def verify_hashes(model_dir, weights):
+def verify_hashes(model_dir: str | os.PathLike, weights: Mapping[str, str]) -> None:
     """Raise :class:`ModelCardError` unless every file in ``weights`` exists with its sha256."""
     for name, expected in weights.items():
         path = Path(model_dir) / name
@@ -125,16 +130,16 @@ class ModelCard:
     extra: dict = field(default_factory=dict)
 
     @property
-    def template(self):
+    def template(self) -> PromptTemplate:
         """The :class:`PromptTemplate` the model was trained with."""
         return PromptTemplate.from_dict(self.prompts)
 
     # -- files --------------------------------------------------------------
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data):
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
         if not isinstance(data, dict):
             raise ModelCardError("model card must be a JSON object")
         version = data.get("format_version")
@@ -148,11 +153,11 @@ class ModelCard:
         card.extra.update(extra)
         if card.kind not in ("full", "lora"):
             raise ModelCardError(f"model card kind must be 'full' or 'lora', got {card.kind!r}")
-        card.template  # fails early on a broken prompt entry
+        _ = card.template  # a property: building it fails early on a broken prompt entry
         return card
 
     @classmethod
-    def from_pretrained(cls, model_dir):
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> ModelCard:
         """Read ``crystal_llm.json`` from a model directory."""
         path = Path(model_dir) / CARD_NAME
         if not path.is_file():
@@ -166,7 +171,7 @@ class ModelCard:
         except TypeError as err:
             raise ModelCardError(f"invalid model card {path}: {err}") from err
 
-    def save_pretrained(self, model_dir):
+    def save_pretrained(self, model_dir: str | os.PathLike) -> Path:
         """Write the card atomically (temporary file, then rename)."""
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -175,12 +180,12 @@ class ModelCard:
         return path
 
     # -- weights ------------------------------------------------------------
-    def record_weights(self, model_dir):
+    def record_weights(self, model_dir: str | os.PathLike) -> dict[str, str]:
         """Store the sha256 of every weight file now in ``model_dir``."""
         self.weights = hash_weights(model_dir)
         return self.weights
 
-    def verify_weights(self, model_dir):
+    def verify_weights(self, model_dir: str | os.PathLike) -> bool:
         """Check every weight file named in the card exists and matches its sha256.
 
         Raises

@@ -7,9 +7,20 @@ perplexity of a crystal's text under random translations.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from ase_crystal_llm.chemistry.validity import as_atoms
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+    from ase import Atoms
+    from transformers import PreTrainedTokenizerBase
+
+    from ase_crystal_llm.text.prompts import PromptTemplate
 
 __all__ = [
     "answer_nll", "answer_perplexities", "ipt",
@@ -17,7 +28,8 @@ __all__ = [
 
 
 # -- IPT -------------------------------------------------------------------------
-def answer_nll(model, tokenizer, prompts, answers, batch_size=None):
+def answer_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+               answers: Sequence[str], batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL (nats) of each answer (+ EOS) given its own prompt, and its token count.
 
     Examples are encoded and masked exactly as in training
@@ -45,13 +57,16 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size=None):
     return torch.cat(sums).numpy(), torch.cat(counts).numpy()
 
 
-def answer_perplexities(model, tokenizer, prompt, answers):
+def answer_perplexities(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str,
+                        answers: Sequence[str]) -> np.ndarray:
     """Perplexity of each answer given ``prompt``: exp of the mean NLL over answer tokens (+ EOS) only."""
     nll, counts = answer_nll(model, tokenizer, [prompt] * len(answers), answers)
     return np.exp(nll / np.maximum(counts, 1))
 
 
-def ipt(model, tokenizer, template, structures, *, n_translations=20, seed=0, progress=False):
+def ipt(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate,
+        structures: Sequence[Atoms], *, n_translations: int = 20, seed: int = 0,
+        progress: bool = False) -> dict[str, Any]:
     """Increase in perplexity under translation (the paper's symmetry metric).
 
     For each crystal, the text of ``n_translations`` random translations is

@@ -35,6 +35,7 @@ import warnings
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,6 +56,11 @@ from ase_crystal_llm.model.loading import (
 from ase_crystal_llm.model.modelcard import CARD_NAME, ModelCard, hash_weights, verify_hashes
 from ase_crystal_llm.options import document_options
 from ase_crystal_llm.text.prompts import PromptTemplate
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    from ase import Atoms
 
 __all__ = [
     "LOG_NAME", "train",
@@ -505,45 +511,45 @@ class _Trainer:
 
 @document_options(TrainRunOptions, TrainConfig)
 def train(
-    data,
-    out,
+    data: str | os.PathLike | Sequence[Atoms],
+    out: str | os.PathLike,
     *,
-    val=None,
-    base=None,
-    from_scratch=None,
-    max_steps=None,
-    epochs=None,
-    batch_size=None,
-    grad_accum=1,
-    lr=None,
-    warmup_steps=None,
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-    quantize=None,
-    full=False,
-    lora_rank=8,
-    lora_alpha=32,
-    lora_dropout=0.05,
-    target_modules=None,
-    loss_averaging="per_token",
-    infill_fraction=1 / 3,
-    max_length=None,
-    eval_every=None,
-    save_every=None,
-    val_limit=512,
-    seed=0,
-    resume=False,
-    limit=None,
-    canonical=True,
-    skip_bad=False,
-    template=None,
-    precision=None,
-    cache=True,
-    cache_dir=None,
-    keep_checkpoints=2,
-    progress=True,
-    callbacks=(),
-):
+    val: str | os.PathLike | Sequence[Atoms] | None = None,
+    base: str | None = None,
+    from_scratch: str | None = None,
+    max_steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int | None = None,
+    grad_accum: int = 1,
+    lr: float | None = None,
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    quantize: str | None = None,
+    full: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    target_modules: str | Sequence[str] | None = None,
+    loss_averaging: str = "per_token",
+    infill_fraction: float = 1 / 3,
+    max_length: int | None = None,
+    eval_every: int | None = None,
+    save_every: int | None = None,
+    val_limit: int | None = 512,
+    seed: int = 0,
+    resume: bool = False,
+    limit: int | None = None,
+    canonical: bool = True,
+    skip_bad: bool = False,
+    template: PromptTemplate | None = None,
+    precision: str | None = None,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    keep_checkpoints: int = 2,
+    progress: bool = True,
+    callbacks: Iterable[Callable[[int, dict[str, Any]], Any]] = (),
+) -> ModelCard:
     """Train a crystal model and write it to ``out``; the Python side of ``crystal-llm train``.
 
     Exactly one of ``base`` and ``from_scratch`` is needed.  The parameters are

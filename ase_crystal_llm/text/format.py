@@ -26,11 +26,15 @@ line.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms
 from ase.cell import Cell
 from ase.data import chemical_symbols
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "CrystalTextError", "ELEMENTS", "LINE_SEPARATOR", "MASK", "MAX_ATOMS", "MAX_LENGTH", "MIN_VOLUME",
@@ -76,7 +80,7 @@ def _fmt(values, decimals):
     return " ".join(f"{v + 0.0:.{decimals}f}" for v in values)
 
 
-def wrap_fractional(frac, decimals=2):
+def wrap_fractional(frac: ArrayLike, decimals: int = 2) -> np.ndarray:
     """Round fractional coordinates to ``decimals`` and wrap them into [0, 1).
 
     Rounding comes first so that 0.996 becomes 0.00, not 1.00.
@@ -85,7 +89,8 @@ def wrap_fractional(frac, decimals=2):
     return np.round(frac, decimals) % 1.0
 
 
-def atoms_to_text(atoms, *, translate=False, rng=None, group_by_element=False):
+def atoms_to_text(atoms: Atoms, *, translate: bool = False, rng: np.random.Generator | int | None = None,
+                  group_by_element: bool = False) -> str:
     """Write a periodic structure in the crystal text format.
 
     Parameters
@@ -167,7 +172,7 @@ def _crystal_lines(text):
     return lines
 
 
-def cell_volume(lengths, angles):
+def cell_volume(lengths: ArrayLike, angles: ArrayLike) -> float:
     """Volume of a cell from its parameters, or 0 for impossible angles."""
     cos = np.cos(np.radians(angles))
     arg = 1 - np.sum(cos**2) + 2 * np.prod(cos)
@@ -194,7 +199,7 @@ def _check_cell(lengths, angles):
         raise CrystalTextError(f"degenerate cell: volume {volume:.3g} A^3 is below {MIN_VOLUME} A^3")
 
 
-def text_to_atoms(text, *, max_atoms=MAX_ATOMS):
+def text_to_atoms(text: str, *, max_atoms: int = MAX_ATOMS) -> Atoms:
     """Parse one crystal from text into a periodic ``ase.Atoms``.
 
     Raises
@@ -230,7 +235,7 @@ def text_to_atoms(text, *, max_atoms=MAX_ATOMS):
     return Atoms(symbols=symbols, scaled_positions=frac, cell=lengths + angles, pbc=True)
 
 
-def mask_element(text, symbol, mask=MASK):
+def mask_element(text: str, symbol: str, mask: str = MASK) -> str:
     """Replace every atom of one element by the line ``[MASK]``.
 
     Only whole symbol lines are matched, so masking N leaves Na and Nb alone.
@@ -249,13 +254,13 @@ def mask_element(text, symbol, mask=MASK):
     return "\n".join(lines)
 
 
-def split_crystals(text):
+def split_crystals(text: str) -> list[str]:
     """Split a multi-crystal text (blank-line separated) into single texts."""
     blocks = re.split(r"\n\s*\n", text.strip())
     return [b.strip("\n") for b in blocks if b.strip()]
 
 
-def is_element(symbol):
+def is_element(symbol: str) -> bool:
     """True for the symbol of a real element (H to Og)."""
     return symbol in _ELEMENT_SET
 

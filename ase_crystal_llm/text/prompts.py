@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ase_crystal_llm.text.format import MASK, atoms_to_text, mask_element
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ase import Atoms
 
 __all__ = [
     "CONDITION_KEYS", "Example", "GENERATION", "INFILL", "INFO_TO_CONDITION", "PromptTemplate",
@@ -60,7 +65,7 @@ def _default_sentences():
     }
 
 
-def format_number(value, decimals=4):
+def format_number(value: float, decimals: int = 4) -> str:
     """A condition value as written in prompts: rounded, shortest form, no ``-0.0``."""
     value = round(float(value), decimals) + 0.0
     text = repr(value)
@@ -80,7 +85,7 @@ def _is_missing(value):
         return True
 
 
-def conditions_from_info(info):
+def conditions_from_info(info: Mapping[str, Any]) -> dict[str, Any]:
     """Condition dict (keys of :data:`CONDITION_KEYS`) from ``atoms.info``.
 
     Missing, ``None`` and NaN values are left out, never written as zero.
@@ -93,7 +98,7 @@ def conditions_from_info(info):
     return conditions
 
 
-def spacegroup_number(value) -> int:
+def spacegroup_number(value: int | str) -> int:
     """A space group as its number: ``225``, ``"225"`` or a Hermann-Mauguin symbol (``"Fm-3m"``, ``"P6_3/mmc"``).
 
     Raises
@@ -154,11 +159,11 @@ class PromptTemplate:
     decimals: int = 4
 
     # -- serialisation (the model card stores the wording) ------------------
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data):
+    def from_dict(cls, data: Mapping[str, Any]) -> PromptTemplate:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -166,7 +171,7 @@ class PromptTemplate:
         return cls(**data)
 
     # -- prompts ------------------------------------------------------------
-    def condition_text(self, conditions):
+    def condition_text(self, conditions: Mapping[str, Any] | None) -> str:
         """The condition sentences, in the fixed order, for the given values."""
         conditions = dict(conditions or {})
         unknown = set(conditions) - set(CONDITION_KEYS)
@@ -189,17 +194,17 @@ class PromptTemplate:
             return str(spacegroup_number(value))
         return format_number(value, self.decimals)
 
-    def generation_prompt(self, conditions=None):
+    def generation_prompt(self, conditions: Mapping[str, Any] | None = None) -> str:
         """Prompt for generating a crystal; ends with the instruction line and ``\\n``."""
         return self.preamble + self.condition_text(conditions) + self.instruction
 
-    def infill_prompt(self, masked_text):
+    def infill_prompt(self, masked_text: str) -> str:
         """Prompt asking for the element hidden behind ``[MASK]`` in ``masked_text``."""
         if self.mask not in masked_text:
             raise ValueError(f"infill text has no {self.mask} line")
         return self.infill_preamble + masked_text + self.infill_instruction
 
-    def sample_conditions(self, info, rng):
+    def sample_conditions(self, info: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """Training-time choice of conditions for one crystal.
 
         ``k`` is drawn uniformly from 0..4; for ``k > 0`` the formula comes
@@ -231,12 +236,13 @@ class Example(NamedTuple):
     answer: str
 
 
-def example_rng(seed, epoch, index):
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The random stream of one example: a pure function of (seed, epoch, index)."""
     return np.random.default_rng([int(seed), int(epoch), int(index)])
 
 
-def make_example(atoms, template=None, *, seed=0, epoch=0, index=0, infill_fraction=1 / 3):
+def make_example(atoms: Atoms, template: PromptTemplate | None = None, *, seed: int = 0, epoch: int = 0,
+                 index: int = 0, infill_fraction: float = 1 / 3) -> Example:
     """Build the training example for structure ``index`` in ``epoch``.
 
     The task (infill with probability ``infill_fraction``, else generation),

@@ -25,8 +25,16 @@ from __future__ import annotations
 
 import re
 import string
+from typing import TYPE_CHECKING
 
 from ase_crystal_llm.text.format import ELEMENTS, MASK
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from transformers import PreTrainedTokenizerFast
+
+    from ase_crystal_llm.text.prompts import PromptTemplate
 
 __all__ = [
     "SPECIAL_TOKENS", "build_tokenizer", "corpus_words", "tokenizer_for_template",
@@ -51,7 +59,7 @@ _WORD = re.compile(r"[A-Za-z]+")
 _SYMBOL_PATTERN = "(?:" + "|".join(sorted(ELEMENTS, key=lambda s: (-len(s), s))) + ")(?![a-z])"
 
 
-def corpus_words(texts):
+def corpus_words(texts: Iterable[str]) -> set[str]:
     """Words of ``texts`` that become single tokens (element-like pieces excluded)."""
     words = set()
     symbol = re.compile(_SYMBOL_PATTERN)
@@ -75,7 +83,7 @@ def _pattern(words):
     return "|".join(alternatives)
 
 
-def build_tokenizer(texts=(), *, extra_words=()):
+def build_tokenizer(texts: Iterable[str] = (), *, extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """Derive a crystal tokenizer from a corpus.
 
     Parameters
@@ -123,7 +131,7 @@ def build_tokenizer(texts=(), *, extra_words=()):
     return fast
 
 
-def tokenizer_for_template(template, texts=()):
+def tokenizer_for_template(template: PromptTemplate, texts: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """The tokenizer of a from-scratch model trained with ``template``."""
     data = template.to_dict()
     prompt_strings = [v for v in data.values() if isinstance(v, str)]
