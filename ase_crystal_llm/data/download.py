@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ase_crystal_llm import __version__, settings
-from ase_crystal_llm.io.files import atomic_write, fsync
+from ase_crystal_llm.io.files import atomic_write, fsync, sha256_file
 
 __all__ = [
     "CHUNK", "ChecksumError", "DataFile", "FileStatus", "M3GNET_DIR", "MANIFEST", "RECORD_NAME", "TIMEOUT",
@@ -161,13 +161,7 @@ def default_dest() -> Path:
     return settings.cache_dir() / "data"
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """The hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_of = sha256_file  # the 0.1 name
 
 
 def missing(folder: str | os.PathLike) -> list[str]:
@@ -287,7 +281,7 @@ def _place(entry: DataFile, target: Path, url: str, expected: str | None, conver
         _verify(entry.path, expected, downloaded, url)
         if convert:
             _cdvae_to_csv_gz(raw, tmp)
-        placed = sha256_of(tmp) if convert else downloaded
+        placed = sha256_file(tmp) if convert else downloaded
         os.replace(tmp, target)
     finally:
         for path in {tmp, raw}:
@@ -420,7 +414,7 @@ def check(folder: str | os.PathLike) -> list[FileStatus]:
 def _status(entry: DataFile, path: Path, record: dict | None) -> FileStatus:
     if not path.is_file():
         return FileStatus(entry.path, MISSING)
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     published = None if entry.cdvae_csv else entry.sha256
     if actual == published:
         return FileStatus(entry.path, OK, "matches the published sha256")

@@ -10,6 +10,7 @@ downloads).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "fsync", "json_default", "plain"]
+__all__ = ["atomic_write", "fsync", "json_default", "plain", "sha256_file"]
 
 
 def fsync(handle: IO) -> None:
@@ -74,3 +75,12 @@ def json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -10,13 +10,12 @@ recommended sampling settings, and the sha256 of every weight file, which
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ase_crystal_llm.io.files import atomic_write
+from ase_crystal_llm.io.files import atomic_write, sha256_file
 from ase_crystal_llm.text.prompts import PromptTemplate
 
 if TYPE_CHECKING:
@@ -62,15 +61,6 @@ NUMBER_FORMAT = {
 
 class ModelCardError(ValueError):
     """A missing, unreadable or inconsistent model card or weight file."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[str]:
