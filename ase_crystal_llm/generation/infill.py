@@ -8,7 +8,7 @@ distribution; the GA operators of :mod:`ase_crystal_llm.ga` draw from it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -21,11 +21,17 @@ if TYPE_CHECKING:
 
     from ase import Atoms
 
-    from ase_crystal_llm.generation.generator import CrystalGenerator
-
 __all__ = [
-    "element_log_likelihoods", "infill_prompt", "propose_elements",
+    "InfillModel", "element_log_likelihoods", "infill_prompt", "propose_elements",
 ]
+
+
+class InfillModel(Protocol):
+    """What infilling needs of a model: a :class:`~.generator.CrystalGenerator` is one."""
+
+    model: Any  # a transformers causal LM
+    tokenizer: Any
+    template: Any  # a PromptTemplate
 
 
 def _candidate_list(atoms, element, candidates):
@@ -45,7 +51,7 @@ def _encode(tokenizer, text, special):
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def infill_prompt(generator: CrystalGenerator, atoms: Atoms, element: str) -> str:
+def infill_prompt(generator: InfillModel, atoms: Atoms, element: str) -> str:
     """The infill prompt for ``atoms`` with every ``element`` atom masked.
 
     The crystal is written in its canonical cell (primitive, Niggli-reduced),
@@ -74,7 +80,7 @@ def _forward_kwargs(model, keep):
     return {}
 
 
-def element_log_likelihoods(generator: CrystalGenerator, atoms: Atoms, element: str,
+def element_log_likelihoods(generator: InfillModel, atoms: Atoms, element: str,
                             candidates: Iterable[str] | None = None) -> dict[str, float]:
     """Log-likelihood of each candidate as the answer to the infill prompt.
 
@@ -86,7 +92,7 @@ def element_log_likelihoods(generator: CrystalGenerator, atoms: Atoms, element: 
 
     Parameters
     ----------
-    generator : CrystalGenerator
+    generator : InfillModel
         Anything with ``.model`` (a causal LM), ``.tokenizer`` and
         ``.template`` (a :class:`~ase_crystal_llm.text.prompts.PromptTemplate`).
     atoms : ase.Atoms
@@ -154,7 +160,7 @@ def _check_temperature(temperature):
     return temperature
 
 
-def propose_elements(generator: CrystalGenerator, atoms: Atoms, element: str, *,
+def propose_elements(generator: InfillModel, atoms: Atoms, element: str, *,
                      candidates: Iterable[str] | None = None, temperature: float = 1.0) -> dict[str, float]:
     """The model's distribution over replacements for every atom of ``element``.
 
@@ -165,7 +171,7 @@ def propose_elements(generator: CrystalGenerator, atoms: Atoms, element: str, *,
 
     Parameters
     ----------
-    generator : CrystalGenerator
+    generator : InfillModel
         Model, tokenizer and prompt template.
     atoms : ase.Atoms
         The crystal.
