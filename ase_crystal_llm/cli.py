@@ -14,14 +14,14 @@ import sys
 from typing import TYPE_CHECKING
 
 from ase_crystal_llm import __version__, settings
+from ase_crystal_llm.evaluation.options import EvaluationOptions
+from ase_crystal_llm.evaluation.options import coverage_size as coverage_size  # argparse type, still importable here
 from ase_crystal_llm.generation.options import GenerationOptions
 from ase_crystal_llm.generation.options import spacegroups as spacegroups  # argparse types, still importable here
 from ase_crystal_llm.model.config import TrainConfig, TrainRunOptions
 from ase_crystal_llm.options import (
     add_dataclass_arguments,
-    non_negative_int,
     options_from_args,
-    positive_float,
     positive_int,
 )
 from ase_crystal_llm.options import non_negative_float as non_negative_float
@@ -39,11 +39,6 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """A problem with what the user asked for; printed as one line."""
-
-
-def coverage_size(text):
-    """argparse type: ``all`` or a whole number >= 0 (0 also means all)."""
-    return "all" if text.strip().lower() == "all" else non_negative_int(text)
 
 
 def output_file(text):
@@ -155,30 +150,9 @@ def _add_evaluate(sub):
                        help="relax samples with an ML potential and report validity, coverage, novelty and stability")
     p.add_argument("samples", help="structures to evaluate (any format ase.io reads, or .db)")
     p.add_argument("-o", "--output", required=True, help="report directory (metrics.json, report.md, plots)")
-    p.add_argument("--reference", default="mp20", help="reference data for hull, coverage and novelty (default: mp20)")
-    p.add_argument("--data-dir", help="folder holding mp_20/ and hull/ (default: $CRYSTAL_LLM_DATA)")
-    p.add_argument("--potential", default="m3gnet",
-                   help="m3gnet, chgnet, sevennet, sevennet-l3i5 or a matgl model directory (default m3gnet)")
-    p.add_argument("--fmax", type=positive_float, default=0.1, help="relaxation force criterion, eV/A (default 0.1)")
-    p.add_argument("--steps", type=positive_int, default=500, help="most FIRE steps per relaxation (default 500)")
-    p.add_argument("--workers", type=positive_int, help="parallel processes for relaxations and reference fingerprints")
-    p.add_argument("--model", help="model directory, for IPT (symmetry) evaluation")
-    p.add_argument("--limit", type=positive_int, help="evaluate only the first N samples")
-    p.add_argument("--coverage-size", type=coverage_size, metavar="N",
-                   help="test crystals for coverage: a seeded subsample of N (default 1000), or all (or 0) for the "
-                   "whole split, the paper's protocol; fingerprints are cached as they are computed")
-    p.add_argument("--ipt-size", type=positive_int, default=100, metavar="N",
-                   help="test crystals for IPT (with --model)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the reference subsample and IPT translations")
-    p.add_argument("--cache-dir",
-                   help="folder for cached reference fingerprints "
-                   "(default: $CRYSTAL_LLM_CACHE or ~/.cache/ase-crystal-llm)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_dataclass_arguments(p, EvaluationOptions)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the report in OUTPUT if it holds one (its relaxation cache is reused)")
-    p.add_argument("--db", action="store_true",
-                   help="also write OUTPUT/samples.db: the per-structure table as an ase.db "
-                   "(relaxed structures, energies)")
     _add_threads(p)
 
 
@@ -191,12 +165,7 @@ def _run_evaluate(args):
         raise UsageError(f"{args.output} already holds a report: pass --overwrite to replace it "
                          "(finished relaxations are reused from its cache)")
 
-    result = evaluate(
-        args.samples, args.output, reference=args.reference, data_dir=args.data_dir, potential=args.potential,
-        fmax=args.fmax, steps=args.steps, workers=args.workers, model=args.model, limit=args.limit,
-        coverage_size=args.coverage_size, ipt_size=args.ipt_size, seed=args.seed, cache=args.cache_dir,
-        progress=not args.no_progress, threads=args.threads, table_db=args.db,
-    )
+    result = evaluate(args.samples, args.output, threads=args.threads, **options_from_args(args, EvaluationOptions))
     valid = result["validity"]["returned"]["valid"]
     meta = result["stability"]["metastable"]
     print(f"{result['samples']['n']} samples: {100 * valid:.1f}% valid, "

@@ -186,7 +186,8 @@ def _python_spelling(classes):
 def _doc_text(f, spelling):
     text = _help(f).replace("%%", "%")
     text = re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda m: spelling.get(m.group(0), m.group(0)), text)
-    text = text[:1].upper() + text[1:]
+    if text[1:2].islower():  # a sentence, not a name such as m3gnet
+        text = text[:1].upper() + text[1:]
     text = text if text.endswith(".") else text + "."
     return f"{text} {f.metadata['doc']}" if "doc" in f.metadata else text
 

@@ -9,7 +9,7 @@ energy above the MP-20 hull (:class:`~.hull.ReferenceHull`) and writes
 ``metrics.json``, ``report.md`` (:mod:`.report`), ``samples.csv``,
 ``relaxed.extxyz`` and plots.
 
-By default coverage uses a seeded subsample of :data:`~.references.COVERAGE_SIZE`
+By default coverage uses a seeded subsample of :data:`~.options.COVERAGE_SIZE`
 test crystals; the report says so, since the paper's protocol uses the full split.
 """
 
@@ -47,13 +47,15 @@ from ase_crystal_llm.evaluation.metrics import (
     unique_flags,
     wasserstein,
 )
+from ase_crystal_llm.evaluation.options import COVERAGE_SIZE, IPT_SIZE, EvaluationOptions
 from ase_crystal_llm.evaluation.potentials import ENERGY_SCALES, get_calculator, potential_info
-from ase_crystal_llm.evaluation.references import COVERAGE_SIZE, _reference
+from ase_crystal_llm.evaluation.references import _reference
 from ase_crystal_llm.evaluation.relaxation import relax_many
 from ase_crystal_llm.evaluation.report import _plots, report_markdown
 from ase_crystal_llm.info_keys import E_ABOVE_HULL, ENERGY, POTENTIAL, RELAX_CONVERGED, RELAX_ERROR, RELAX_FAILED
 from ase_crystal_llm.io.files import atomic_write, json_default
 from ase_crystal_llm.model.scoring import ipt
+from ase_crystal_llm.options import document_options
 from ase_crystal_llm.text.format import is_periodic
 
 if TYPE_CHECKING:
@@ -74,9 +76,6 @@ __all__ = [
 
 
 REFERENCES = ("mp20",)
-
-
-IPT_SIZE = 100
 
 
 def read_samples(source: str | os.PathLike, limit: int | None = None) -> list[Atoms]:
@@ -218,6 +217,7 @@ def e_above_hull_many(relaxed: Sequence[Atoms], hull: ReferenceHull, *,
     return values, errors
 
 
+@document_options(EvaluationOptions)
 def evaluate(samples: str | os.PathLike | Iterable[Atoms | Structure], out_dir: str | os.PathLike, *,
              reference: str = "mp20", data_dir: str | os.PathLike | None = None,
              potential: str | os.PathLike | Calculator = "m3gnet", fmax: float = 0.1, steps: int = 500,
@@ -235,30 +235,7 @@ def evaluate(samples: str | os.PathLike | Iterable[Atoms | Structure], out_dir: 
     out_dir : path
         Report folder: ``metrics.json``, ``report.md``, ``samples.csv``,
         ``relaxed.extxyz``, ``*.png`` and ``relax_cache.db``.
-    reference : str
-        ``"mp20"``: coverage and distributions against the test split, novelty
-        against the training split, hull from all of MP-20.
-    data_dir : path, optional
-        Folder holding ``mp_20/`` and ``hull/`` (default: :func:`settings.data_dir`).
-    potential, fmax, steps, workers, threads
-        Relaxation settings, passed to :func:`calculators.relax_many`.
-    model : path, optional
-        A model directory: also compute IPT on ``ipt_size`` test crystals.
-    limit : int, optional
-        Evaluate only the first ``limit`` samples.
-    coverage_size : int or "all", optional
-        Test crystals for coverage and the Wasserstein distances: a seeded
-        random subsample of this many (default :data:`COVERAGE_SIZE`), or
-        ``"all"`` / ``0`` for the full split (the paper's protocol; 9,046 for
-        MP-20).  ``metrics.json`` and the report say which was used.
-    seed : int
-        Seed of the reference subsample and of IPT's translations.
-    cache : path, optional
-        Folder for cached reference fingerprints (default :func:`cache_dir`).
-    table_db : bool
-        Also write ``samples.db``: the per-structure table as an ase.db, one row per
-        sample (the relaxed structure with its energy where there is one, else the
-        sample), the columns of ``samples.csv`` as key-value pairs.
+    {options}
 
     Returns
     -------

@@ -26,6 +26,7 @@ import numpy as np
 from ase_crystal_llm import settings
 from ase_crystal_llm.data.datasets import csv_column
 from ase_crystal_llm.evaluation.metrics import Fingerprints, featurizer
+from ase_crystal_llm.evaluation.options import COVERAGE_SIZE
 from ase_crystal_llm.io.files import atomic_write
 from ase_crystal_llm.model.modelcard import sha256_file
 
@@ -36,9 +37,6 @@ __all__ = [
 
 
 FINGERPRINT_VERSION = 1  # bump when the fingerprint definition changes: retires cached chunks and precomputed files
-
-
-COVERAGE_SIZE = 1000  # evaluate's default reference subsample; the paper's protocol is the full split ("all")
 
 
 FINGERPRINT_CHUNK = 64  # crystals per cached chunk: ~10-30 s of work, the most an interrupt loses per worker
