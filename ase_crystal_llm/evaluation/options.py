@@ -36,7 +36,7 @@ class EvaluationOptions:
     reference: str = field(default="mp20", metadata={
         "help": "reference data for hull, coverage and novelty (default: %(default)s)",
         "doc": "``\"mp20\"``: coverage and distributions against the test split, novelty against the training "
-               "split, hull from all of MP-20."})
+               "and validation splits, hull from all of MP-20."})
     data_dir: str | None = field(default=None, metadata={
         "help": "folder holding mp_20/ and hull/ (default: $CRYSTAL_LLM_DATA)",
         "doc": "See :func:`settings.data_dir`.", "doc_type": "path, optional"})

@@ -2,7 +2,7 @@
 
 :func:`evaluate` reads generated structures, computes the sample metrics of
 :mod:`.metrics` against the MP-20 splits (coverage and distributions against
-the test split, novelty against the training split), relaxes the valid samples
+the test split, novelty against the training and validation splits), relaxes the valid samples
 with an ML potential (:func:`~.relaxation.relax_many`, cached in
 ``<out_dir>/relax_cache.db`` so an interrupted run resumes), takes their
 energy above the MP-20 hull (:class:`~.hull.ReferenceHull`) and writes
