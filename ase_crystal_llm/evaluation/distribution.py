@@ -148,11 +148,13 @@ def distribution_summary(samples: CrystalStatistics, reference: CrystalStatistic
 
 
 def split_statistics(path: str | os.PathLike, size: int | None, seed: int = 0,
-                     symprec: float = 0.1) -> CrystalStatistics:
+                     symprec: float = 0.1, n_rows: int | None = None) -> CrystalStatistics:
     """Statistics of a seeded subsample of ``size`` rows of an MP-20 split (all rows: ``None``), canonical cells.
 
     The rows are those :func:`~.references.subsample_rows` picks, the same as the coverage reference's
-    for the same size and seed; only they are parsed.
+    for the same size and seed; only they are parsed.  ``n_rows``: the split's row count when the
+    caller knows it (saves reading the file once more).
     """
-    rows = subsample_rows(len(csv_column(path, "cif")), size, seed)
+    n_rows = len(csv_column(path, "material_id")) if n_rows is None else n_rows
+    rows = subsample_rows(n_rows, size, seed)
     return CrystalStatistics.from_structures(read_structures(path, rows=rows), symprec)

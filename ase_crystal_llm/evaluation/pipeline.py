@@ -273,7 +273,8 @@ def evaluate(samples: str | os.PathLike | Iterable[Atoms | Structure], out_dir: 
         result.update(_distribution_metrics(fps, ref, n))
         result["coverage"]["reference"] = {"split": "MP-20 test", **ref_info}
     with timer("distribution"):
-        result["distribution"] = _distribution(valid, test_path, settings.mp20_path("val", data_dir), ref_size, seed)
+        result["distribution"] = _distribution(valid, test_path, settings.mp20_path("val", data_dir), ref_size, seed,
+                                               ref_info["split_size"])
     with timer("novelty"):
         known = [train_path, settings.mp20_path("val", data_dir)]  # novel: in neither split the model could see
         unique, novel = _spread(valid_idx, n, *_uniqueness_novelty(valid, known, progress))
@@ -333,9 +334,9 @@ def _validity(structures, source, limit):
     return flags, valid_idx, rates
 
 
-def _distribution(valid, test_path, val_path, ref_size, seed):
+def _distribution(valid, test_path, val_path, ref_size, seed, test_rows):
     """Distribution distances of the valid samples, and of as many real val crystals, to the coverage reference."""
-    reference = split_statistics(test_path, ref_size, seed)
+    reference = split_statistics(test_path, ref_size, seed, n_rows=test_rows)
     real = split_statistics(val_path, max(len(valid), 1), seed)
     summary = distribution_summary(CrystalStatistics.from_structures(valid), reference, real)
     summary["settings"] = {"reference": "MP-20 test (the coverage reference rows)", "real": "MP-20 val, seeded",
