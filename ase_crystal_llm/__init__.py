@@ -5,7 +5,7 @@ read from files (:mod:`.data`), a causal language model is trained on the text
 (:mod:`.model`), samples are decoded back into :class:`ase.Atoms`
 (:mod:`.generation`), relaxed, placed on a convex hull and scored
 (:mod:`.evaluation`), and the model's infill answers drive ASE's genetic
-algorithm (:mod:`.ga`).  Files are written by :mod:`.io`, chemistry shared by
+algorithm and the searches built on it (:mod:`.ga`).  Files are written by :mod:`.io`, chemistry shared by
 decoding and metrics lives in :mod:`.chemistry`, every default in
 :mod:`.settings`.
 
@@ -26,6 +26,8 @@ _EXPORTS = {
     "CrystalGenerator": "generation.generator",
     "LLMElementMutation": "ga.operators",
     "TemplateElementMutation": "ga.operators",
+    "GASearch": "ga.search",
+    "run_search": "ga.search",
     "propose_elements": "generation.infill",
     "get_calculator": "evaluation.potentials",
     "relax": "evaluation.relaxation",

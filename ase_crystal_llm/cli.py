@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ase_crystal_llm import __version__, settings
 from ase_crystal_llm.evaluation.options import EvaluationOptions
 from ase_crystal_llm.evaluation.options import coverage_size as coverage_size  # argparse type, still importable here
+from ase_crystal_llm.ga.options import SearchOptions
 from ase_crystal_llm.generation.options import GenerationOptions
 from ase_crystal_llm.generation.options import spacegroups as spacegroups  # argparse types, still importable here
 from ase_crystal_llm.model.config import TrainConfig, TrainRunOptions
@@ -238,6 +239,72 @@ def _run_mutate(args):
     print(f"wrote {args.n} children of {len(parents)} parents to {args.output}{note}", file=sys.stderr)
 
 
+def _add_search(sub):
+    p = sub.add_parser("search", help="genetic-algorithm search for stable crystals (ase_ga) with the LLM operator")
+    p.add_argument("start", nargs="*",
+                   help="starting structures: files (any ase.io format, .db, CSV with a cif column) or MP-20 "
+                        "formulas and chemical systems (SrTiO3, Sr-Ti-O); none when continuing with --resume")
+    p.add_argument("-o", "--output", required=True, type=output_file, metavar="SEARCH",
+                   help="the search's ase_ga database: a .db file or a postgresql:// address")
+    p.add_argument("--budget", type=positive_int, required=True,
+                   help="relaxations in the whole search, starting structures included")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search in SEARCH to the new budget (or start it if it does not exist: "
+                        "every worker of a shared search is started this way)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing SEARCH file first")
+    add_dataclass_arguments(p, SearchOptions, use_defaults=False)  # --resume keeps the search's own
+    _add_threads(p)
+
+
+def _run_search(args):
+    from pathlib import Path
+
+    from ase_crystal_llm.ga.search import run_search
+    from ase_crystal_llm.io.outputs import is_db_url
+
+    url = is_db_url(args.output)
+    if not url and Path(args.output).suffix.lower() != ".db":
+        raise UsageError(f"the search database must be a .db file or a postgresql:// address, got {args.output}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues SEARCH and --overwrite deletes it: choose one")
+    if args.overwrite and url:
+        raise UsageError("--overwrite deletes files only: drop the server database yourself")
+    if not url and Path(args.output).exists() and not (args.resume or args.overwrite):
+        raise UsageError(f"{args.output} exists: pass --resume to continue it or --overwrite to start again")
+    if not args.start and not args.resume:
+        raise UsageError("no starting structures: give files, formulas or chemical systems")
+    _set_threads(args)
+    summary = run_search(args.start or None, args.output, args.budget, resume=args.resume,
+                         overwrite=args.overwrite, threads=args.threads, **options_from_args(args, SearchOptions))
+    _print_search_summary(summary, args)
+
+
+def _print_search_summary(summary, args):
+    from ase_crystal_llm.evaluation.metrics import NoveltyIndex
+    from ase_crystal_llm.ga.search import search_results, summarize
+
+    novelty = NoveltyIndex.from_csv([settings.mp20_path(s, settings.data_dir(args.data_dir)) for s in ("train", "val")])
+    stopped = summary["stopped"]
+    summary = summarize(search_results(args.output), novelty)
+    ops = ", ".join(f"{k} {v}" for k, v in summary["by_operator"].items() if k != "start")
+    print(f"{summary['relaxations']} relaxations ({summary['failed']} failed), {summary['children']} children"
+          + (f" ({ops})" if ops else ""))
+    for key, label in (("stable", "on or below the hull"), ("below_0.1", "below 0.1 eV/atom")):
+        found = summary["found"][key]
+        print(f"{label}: {found['children']} children, {found['distinct']} distinct, "
+              f"{found['distinct_novel']} distinct and novel (not in MP-20 train+val)")
+    t = summary["time"]
+    print(f"time: proposals {t['propose_seconds']:.0f} s, relaxations and hull {t['relax_seconds']:.0f} s")
+    if summary["best"]:
+        print(f"\n{'id':>5}  {'formula':<14} {'E_hull (eV/atom)':>16}  {'operator':<11} novel")
+        for row in summary["best"]:
+            novel = {True: "yes", False: "no"}.get(row.get("novel"), "")
+            print(f"{row['gaid']:>5}  {row['formula']:<14} {row['e_above_hull']:>16.3f}  {row['operator']:<11} {novel}")
+    if stopped:
+        print(f"stopped early: {stopped}", file=sys.stderr)
+    print(f"\nall candidates: ase db {args.output} relaxed=1 -s raw_score-")
+
+
 def _add_merge(sub):
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("model", help="adapter model directory written by 'crystal-llm train'")
@@ -416,6 +483,7 @@ COMMANDS = {
     "generate": (_add_generate, _run_generate),
     "evaluate": (_add_evaluate, _run_evaluate),
     "mutate": (_add_mutate, _run_mutate),
+    "search": (_add_search, _run_search),
     "merge": (_add_merge, _run_merge),
     "convert": (_add_convert, _run_convert),
     "data": (_add_data, _run_data),

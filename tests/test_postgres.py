@@ -126,3 +126,49 @@ def test_concurrent_writers_keep_species_with_their_rows(pg_url):
     rows = list(ase.db.connect(pg_url).select())
     assert len(rows) == 240
     assert all((len(row.numbers) == 2) == (row.sample_index % 2 == 1) for row in rows)
+
+
+SEARCH_WORKER = """
+import sys
+from ase_crystal_llm.ga.search import run_search
+calc = MPScaleEMT()
+calc.delay = float(sys.argv[3])
+run_search(alloys(), sys.argv[1], int(sys.argv[2]), resume=True, hull=emt_hull(), calculator=calc,
+           operators="template,strain,permutation", population=4, batch_size=2, progress=False, lease=600)
+"""
+
+
+def test_two_search_workers_share_one_search(pg_url, tmp_path):
+    """Two `search` workers on one PostgreSQL search, one killed midway: the budget exactly, nothing twice."""
+    import signal
+    import sys
+    import time
+
+    import ase.db
+    from test_search import SETUP
+
+    script = tmp_path / "worker.py"
+    script.write_text(SETUP + SEARCH_WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    budget = 30
+    workers = [subprocess.Popen([sys.executable, str(script), pg_url, str(budget), delay], env=env,
+                                stderr=subprocess.PIPE, text=True) for delay in ("0.02", "0.005")]
+
+    def relaxed():
+        try:
+            return [row.gaid for row in ase.db.connect(pg_url).select(relaxed=1)]
+        except Exception:  # tables not created yet
+            return []
+
+    deadline = time.time() + 180
+    while time.time() < deadline and len(relaxed()) < 8 and workers[0].poll() is None:
+        time.sleep(0.3)
+    workers[0].send_signal(signal.SIGKILL)  # the slow one dies holding claims
+    assert workers[1].wait(timeout=300) == 0, workers[1].stderr.read()[-3000:]
+    workers[0].wait()
+    ids = relaxed()
+    assert len(ids) == budget and len(set(ids)) == budget, Counter(ids).most_common(3)
+    workers_seen = {row.worker for row in ase.db.connect(pg_url).select(queued=1)}
+    assert len(workers_seen) == 2, "both workers claimed candidates"
+    starts = [row for row in ase.db.connect(pg_url).select(relaxed=1, operator="start")]
+    assert len(starts) == 3, "each starting structure once, though both workers were told to start the search"

@@ -58,6 +58,7 @@ __all__ = [
     "order_sites",
     "property_name",
     "read_structures",
+    "select_mp20",
 ]
 
 
@@ -506,3 +507,49 @@ def read_structures(source: str | os.PathLike, *, canonical: bool = True, limit:
             rows=rows,
         )
     )
+
+
+def select_mp20(query: str, splits: Iterable[str] = ("train", "val", "test"),
+                data_dir: str | os.PathLike | None = None) -> list[Atoms]:
+    """MP-20 crystals of one reduced formula (``"SrTiO3"``) or one chemical system (``"Sr-Ti-O"``).
+
+    A chemical system selects the rows made of exactly those elements.  The
+    rows keep their CSV properties (``material_id``, ...) and are read as
+    stored (not canonicalised).  ``splits`` are looked up in ``data_dir``
+    (:func:`settings.data_dir`).
+    """
+    from ase.data import chemical_symbols
+    from pymatgen.core import Composition
+
+    from ase_crystal_llm import settings
+
+    parts = [p.strip() for p in query.split("-")]
+    system = formula = None
+    if len(parts) > 1 and all(p in chemical_symbols[1:] for p in parts):
+        system = frozenset(parts)
+    elif len(parts) == 1:
+        with contextlib.suppress(Exception):
+            comp = Composition(query)
+            if all(el.symbol in chemical_symbols[1:] for el in comp.elements):
+                formula = comp.reduced_formula
+    if system is None and formula is None:
+        raise ValueError(f"{query!r} is neither a file, a formula nor a chemical system like Sr-Ti-O")
+    found = []
+    data = settings.data_dir(data_dir)
+    for split in splits:
+        path = settings.mp20_path(split, data)
+        rows = []
+        with csv_reader(path) as table, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pymatgen: "no Pauling electronegativity for He"
+            for i, row in enumerate(table):
+                comp = Composition(row["pretty_formula"])
+                hit = (comp.reduced_formula == formula if formula
+                       else frozenset(el.symbol for el in comp.elements) == system)
+                if hit:
+                    rows.append(i)
+        if rows:
+            found += read_structures(path, canonical=False, rows=rows)
+    if not found:
+        raise ValueError(f"no MP-20 crystal ({'+'.join(splits)}) has the "
+                         f"{'formula' if formula else 'chemical system'} {query}")
+    return found

@@ -46,7 +46,7 @@ __all__ = [
     "COMP_CUTOFF", "COMP_FP_SIZE", "CompositionScaler", "Featurizer", "Fingerprints", "METASTABLE",
     "NoveltyIndex", "STRUCT_CUTOFF", "STRUCT_FP_SIZE", "SYMPRECS", "conditional_accuracy", "conditions_of",
     "coverage", "diversity", "emitted_validity", "featurizer", "novelty_flags", "spacegroup_number",
-    "stability_rates", "structure_matcher", "unique_flags", "wasserstein",
+    "stability_rates", "structure_matcher", "structures_match", "unique_flags", "wasserstein",
 ]
 
 
@@ -370,6 +370,11 @@ def structure_matcher() -> StructureMatcher:
     return StructureMatcher()
 
 
+def structures_match(a: Atoms | Structure, b: Atoms | Structure, matcher: StructureMatcher | None = None) -> bool:
+    """``True`` when ``matcher`` (default :func:`structure_matcher`) fits ``a`` onto ``b``."""
+    return _fits(matcher or structure_matcher(), as_structure(a), as_structure(b))
+
+
 def _fits(matcher, a, b):
     try:
         return matcher.fit(a, b)
@@ -438,6 +443,11 @@ class NoveltyIndex:
 
     def __len__(self):
         return sum(len(v) for v in self._groups.values())
+
+    def add(self, structure: Atoms | Structure) -> None:
+        """Know ``structure`` from now on (e.g. each new candidate of a search)."""
+        structure = as_structure(structure)
+        self._groups.setdefault(structure.composition.reduced_formula, []).append(structure)
 
     def _candidates(self, formula):
         group = self._groups.get(formula, [])

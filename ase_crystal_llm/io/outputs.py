@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ase.db.core import reserved_keys, word
+from ase.db.core import Database, reserved_keys, word
 
 from ase_crystal_llm.info_keys import RUN_ID, SAMPLE_INDEX
 from ase_crystal_llm.io.files import atomic_write, fsync, plain
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CIF_END", "DATA_KEYS", "DB_URL_SCHEMES", "FORMATS", "ID_KEYS", "StructureWriter", "check_output",
+    "connect_database",
     "identifier", "is_cif_archive", "is_db_url", "merge_outputs", "output_format", "read_run_records",
     "run_record_path", "split_info", "write_cif_archive", "write_run_record",
 ]
@@ -417,6 +418,16 @@ class _TrajBackend:
         self.traj.close()
 
 
+def connect_database(address: str | os.PathLike) -> Database:
+    """``ase.db.connect`` for appending, safe with several writers on one PostgreSQL server."""
+    import ase.db
+
+    db = ase.db.connect(str(address), append=True)
+    if str(address).lower().startswith(("postgresql://", "postgres://")):
+        db.get_last_id = _session_last_id
+    return db
+
+
 def _session_last_id(cur):
     """Id of the row this connection just inserted into ``systems``.
 
@@ -438,13 +449,10 @@ def _stored_results(atoms):
 
 class _DbBackend:
     def __init__(self, path, append):
-        import ase.db
 
         if not append and not is_db_url(path) and Path(path).exists():
             Path(path).unlink()
-        self.db = ase.db.connect(str(path), append=True)
-        if str(path).lower().startswith(("postgresql://", "postgres://")):
-            self.db.get_last_id = _session_last_id
+        self.db = connect_database(path)
         self.seen = set()
         if append:
             for row in self.db.select(columns=["key_value_pairs"], include_data=False):
