@@ -245,3 +245,22 @@ def test_cli_search_with_m3gnet_on_mp20(tmp_path, capsys, m3gnet_dir, tiny_model
     rows = list(ase.db.connect(str(db)).select(relaxed=1))
     assert len(rows) == 7 and all(r.potential for r in rows) and all("MP-20" in r.hull for r in rows)
     assert np.isfinite([r.raw_score for r in rows]).all()
+
+
+@pytest.mark.potential
+def test_search_with_sevennet(tmp_path, data_dir):
+    """``potential="sevennet"`` reaches the search: every row names it, on the MP-20 hull."""
+    import importlib.util
+
+    if importlib.util.find_spec("sevenn") is None:
+        pytest.skip("the sevennet extra is not installed: pip install 'ase-crystal-llm[sevennet]'")
+    import ase.db
+
+    from ase_crystal_llm.ga.search import run_search
+
+    db = tmp_path / "sevennet.db"
+    summary = run_search("SrTiO3", db, 4, operators="template", potential="sevennet", population=2,
+                         batch_size=2, data_dir=str(data_dir), progress=False, threads=1)
+    assert summary["relaxations"] == 4
+    rows = list(ase.db.connect(str(db)).select(relaxed=1))
+    assert {r.potential for r in rows} == {"sevennet-0-11jul2024"} and all("MP-20" in r.hull for r in rows)

@@ -288,6 +288,7 @@ class GASearch:
 
     def _propose(self, n, population, operators, known, rng):
         """Up to ``n`` new, non-duplicate children written as unrelaxed candidates."""
+        started = time.perf_counter()
         population.update()
         if not population.pop:
             return []
@@ -296,25 +297,28 @@ class GASearch:
         children, tries = [], 0
         while len(children) < n and tries < _TRIES_PER_CHILD * n:
             tries += 1
-            started = time.perf_counter()
             parent = _parent(population, rng)
             name = names[rng.choice(len(names), p=weights / weights.sum())]
             child, description = operators[name].get_new_individual([parent])
             if child is None or not is_periodic(child) or known.contains(child):
                 continue
-            self._label(child, name, parent, time.perf_counter() - started)
-            self.connection.add_unrelaxed_candidate(child, description=description)
-            kind, text = split_description(description)  # as ase_ga wrote them: the relaxed row keeps them
+            kind, text = split_description(description)  # as ase_ga writes them: the relaxed row keeps them
             child.info["key_value_pairs"].update({kind: 1, "description": text})
+            self._label(child, name, parent)
             known.add(child)
-            children.append(child)
-        return children
+            children.append((child, description))
+        # The round's time (parents, operators, duplicate checks, failed tries) shared by its children.
+        seconds = (time.perf_counter() - started) / max(1, len(children))
+        for child, description in children:
+            child.info["key_value_pairs"]["propose_seconds"] = seconds
+            self.connection.add_unrelaxed_candidate(child, description=description)
+        return [child for child, _ in children]
 
-    def _label(self, child, name, parent, seconds):
+    def _label(self, child, name, parent):
         child.info["data"].pop("element_swap", None)  # already in the description
         child.info["key_value_pairs"].update(
             operator=name, parent_id=int(parent.info["confid"]), composition=_reduced_formula(child),
-            model=self._model_name() if name == "llm" else "none", propose_seconds=float(seconds))
+            model=self._model_name() if name == "llm" else "none")
 
     @property
     def generator(self):

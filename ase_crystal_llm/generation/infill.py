@@ -80,6 +80,15 @@ def _forward_kwargs(model, keep):
     return {}
 
 
+def _cache_kwargs(model, cache):
+    # transformers renamed past_key_values to cache (5.2x); older releases know only the first.
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def element_log_likelihoods(generator: InfillModel, atoms: Atoms, element: str,
                             candidates: Iterable[str] | None = None) -> dict[str, float]:
     """Log-likelihood of each candidate as the answer to the infill prompt.
@@ -87,8 +96,9 @@ def element_log_likelihoods(generator: InfillModel, atoms: Atoms, element: str,
     Each candidate is scored as ``log p(symbol tokens, EOS | prompt)``, summed
     over all its tokens; the end token makes ``N`` and ``Na`` different
     answers even when ``N`` is a token prefix of ``Na``.  All candidates go
-    through the model in one batched forward pass (right-padded, so every
-    sequence keeps the positions it had in training).
+    share one pass over the prompt, whose key-value cache then scores every
+    answer in one batched pass (right-padded, so every sequence keeps the
+    positions it had in training).
 
     Parameters
     ----------
@@ -121,18 +131,24 @@ def element_log_likelihoods(generator: InfillModel, atoms: Atoms, element: str,
     prompt = _encode(tokenizer, infill_prompt(generator, atoms, element), True)
     answers = [_encode(tokenizer, symbol, False) + [eos] for symbol in candidates]
     width = max(len(a) for a in answers)
-    ids = torch.full((len(answers), len(prompt) + width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    ids = torch.full((len(answers), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(answers), len(prompt) + width), dtype=torch.long)
+    mask[:, : len(prompt)] = 1
     for row, answer in enumerate(answers):
-        n = len(prompt) + len(answer)
-        ids[row, :n] = torch.tensor(prompt + answer)
-        mask[row, :n] = 1
+        ids[row, : len(answer)] = torch.tensor(answer)  # right-padded: positions as in training
+        mask[row, len(prompt) : len(prompt) + len(answer)] = 1
 
     device = next(model.parameters()).device
-    keep = width + 1  # logits at positions len(prompt)-1 ... end
     with torch.no_grad(), settings.torch_threads(getattr(generator, "threads", None)):
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), **_forward_kwargs(model, keep))
-    logits = out.logits[:, -keep:-1].float()  # logits[:, j] predicts answer token j
+        # The prompt is shared by every candidate: one pass over it, its cache copied to each answer.
+        first = model(input_ids=torch.tensor([prompt], device=device), use_cache=True,
+                      **_forward_kwargs(model, 1))
+        cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+        cache.batch_repeat_interleave(len(answers))
+        rest = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                     **_cache_kwargs(model, cache))
+    # logits[:, j] predicts answer token j: the prompt's last position, then the answer's own.
+    logits = torch.cat([first.logits[:, -1:].expand(len(answers), -1, -1), rest.logits[:, :-1]], dim=1).float()
     logp = torch.log_softmax(logits, dim=-1).cpu()
 
     scores = {}
