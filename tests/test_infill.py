@@ -594,3 +594,24 @@ def test_mutate_structures_needs_crystals():
         list(mutate_structures([bulk("Cu", "fcc", a=3.6), molecule("H2O")], 2, TemplateElementMutation()))
     with pytest.raises(ValueError, match="no parent"):
         list(mutate_structures([], 1, TemplateElementMutation()))
+
+
+def test_llm_mutation_scores_a_parent_once(generator, monkeypatch):
+    """Repeated draws from one parent reuse its proposal: one forward pass, the same distribution."""
+    import numpy as np
+
+    from ase_crystal_llm.ga import operators
+
+    calls = []
+    real = operators.propose_elements
+    monkeypatch.setattr(operators, "propose_elements", lambda *a, **k: calls.append(1) or real(*a, **k))
+    op = operators.LLMElementMutation(generator, element_pool=["Na", "K", "Cl", "Br"],
+                                      rng=np.random.RandomState(0), restrict_to_template=False)
+    parent = _rocksalt()
+    children = [op.mutate(parent) for _ in range(12)]
+    assert all(c is not None for c in children)
+    assert len(calls) == 2  # one per element of the parent (Na and Cl), however many draws
+    moved = parent.copy()
+    moved.positions += 0.1
+    op.mutate(moved)
+    assert len(calls) == 3  # another structure is scored anew

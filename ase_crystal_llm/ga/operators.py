@@ -17,6 +17,7 @@ Both work next to ASE's own operators in an ``OperationSelector``.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +33,9 @@ from ase_crystal_llm.chemistry.substitution import (
 from ase_crystal_llm.generation.infill import _check_temperature, propose_elements
 from ase_crystal_llm.info_keys import MATERIAL_ID
 from ase_crystal_llm.text.format import ELEMENTS, is_periodic
+
+# Proposal distributions an LLMElementMutation keeps (a search's parents and their elements).
+_PROPOSALS_KEPT = 512
 
 try:  # ase_ga is the GA's home since ASE 3.26; older ASE ships it as ase.ga
     from ase_ga.offspring_creator import OffspringCreator
@@ -253,6 +257,22 @@ class LLMElementMutation(_ElementSwapMutation):
         self.tolerance = float(tolerance)
         swap_table(self.tolerance)  # checks the tolerance now, not at the first swap
         self.descriptor = "LLMElementMutation"
+        self._proposals: OrderedDict = OrderedDict()
+
+    def _proposal(self, atoms, element, candidates):
+        """:func:`propose_elements`, remembered for the last parents: a search draws from the same
+        parent many times (most draws of a well-explored parent are duplicates), one forward pass each."""
+        key = (atoms.numbers.tobytes(), np.round(atoms.positions, 6).tobytes(),
+               np.round(atoms.cell.array, 6).tobytes(), element, candidates)
+        if key in self._proposals:
+            self._proposals.move_to_end(key)
+            return self._proposals[key]
+        probs = propose_elements(self.generator, atoms, element, candidates=candidates,
+                                 temperature=self.temperature)
+        self._proposals[key] = probs
+        if len(self._proposals) > _PROPOSALS_KEPT:
+            self._proposals.popitem(last=False)
+        return probs
 
     def candidates(self, atoms: Atoms, element: str) -> Sequence[str]:
         if self.restrict_to_template:
@@ -261,8 +281,7 @@ class LLMElementMutation(_ElementSwapMutation):
         return ELEMENTS if group is None else group
 
     def choose(self, atoms: Atoms, element: str, candidates: Sequence[str]) -> tuple[str, dict[str, Any]]:
-        probs = propose_elements(self.generator, atoms, element, candidates=candidates,
-                                 temperature=self.temperature)
+        probs = self._proposal(atoms, element, tuple(candidates))
         symbols = list(probs)
         p = np.array([probs[s] for s in symbols])
         new = str(symbols[int(self.rng.choice(len(symbols), p=p / p.sum()))])
