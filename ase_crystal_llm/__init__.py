@@ -15,9 +15,8 @@ matgl) load only when one of them is first used.
 
 from __future__ import annotations
 
-import importlib
-
 from . import _moved
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -46,13 +45,4 @@ __all__ = ["__version__", *_EXPORTS]
 _moved.install()
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value  # resolve once
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

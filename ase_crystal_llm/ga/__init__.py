@@ -11,7 +11,7 @@ Names resolve on first use, so ``crystal-llm --help`` reads the options
 without importing numpy or ase_ga.
 """
 
-import importlib
+from ase_crystal_llm._lazy import lazy_exports
 
 _EXPORTS = {
     "LLMElementMutation": "operators", "TemplateElementMutation": "operators", "SearchOptions": "options",
@@ -20,14 +20,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value  # resolve once
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
