@@ -57,6 +57,12 @@ def sample(generator, n, seed, temperature, top_p, spacing, charge):
     return crystals, time.perf_counter() - t0
 
 
+def _line(name, s):
+    return (f"{name:34s} atoms/cell {s['mean_atoms_per_cell']:5.2f}  mix {s['element_count_mix']}  "
+            f"O {s['oxygen_fraction']:.3f}  JSD count {s['element_count_jsd']:.3f} "
+            f"cell {s['atoms_per_cell_jsd']:.3f} elements {s['element_jsd']:.3f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model directory (default: the shipped model)")
@@ -85,14 +91,8 @@ def main(argv=None):
                                      "samples": summary["samples"]}
         results["real_val"] = summary["real"]
         results["reference_mix"] = summary["reference"]
-        s = summary["samples"]
-        print(f"{name:34s} atoms/cell {s['mean_atoms_per_cell']:5.2f}  mix {s['element_count_mix']}  "
-              f"O {s['oxygen_fraction']:.3f}  JSD count {s['element_count_jsd']:.3f} cell {s['atoms_per_cell_jsd']:.3f} "
-              f"elements {s['element_jsd']:.3f}", flush=True)
-    r = results["real_val"]
-    print(f"{'real val':34s} atoms/cell {r['mean_atoms_per_cell']:5.2f}  mix {r['element_count_mix']}  "
-          f"O {r['oxygen_fraction']:.3f}  JSD count {r['element_count_jsd']:.3f} cell {r['atoms_per_cell_jsd']:.3f} "
-          f"elements {r['element_jsd']:.3f}")
+        print(_line(name, summary["samples"]), flush=True)
+    print(_line("real val", results["real_val"]))
     atomic_write(args.output, json.dumps(results, indent=1) + "\n")
 
 
