@@ -264,3 +264,19 @@ def test_search_with_sevennet(tmp_path, data_dir):
     assert summary["relaxations"] == 4
     rows = list(ase.db.connect(str(db)).select(relaxed=1))
     assert {r.potential for r in rows} == {"sevennet-0-11jul2024"} and all("MP-20" in r.hull for r in rows)
+
+
+def test_search_with_only_failed_relaxations_says_why(tmp_path, hull):
+    """A potential that fails every start leaves no parent: the search stops and says so."""
+    from ase.calculators.calculator import CalculatorError
+
+    class Broken(MPScaleEMT):
+        def calculate(self, *args, **kwargs):
+            raise CalculatorError("no energy for you")
+
+    from ase_crystal_llm.ga.search import run_search
+
+    summary = run_search(alloys(), tmp_path / "broken.db", 10, hull=hull, calculator=Broken(), operators="template",
+                         progress=False)
+    assert summary["relaxations"] == 3 and summary["failed"] == 3
+    assert "no relaxed candidate can be a parent" in summary["stopped"]

@@ -253,7 +253,8 @@ class GASearch:
                         time.sleep(2.0)
                         continue
                     self.stopped = (f"the operators proposed nothing new in {_TRIES_PER_CHILD} tries per child "
-                                    f"({done} of {budget} relaxations done)")
+                                    if population.pop else "no relaxed candidate can be a parent (every relaxation "
+                                    "failed) ") + f"({done} of {budget} relaxations done)"
                     break
                 self._relax(batch, bar)
         finally:
