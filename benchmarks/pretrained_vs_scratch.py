@@ -89,7 +89,9 @@ def crystals_seen(state):
     return int(state["step"]) * int(fp["batch_size"]) * int(fp.get("world_size") or 1) * int(fp.get("grad_accum") or 1)
 
 
-def follow_run(name, run_dir, crystals, match, done, base=None):
+def follow_run(name, run_dir, crystals, match, done, base=None, every=1, saved=None):
+    """Score each checkpoint of a run (steps that are multiples of ``every``; kept points reused);
+    ``saved(points)`` after each new one, so an interrupt keeps what was scored."""
     from ase_crystal_llm.model.loading import checkpoints, load_checkpoint
 
     points = []
@@ -98,6 +100,8 @@ def follow_run(name, run_dir, crystals, match, done, base=None):
         if step in done:
             points.append(done[step])
             continue
+        if step % every:
+            continue
         model, tokenizer, state = load_checkpoint(ckpt, base=base)
         seen = crystals_seen(state)
         point = {"step": step, "crystals_seen": seen, "epochs": seen / TRAIN_SIZE,
@@ -105,6 +109,8 @@ def follow_run(name, run_dir, crystals, match, done, base=None):
         print(f"{name} step {step}: {point['epochs']:.4f} epochs, {point['val_nll_per_crystal']:.1f} nats/crystal",
               flush=True)
         points.append(point)
+        if saved is not None:
+            saved(points)
     return points
 
 
@@ -138,6 +144,7 @@ def main(argv=None):
                    help="validation rows for formula / space-group match (default 0: skip)")
     p.add_argument("--no-reference", action="store_true", help="do not score the shipped default model")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--every", type=int, default=1, help="score only checkpoints whose step is a multiple of this")
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "pretrained_vs_scratch.json"))
     args = p.parse_args(argv)
 
@@ -158,10 +165,17 @@ def main(argv=None):
         name, _, run_dir = spec.partition("=")
         done = {q["step"]: q for q in old.get("runs", {}).get(name, {}).get("points", [])} if same else {}
         state = json.loads(sorted(Path(run_dir, "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
-        result["runs"][name] = {"run_dir": str(run_dir), "settings": state["fingerprint"],
-                                "points": follow_run(name, run_dir, crystals, args.match, done)}
+        entry = result["runs"][name] = {"run_dir": str(run_dir), "settings": state["fingerprint"],
+                                        "points": sorted(done.values(), key=lambda q: q["step"])}
+
+        def saved(points, entry=entry):  # partial results survive an interrupt; other runs' old points kept
+            entry["points"] = points
+            kept = old if same else {}
+            out.write_text(json.dumps({**kept, **result, "runs": {**kept.get("runs", {}), **result["runs"]}},
+                                      indent=1) + "\n")
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive an interrupt
+        saved(follow_run(name, run_dir, crystals, args.match, done, every=args.every, saved=saved))
     if not args.no_reference:
         from ase_crystal_llm.generation.generator import CrystalGenerator
 
