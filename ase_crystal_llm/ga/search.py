@@ -22,6 +22,7 @@ import functools
 import os
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers
 
+from ase_crystal_llm.chemistry.validity import reduced_formula
 from ase_crystal_llm.ga.database import SearchConnection, database_exists, search_lock
 from ase_crystal_llm.ga.operators import LLMElementMutation, TemplateElementMutation
 from ase_crystal_llm.ga.options import SearchOptions, operator_weights, parse_elements
@@ -99,7 +101,7 @@ class StructureComparator:
     def looks_like(self, a1: Atoms, a2: Atoms) -> bool:
         from ase_crystal_llm.evaluation.metrics import structures_match
 
-        if _reduced_formula(a1) != _reduced_formula(a2):
+        if reduced_formula(a1) != reduced_formula(a2):
             return False
         return structures_match(a1, a2, self.matcher)
 
@@ -197,7 +199,7 @@ class GASearch:
         prep = PrepareDB(self.database, population_size=self.options.population, search=self.settings(),
                          options={k: v for k, v in asdict(self.options).items() if k in _RESUMED})
         for atoms in start:
-            kvp = {"composition": _reduced_formula(atoms), "operator": "start"}
+            kvp = {"composition": reduced_formula(atoms), "operator": "start"}
             if isinstance(atoms.info.get(MATERIAL_ID), str):
                 kvp[MATERIAL_ID] = atoms.info[MATERIAL_ID]
             prep.add_unrelaxed_candidate(_bare(atoms), **kvp)
@@ -318,7 +320,7 @@ class GASearch:
     def _label(self, child, name, parent):
         child.info["data"].pop("element_swap", None)  # already in the description
         child.info["key_value_pairs"].update(
-            operator=name, parent_id=int(parent.info["confid"]), composition=_reduced_formula(child),
+            operator=name, parent_id=int(parent.info["confid"]), composition=reduced_formula(child),
             model=self._model_name() if name == "llm" else "none")
 
     @property
@@ -511,8 +513,7 @@ def summarize(results: Sequence[dict[str, Any]], novelty: NoveltyIndex | None = 
     novel = [None] * len(results)
     found = {}
     for t in thresholds:
-        rows = [i for i, r in enumerate(results)
-                if ok[i] and r["operator"] != "start" and r["e_above_hull"] <= t + (1e-12 if t == 0 else -1e-12)]
+        rows = [i for i, r in enumerate(results) if ok[i] and r["operator"] != "start" and _below(r["e_above_hull"], t)]
         entry = {"children": len(rows), "distinct": sum(distinct[i] for i in rows)}
         if novelty is not None:
             for i in rows:
@@ -524,7 +525,7 @@ def summarize(results: Sequence[dict[str, Any]], novelty: NoveltyIndex | None = 
     return {
         "relaxations": len(results), "failed": ok.count(False),
         "children": sum(r["operator"] != "start" for r in results),
-        "by_operator": _count_by(results, "operator"),
+        "by_operator": dict(Counter(r["operator"] for r in results)),
         "found": found,
         "best": [{"gaid": results[i]["gaid"], "formula": results[i]["formula"],
                   "e_above_hull": results[i]["e_above_hull"], "operator": results[i]["operator"],
@@ -534,15 +535,13 @@ def summarize(results: Sequence[dict[str, Any]], novelty: NoveltyIndex | None = 
     }
 
 
+def _below(e_hull, threshold):
+    """Stable is on or below the hull (<= 0); any other threshold is strict (metastable: < 0.1)."""
+    return e_hull <= 0 if threshold == 0 else e_hull < threshold
+
+
 def _threshold_key(t):
     return "stable" if t == 0 else f"below_{t:g}"
-
-
-def _count_by(results, key):
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r[key]] = counts.get(r[key], 0) + 1
-    return counts
 
 
 # -------------------------------------------------------------------------- helpers
@@ -594,12 +593,6 @@ def _check_start(start, elements):
 def _bare(atoms):
     """Only what a candidate is: numbers, positions, cell (ase_ga keeps its own info)."""
     return Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=True)
-
-
-def _reduced_formula(atoms):
-    from ase_crystal_llm.chemistry.validity import reduced_formula
-
-    return reduced_formula(atoms)
 
 
 def _as_stored(settings):
