@@ -186,6 +186,21 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(tmp_path, hull):
     assert not DataConnection(str(db)).get_all_candidates_in_queue()  # the dead claims were taken over
 
 
+
+def test_a_killed_worker_not_yet_reaped_holds_no_claim():
+    """A SIGKILLed worker stays a zombie until its parent waits for it: its claims are free all the same."""
+    from ase_crystal_llm.ga.database import _alive
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert _alive(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    deadline = time.time() + 10
+    while _alive(proc.pid) and time.time() < deadline:  # killed, not waited for
+        time.sleep(0.05)
+    assert not _alive(proc.pid)
+    proc.wait()
+    assert not _alive(proc.pid) and _alive(os.getpid())
+
 @pytest.mark.parametrize("argv, message", [
     (["missing.cif", "-o", "{tmp}/s.db", "--budget", "5"], "neither a file"),
     (["{tmp}/start.extxyz", "-o", "{tmp}/s.db", "--budget", "0"], "positive integer"),

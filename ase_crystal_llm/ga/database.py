@@ -147,7 +147,14 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    # A killed worker its parent has not reaped yet still answers signals: a zombie holds no claim.
+    if not Path("/proc/self/stat").exists():  # no procfs (macOS): trust the signal
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):  # gone meanwhile
+        return False
+    return state not in ("Z", "X")
 
 
 @contextlib.contextmanager
