@@ -17,6 +17,8 @@ Generated crystals (:meth:`~ase_crystal_llm.generation.generator.CrystalGenerato
     (bool: decoding was held to whole multiples of the formula);
     :data:`GENERATED_TEXT` (the model's text on one line, lines joined by
     ``" | "``); :data:`TEMPERATURE`, :data:`TOP_P`, :data:`SEED`;
+    :data:`GUIDANCE_SCALE` (conditioned crystals: the classifier-free guidance
+    scale, 1 = none);
     :data:`ATTEMPTS` (model outputs spent on this crystal: 1 + the failed ones
     before it); the identifiers :data:`RUN_ID`, :data:`RANK`,
     :data:`SAMPLE_INDEX` (``(run_id, sample_index)`` is unique).  Evaluation
@@ -37,7 +39,8 @@ from __future__ import annotations
 
 __all__ = [
     "ATTEMPTS", "BAND_GAP", "CONDITIONS", "CONDITION_ELEMENTS", "CONDITION_PREFIX", "ENERGY", "ENERGY_SCALE",
-    "E_ABOVE_HULL", "FORMATION_ENERGY", "FORMULA_CONSTRAINED", "GENERATED_TEXT", "MATERIAL_ID", "MUTATION",
+    "E_ABOVE_HULL", "FORMATION_ENERGY", "FORMULA_CONSTRAINED", "GENERATED_TEXT", "GUIDANCE_SCALE",
+    "MATERIAL_ID", "MUTATION",
     "ORIGIN", "PARENT_INDEX", "POTENTIAL", "PRETTY_FORMULA", "RANK", "RELAX_CONVERGED", "RELAX_ERROR",
     "RELAX_FAILED", "RELAX_STEPS", "RUN_ID", "SAMPLE_INDEX", "SEED", "SPACEGROUP_NUMBER", "TEMPERATURE", "TOP_P",
     "condition_key",
@@ -59,6 +62,7 @@ FORMULA_CONSTRAINED = "formula_constrained"
 GENERATED_TEXT = "generated_text"
 TEMPERATURE = "temperature"
 TOP_P = "top_p"
+GUIDANCE_SCALE = "guidance_scale"
 SEED = "seed"
 ATTEMPTS = "attempts"
 RUN_ID = "run_id"

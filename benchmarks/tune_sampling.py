@@ -73,7 +73,7 @@ import numpy as np
 from common import hardware  # noqa: E402
 
 from ase_crystal_llm import settings
-from ase_crystal_llm.chemistry.validity import validity_flags
+from ase_crystal_llm.chemistry.validity import validity_flags, validity_rates
 from ase_crystal_llm.data import datasets
 from ase_crystal_llm.evaluation import metrics, pipeline, references
 from ase_crystal_llm.generation.generator import CrystalGenerator
@@ -131,7 +131,7 @@ def validity(crystals, stats):
                     "valid": emitted["valid_over_emitted"]}
     counts = {k: stats.get(k) for k in ("requested", "returned", "attempts", "gave_up", "rejected",
                                          "parse_failures", "wall_seconds")}
-    return {**counts, "validity_returned": validity.validity_rates(flags), "validity_attempts": attempts}, flags
+    return {**counts, "validity_returned": validity_rates(flags), "validity_attempts": attempts}, flags
 
 
 def metastable_rate(crystals, k, cache, data):

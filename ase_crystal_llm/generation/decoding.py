@@ -9,6 +9,14 @@
 
 Greedy decoding is identical on both paths (tested).  Temperature and top-p
 are transformers' own ``TemperatureLogitsWarper`` / ``TopPLogitsWarper``.
+
+Classifier-free guidance (``guidance_scale != 1``) decodes each row beside a
+twin that has the unconditioned prompt and the same generated tokens, and
+mixes their log-probabilities as transformers'
+``UnbatchedClassifierFreeGuidanceLogitsProcessor`` does (which the plain path
+uses): ``uncond + scale * (cond - uncond)``, before the grammar masks them.
+The fast path runs the twins in the same batch (their shared prompt prefix is
+computed once).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ if TYPE_CHECKING:
     from ase_crystal_llm.generation.constraints import CrystalLogitsProcessor
 
 __all__ = [
-    "fast_sample", "plain_sample",
+    "fast_sample", "guide", "plain_sample",
 ]
 
 
@@ -113,6 +121,17 @@ def _choose(scores, warpers, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + scale * (cond - uncond)`` on log-probabilities.
+
+    ``scale == 1`` returns ``cond`` itself (the unguided logits, untouched).
+    """
+    if scale == 1:
+        return cond
+    cond, uncond = torch.log_softmax(cond, dim=-1), torch.log_softmax(uncond, dim=-1)
+    return scale * (cond - uncond) + uncond
+
+
 def _left_pad(tokenizer, prompts, device):
     # Per call: the tokenizer's own padding side (right, for training) stays as it is.
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
@@ -123,7 +142,8 @@ def _left_pad(tokenizer, prompts, device):
 def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                 processor: CrystalLogitsProcessor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None, compact_fraction: float = 0.25,
-                min_new_tokens: int = 0) -> tuple[list[list[int]], list[bool]]:
+                min_new_tokens: int = 0, guidance_scale: float = 1.0,
+                unconditional_prompt: str | None = None) -> tuple[list[list[int]], list[bool]]:
     """Sample one continuation per prompt with the lean decoding loop.
 
     Parameters
@@ -144,6 +164,11 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
     min_new_tokens : int
         End-of-sequence is forbidden before this many tokens (benchmarks
         force a length; the grammar must then allow enough atoms).
+    guidance_scale : float
+        Classifier-free guidance against ``unconditional_prompt``; 1 (or no
+        ``unconditional_prompt``) decodes without it.
+    unconditional_prompt : str, optional
+        The prompt without conditions, as training writes it.
 
     Returns
     -------
@@ -152,9 +177,13 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
         booleans: whether each row ended with end-of-sequence.
     """
     device = next(model.parameters()).device
-    unique = list(dict.fromkeys(prompts))
+    n = len(prompts)
+    guided = guidance_scale != 1 and unconditional_prompt is not None
+    # Cache rows: the n rows, then (guided) their n unconditioned twins, in the same order.
+    cache_prompts = list(prompts) + ([unconditional_prompt] * n if guided else [])
+    unique = list(dict.fromkeys(cache_prompts))
     ids, attn = _left_pad(tokenizer, unique, device)
-    rows = torch.tensor([unique.index(p) for p in prompts], device=device)
+    rows = torch.tensor([unique.index(p) for p in cache_prompts], device=device)
     padded = bool((attn == 0).any())
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = _buffer_cache(model, ids.shape[1] + max_new_tokens)
@@ -168,7 +197,6 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
 
     eos_ids = processor.grammar.eos_ids
     eos = torch.tensor(sorted(eos_ids), device=device)
-    n = len(prompts)
     live = list(range(n))  # batch row -> original row
     tokens = [[] for _ in range(n)]
     ended = [False] * n
@@ -176,7 +204,8 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
     warpers = _warpers(temperature, top_p)
     processor.reset(n)
     for step in range(max_new_tokens):
-        scores = processor.mask(logits)
+        m = len(live)
+        scores = processor.mask(guide(logits[:m], logits[m:], guidance_scale) if guided else logits)
         if step < min_new_tokens:
             scores[:, eos] = float("-inf")
         chosen = _choose(scores, warpers, generator)
@@ -195,15 +224,16 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
             break
         if n_done >= max(1, compact_fraction * len(live)):
             kept = [b for b, d in enumerate(done) if not d]
-            keep = torch.tensor(kept, device=device)
+            keep = torch.tensor(kept + ([m + b for b in kept] if guided else []), device=device)
             cache.batch_select_indices(keep)
             processor.select(kept)
-            attn, next_pos, chosen = attn[keep], next_pos[keep], chosen[keep]
+            attn, next_pos, chosen = attn[keep], next_pos[keep], chosen[keep[:len(kept)]]
             live = [live[b] for b in kept]
             done = [False] * len(live)
         if padded:
-            attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
-        out = model(input_ids=chosen[:, None], attention_mask=attn if padded else None,
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+        fed = torch.cat([chosen, chosen]) if guided else chosen  # a twin continues with its row's token
+        out = model(input_ids=fed[:, None], attention_mask=attn if padded else None,
                     position_ids=next_pos[:, None], use_cache=True, **{key: cache})
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
@@ -214,19 +244,27 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
 def plain_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                  processor: CrystalLogitsProcessor | None, *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, generator: torch.Generator | None = None,
-                 min_new_tokens: int = 0) -> tuple[list[list[int]], list[bool]]:
+                 min_new_tokens: int = 0, guidance_scale: float = 1.0,
+                 unconditional_prompt: str | None = None) -> tuple[list[list[int]], list[bool]]:
     """The same sampling through ``model.generate`` (the reference-style path).
 
     ``processor=None`` samples without the grammar, as the reference code
     does.  The grammar runs first, then temperature and nucleus filtering, as in
     :func:`fast_sample`.  ``generate`` has no generator argument, so sampling
     uses torch's global random state (seeded from ``generator`` when given).
+    Guidance is transformers' ``UnbatchedClassifierFreeGuidanceLogitsProcessor``
+    (the twins run in a second forward pass).
     """
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import GenerationConfig, LogitsProcessorList, UnbatchedClassifierFreeGuidanceLogitsProcessor
 
     device = next(model.parameters()).device
     ids, attn = _left_pad(tokenizer, prompts, device)
-    processors = [processor] if processor is not None else []
+    processors = []
+    if guidance_scale != 1 and unconditional_prompt is not None:
+        uncond, uncond_attn = _left_pad(tokenizer, [unconditional_prompt] * len(prompts), device)
+        processors.append(UnbatchedClassifierFreeGuidanceLogitsProcessor(
+            guidance_scale, model, unconditional_ids=uncond, unconditional_attention_mask=uncond_attn))
+    processors += [processor] if processor is not None else []
     processors += _warpers(temperature, top_p)
     sample = bool(temperature)
     if sample and generator is not None:

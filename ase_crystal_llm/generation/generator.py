@@ -14,6 +14,7 @@ times per requested crystal.  The loops themselves are in :mod:`.decoding`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -46,11 +47,14 @@ from ase_crystal_llm.info_keys import (
     CONDITION_ELEMENTS,
     FORMULA_CONSTRAINED,
     GENERATED_TEXT,
+    GUIDANCE_SCALE,
     RANK,
     RUN_ID,
     SAMPLE_INDEX,
     SEED,
     SPACEGROUP_NUMBER,
+    TEMPERATURE,
+    TOP_P,
 )
 from ase_crystal_llm.model.modelcard import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ase_crystal_llm.options import document_options
@@ -329,6 +333,12 @@ class CrystalGenerator:
             sampling = {**sampling, **(sampling.get("formula_constrained") or {})}
         return (sampling.get("temperature", DEFAULT_TEMPERATURE), sampling.get("top_p", DEFAULT_TOP_P))
 
+    def _guidance_default(self, conditions):
+        """The card's guidance scale for the first condition kind it names (1: none)."""
+        scales = (_card_get(self.card, "sampling") or {}).get("guidance_scale") or {}
+        kinds = {k for c in conditions for k in c}
+        return float(next((scales[k] for k in CONDITION_KEYS if k in kinds and k in scales), 1.0))
+
     def grammar(self, elements: Iterable[str] | None = None, max_atoms: int = DEFAULT_MAX_ATOMS) -> CrystalGrammar:
         """The (cached) crystal grammar for this tokenizer and element set."""
         key = (tuple(sorted(set(elements))) if elements else None, int(max_atoms))
@@ -352,7 +362,8 @@ class CrystalGenerator:
                  e_above_hull: float | Sequence[float] | None = None, band_gap: float | Sequence[float] | None = None,
                  formation_energy: float | Sequence[float] | None = None, elements: str | Iterable[str] | None = None,
                  constrain_formula: bool = True, temperature: float | None = None,
-                 top_p: float | None = None, batch_size: int | None = None, seed: int | None = None,
+                 top_p: float | None = None, guidance_scale: float | None = None,
+                 batch_size: int | None = None, seed: int | None = None,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, symmetrize: float | None = None,
                  max_atoms: int = DEFAULT_MAX_ATOMS, min_distance: float | None = MIN_DISTANCE,
                  spacing_guard: bool = True, charge_guard: bool = True, fast: bool = True) -> list[Atoms]:
@@ -384,7 +395,8 @@ class CrystalGenerator:
                       band_gap: float | Sequence[float] | None = None,
                       formation_energy: float | Sequence[float] | None = None,
                       elements: str | Iterable[str] | None = None, constrain_formula: bool = True,
-                      temperature: float | None = None, top_p: float | None = None, batch_size: int | None = None,
+                      temperature: float | None = None, top_p: float | None = None,
+                      guidance_scale: float | None = None, batch_size: int | None = None,
                       seed: int | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                       symmetrize: float | None = None, max_atoms: int = DEFAULT_MAX_ATOMS,
                       min_distance: float | None = MIN_DISTANCE, spacing_guard: bool = True,
@@ -416,6 +428,9 @@ class CrystalGenerator:
         top_p = p_default if top_p is None else float(top_p)
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        guidance_scale = self._guidance_default(conditions) if guidance_scale is None else float(guidance_scale)
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 is no guidance), got {guidance_scale}")
         for c in {id(c): c for c in conditions}.values():
             _check_conditions(c)
             _check_formula(c, elements, max_atoms, constrain_formula)
@@ -436,10 +451,16 @@ class CrystalGenerator:
         if len(indices) != n:
             raise ValueError(f"got {len(indices)} indices for {n} crystals")
         sampler = fast_sample if fast else plain_sample
+        params = {TEMPERATURE: temperature, TOP_P: top_p}
+        if conditions and guidance_scale != 1:
+            sampler = functools.partial(sampler, guidance_scale=guidance_scale,
+                                        unconditional_prompt=self.template.generation_prompt({}))
+        if conditions:
+            params[GUIDANCE_SCALE] = guidance_scale
 
         self.stats = GenerationStats(requested=n, seed=seed)
         job = dict(conditions=conditions, prompts=prompts, formulas=formulas, grammar=grammar, max_new=max_new,
-                   sampler=sampler, params={"temperature": temperature, "top_p": top_p}, batch_size=batch_size,
+                   sampler=sampler, params=params, batch_size=batch_size,
                    seed=seed, max_attempts=max_attempts, max_atoms=max_atoms, symmetrize=symmetrize, elements=elements,
                    min_distance=min_distance or None, guard=(min_distance or None) if spacing_guard else None,
                    charge_guard=bool(charge_guard), run_id=run_id, rank=rank, indices=indices)
@@ -450,7 +471,7 @@ class CrystalGenerator:
              max_attempts, max_atoms, symmetrize, elements, min_distance, guard, charge_guard, run_id, rank,
              indices):
         stats = self.stats
-        temperature, top_p = params["temperature"], params["top_p"]
+        temperature, top_p = params[TEMPERATURE], params[TOP_P]
         attempts = [0] * n
         pending = deque(range(n))
         start = time.perf_counter()

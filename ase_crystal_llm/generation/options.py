@@ -97,6 +97,15 @@ class GenerationOptions:
         "help": "nucleus sampling: keep the smallest set of tokens with this probability mass, in (0, 1] "
                 f"(default: the model card's, else {DEFAULT_TOP_P})",
         "type": positive_float})
+    guidance_scale: float | None = field(default=None, metadata={
+        "help": "classifier-free guidance of the text conditions: each crystal is decoded beside a twin with the "
+                "unconditioned prompt and their log-probabilities mixed as uncond + scale * (cond - uncond); 1 is "
+                "none, > 1 follows the conditions harder (default: the model card's for the condition kind, else 1)",
+        "type": non_negative_float, "metavar": "SCALE",
+        "doc": "The card's ``sampling[\"guidance_scale\"]`` maps condition kinds to scales; a run takes the "
+               "scale of its first condition kind the card names, in the order formula, formation_energy, "
+               "band_gap, e_above_hull, spacegroup.  Unconditioned crystals are never guided.  Costs a "
+               "second row per crystal while decoding."})
     batch_size: int | None = field(default=None, metadata={
         "help": f"crystals decoded together (default {BATCH_SIZE_CPU} on CPU, {BATCH_SIZE_GPU} on a GPU)",
         "type": positive_int})
