@@ -107,7 +107,8 @@ def _add_generate(sub):
     p.add_argument("-n", type=positive_int, required=True, help="number of crystals")
     p.add_argument("-o", "--output", required=True, type=output_file,
                    help="output file: .extxyz, .cif, .traj, .db or .crystxt")
-    p.add_argument("--model", help="model directory written by 'crystal-llm train' (default: the shipped model)")
+    p.add_argument("--model", help="model directory written by 'crystal-llm train', or a shipped model: default, "
+                   "smollm2 (default: default)")
     p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
     # Unset options stay None: the library applies its defaults, and they stay out of the run record.
     add_dataclass_arguments(p, GenerationOptions, use_defaults=False)
@@ -179,7 +180,7 @@ def _add_mutate(sub):
     p.add_argument("-n", type=positive_int, required=True, help="number of children (parents are used in turn)")
     p.add_argument("-o", "--output", required=True, type=output_file,
                    help="output file: .extxyz, .cif, .traj, .db or .crystxt")
-    p.add_argument("--model", help="model directory (default: the shipped model)")
+    p.add_argument("--model", help="model directory, or a shipped model: default, smollm2 (default: default)")
     p.add_argument("--base", help="location of the base model when an adapter moved to another machine")
     p.add_argument("--temperature", type=float,
                    help="softmax temperature of the model's proposal; 0 is greedy (default 1.0)")

@@ -33,14 +33,17 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 __all__ = [
-    "DEFAULT_MODEL_DIR", "EXTRAS", "M3GNET_NAME", "NAMED_BASES", "PACKAGE_DIR", "SMALL_MODEL_PARAMETERS",
-    "cache_dir", "data_dir", "default_threads", "idle_cores", "m3gnet_dir", "mp20_path", "named_base_file",
+    "DEFAULT_MODEL_DIR", "EXTRAS", "M3GNET_NAME", "NAMED_BASES", "PACKAGE_DIR", "SHIPPED_MODELS",
+    "SMALL_MODEL_PARAMETERS", "cache_dir", "data_dir", "default_threads", "idle_cores", "m3gnet_dir", "model_folder",
+    "mp20_path", "named_base_file",
     "require", "torch_threads",
 ]
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_DIR = PACKAGE_DIR / "default_model"
+# Models shipped inside the package, by the names ``--model`` and ``from_pretrained`` accept.
+SHIPPED_MODELS = {"default": DEFAULT_MODEL_DIR, "smollm2": PACKAGE_DIR / "smollm2_model"}
 M3GNET_NAME = "M3GNet-MP-2021.2.8-PES"
 
 # Optional extras: import name -> (pip extra, what needs it).
@@ -81,6 +84,19 @@ def named_base_file(name: str) -> Path | None:
     path = Path(spec.origin).parent / filename if spec and spec.origin else None
     if path is None or not path.is_file():
         raise FileNotFoundError(f"base model {name!r} is not installed: {install}")
+    return path
+
+
+def model_folder(model: str | os.PathLike | None) -> Path:
+    """The folder of a model: a shipped model's name (:data:`SHIPPED_MODELS`; ``None`` is the default) or a path.
+
+    A folder of that name in the working directory wins over a shipped model.
+    """
+    if model is None:
+        return DEFAULT_MODEL_DIR
+    path = Path(model).expanduser()
+    if str(model) in SHIPPED_MODELS and not path.exists():
+        return SHIPPED_MODELS[str(model)]
     return path
 
 

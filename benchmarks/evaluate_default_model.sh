@@ -1,36 +1,50 @@
 #!/usr/bin/env bash
-# The recorded evaluation of the shipped default model (docs/model_card.md).
-# Usage: bash benchmarks/evaluate_default_model.sh OUT_DIR
-# Needs ../shared (or $CRYSTAL_LLM_DATA and $CRYSTAL_LLM_M3GNET); about 40 minutes on 2 CPU cores.
+# The recorded evaluation of a shipped model (docs/model_card.md; the smollm2 adapter's card).
+# Usage: bash benchmarks/evaluate_default_model.sh OUT_DIR [MODEL [N [N_COND]]]
+#   MODEL: a shipped model's name or a model directory (default: default); N unconditional crystals
+#   (default 1000; 3/10 of them again without the guards); N_COND val rows for the conditions (default 100).
+#   bash benchmarks/evaluate_default_model.sh runs/eval_smollm2 smollm2 300 50
+# Needs ../shared (or $CRYSTAL_LLM_DATA and $CRYSTAL_LLM_M3GNET); about 40 minutes on 2 CPU cores for the
+# default model.  The calibration rows (model-independent) are recorded with the default model only.
 set -euo pipefail
-out=${1:?usage: evaluate_default_model.sh OUT_DIR}
+out=${1:?usage: evaluate_default_model.sh OUT_DIR [MODEL [N [N_COND]]]}
+name=${2:-default}
+n=${3:-1000}
+n_cond=${4:-100}
 here=$(cd "$(dirname "$0")" && pwd)
-model=$(python -c "from ase_crystal_llm import settings; print(settings.DEFAULT_MODEL_DIR)")
+model=$(python -c "import sys; from ase_crystal_llm import settings; print(settings.model_folder(sys.argv[1]).resolve())" "$name")
 data=$(python -c "from ase_crystal_llm import settings; print(settings.data_dir())")
 mkdir -p "$out" && cd "$out"
 export OMP_NUM_THREADS=1
 
-# Conditions come from the validation split (100 random rows, seed 0), never from test.
-python - "$data/mp_20/val.csv.gz" <<'EOF'
+# Conditions come from the validation split (N_COND random rows, seed 0), never from test.
+python - "$data/mp_20/val.csv.gz" "$n_cond" <<'EOF'
 import sys
 import pandas as pd
-rows = pd.read_csv(sys.argv[1]).sample(100, random_state=0)
+rows = pd.read_csv(sys.argv[1]).sample(int(sys.argv[2]), random_state=0)
 open("formulas.txt", "w").write(",".join(rows["pretty_formula"]))
 open("spacegroups.txt", "w").write(",".join(str(int(g)) for g in rows["spacegroup.number"]))
 EOF
 
-# Default sampling settings (the model card's), 1,000 unconditional crystals.
-crystal-llm generate -n 1000 -o samples.extxyz --seed 0
+gen() { crystal-llm generate --model "$model" "$@"; }
+# Default sampling settings (the model card's), N unconditional crystals.
+gen -n "$n" -o samples.extxyz --seed 0
 # Formula-conditioned: with the composition constraint (the default) and with the model alone.
-crystal-llm generate -n 100 -o formula.extxyz --seed 1 --formula "$(cat formulas.txt)"
-crystal-llm generate -n 100 -o formula_free.extxyz --seed 1 --formula "$(cat formulas.txt)" --free-formula
+gen -n "$n_cond" -o formula.extxyz --seed 1 --formula "$(cat formulas.txt)"
+gen -n "$n_cond" -o formula_free.extxyz --seed 1 --formula "$(cat formulas.txt)" --free-formula
 # The model alone, without the spacing and charge guards: its own validity over its draws.
-crystal-llm generate -n 300 -o samples_unguarded.extxyz --seed 0 --no-spacing-guard --no-charge-guard
-# Space group: training always puts the formula first, so ask for each val row's formula and space group.
-crystal-llm generate -n 100 -o spacegroup.extxyz --seed 2 --formula "$(cat formulas.txt)" --spacegroup "$(cat spacegroups.txt)"
+gen -n $((n * 3 / 10)) -o samples_unguarded.extxyz --seed 0 --no-spacing-guard --no-charge-guard
+# Space group: training always puts the formula first, so ask for each val row's formula and space group,
+# with the formula constraint and with the model alone.
+gen -n "$n_cond" -o spacegroup.extxyz --seed 2 --formula "$(cat formulas.txt)" --spacegroup "$(cat spacegroups.txt)"
+gen -n "$n_cond" -o spacegroup_free.extxyz --seed 2 --formula "$(cat formulas.txt)" \
+    --spacegroup "$(cat spacegroups.txt)" --free-formula
 
-crystal-llm evaluate samples.extxyz -o report --coverage-size 1000 --model "$model" --ipt-size 500 --workers 2 --no-progress
-for f in formula formula_free spacegroup samples_unguarded; do
+crystal-llm evaluate samples.extxyz -o report --coverage-size 1000 --model "$model" --ipt-size $((n / 2)) --workers 2 \
+    --no-progress
+for f in formula formula_free spacegroup spacegroup_free samples_unguarded; do
     crystal-llm evaluate $f.extxyz -o report_$f --coverage-size 1000 --workers 2 --no-progress
 done
-python "$here/calibration.py" --n-test 1000 --n-paper 250 --n-swap 1000 --out calibration.json
+if [ "$name" = default ]; then
+    python "$here/calibration.py" --n-test 1000 --n-paper 250 --n-swap 1000 --out calibration.json
+fi

@@ -15,9 +15,10 @@ the model's own:
   the formula first); score: space-group match (symprec 0.1) over the rows
   asked; the formula match is reported too.
 
-Scale 1 is the unguided model.  Per kind, the chosen scale maximises the
-score; scores within one row of each other count as a tie, which goes to the
-smaller scale (cheaper and closer to the model).  Validity over all model
+Scale 1 is the unguided model.  Per kind, the chosen scale is the smallest
+whose score lies within one binomial standard error (at least one row) of the
+best score: closer scores are noise at these sizes, and a smaller scale is
+cheaper and closer to the model.  Validity over all model
 outputs is reported beside, so a scale that buys matches with broken crystals
 shows.  Results: ``benchmarks/results/tune_guidance.json`` (``-o``), written
 after every (kind, scale), and a rerun skips the rows it holds.
@@ -31,6 +32,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from common import hardware  # noqa: E402
 from tune_sampling import sample, validity
@@ -70,12 +72,13 @@ def score(row):
 
 
 def choose(rows, n_rows):
-    """Per kind: the best-scoring scale; within one row of the best, the smallest scale."""
+    """Per kind: the smallest scale whose score is within one standard error of the best score."""
     chosen = {}
     for kind in dict.fromkeys(r["kind"] for r in rows):
         mine = [r for r in rows if r["kind"] == kind]
         best = max(score(r) for r in mine)
-        chosen[kind] = min(r["guidance_scale"] for r in mine if score(r) >= best - 1 / n_rows - 1e-9)
+        margin = max(np.sqrt(best * (1 - best) / n_rows), 1 / n_rows)  # binomial error, at least one row
+        chosen[kind] = min(r["guidance_scale"] for r in mine if score(r) >= best - margin - 1e-9)
     return chosen
 
 

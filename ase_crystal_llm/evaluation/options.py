@@ -52,7 +52,7 @@ class EvaluationOptions:
     workers: int | None = field(default=None, metadata={
         "help": "parallel processes for relaxations and reference fingerprints", "type": positive_int})
     model: str | None = field(default=None, metadata={
-        "help": "model directory, for IPT (symmetry) evaluation",
+        "help": "model directory or shipped model name (default, smollm2), for IPT (symmetry) evaluation",
         "doc": "IPT is then computed on ``ipt_size`` test crystals.", "doc_type": "path, optional"})
     limit: int | None = field(default=None, metadata={
         "help": "evaluate only the first N samples", "type": positive_int})

@@ -95,7 +95,7 @@ class SearchOptions:
     steps: int = field(default=300, metadata={
         "help": "most FIRE steps per relaxation (default %(default)s)", "type": positive_int})
     model: str | None = field(default=None, metadata={
-        "help": "model for the llm operator: a directory or a shipped name (default: the shipped model)",
+        "help": "model for the llm operator: a directory or a shipped model, default or smollm2 (default: default)",
         "doc": "Or a loaded :class:`~ase_crystal_llm.generation.generator.CrystalGenerator` (Python only).",
         "doc_type": "str, path or CrystalGenerator, optional"})
     temperature: float = field(default=1.0, metadata={

