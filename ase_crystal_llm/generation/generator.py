@@ -291,11 +291,12 @@ class CrystalGenerator:
         threads : int, optional
             torch CPU threads while decoding (default: see :class:`CrystalGenerator`).
         """
-        shipped = path is None or path in settings.SHIPPED_MODELS
+        name = "default" if path is None else str(path)
+        shipped = name in settings.SHIPPED_MODELS and not Path(name).exists()
         path = settings.model_folder(path)
-        if shipped and path in settings.SHIPPED_MODELS.values() and not (path / "crystal_llm.json").is_file():
+        if shipped and not (path / "crystal_llm.json").is_file():
             raise FileNotFoundError(
-                f"this version of ase-crystal-llm ships no model {path.name!r}: "
+                f"no {name} model is shipped with this version of ase-crystal-llm: "
                 "pass a model directory written by 'crystal-llm train' (--model DIR)"
             )
         if not path.is_dir():
