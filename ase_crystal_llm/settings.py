@@ -91,12 +91,19 @@ def model_folder(model: str | os.PathLike | None) -> Path:
     """The folder of a model: a shipped model's name (:data:`SHIPPED_MODELS`; ``None`` is the default) or a path.
 
     A folder of that name in the working directory wins over a shipped model.
+
+    Raises
+    ------
+    FileNotFoundError
+        For a shipped name whose folder holds no model (a source tree without its weights).
     """
-    if model is None:
-        return DEFAULT_MODEL_DIR
-    path = Path(model).expanduser()
-    if str(model) in SHIPPED_MODELS and not path.exists():
-        return SHIPPED_MODELS[str(model)]
+    name = "default" if model is None else str(model)
+    if name not in SHIPPED_MODELS or Path(name).expanduser().exists():
+        return Path(model).expanduser()
+    path = DEFAULT_MODEL_DIR if name == "default" else SHIPPED_MODELS[name]
+    if not (path / "crystal_llm.json").is_file():
+        raise FileNotFoundError(f"no {name} model is shipped with this version of ase-crystal-llm: "
+                                "pass a model directory written by 'crystal-llm train' (--model DIR)")
     return path
 
 

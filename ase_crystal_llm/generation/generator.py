@@ -291,14 +291,7 @@ class CrystalGenerator:
         threads : int, optional
             torch CPU threads while decoding (default: see :class:`CrystalGenerator`).
         """
-        name = "default" if path is None else str(path)
-        shipped = name in settings.SHIPPED_MODELS and not Path(name).exists()
         path = settings.model_folder(path)
-        if shipped and not (path / "crystal_llm.json").is_file():
-            raise FileNotFoundError(
-                f"no {name} model is shipped with this version of ase-crystal-llm: "
-                "pass a model directory written by 'crystal-llm train' (--model DIR)"
-            )
         if not path.is_dir():
             raise FileNotFoundError(f"model directory not found: {path}")
         from ase_crystal_llm.model.loading import load_trained
