@@ -4,6 +4,8 @@
 #   MODEL: a shipped model's name or a model directory (default: default); N unconditional crystals
 #   (default 1000; 3/10 of them again without the guards); N_COND val rows for the conditions (default 100).
 #   bash benchmarks/evaluate_default_model.sh runs/eval_smollm2 smollm2 300 50
+# GEN_ARGS adds options to every `crystal-llm generate`: GEN_ARGS="--covalent-ratio 0" draws as the
+# recorded runs did, before generate's element-aware distance floor (2026-12-04).
 # Needs ../shared (or $CRYSTAL_LLM_DATA and $CRYSTAL_LLM_M3GNET); about 40 minutes on 2 CPU cores for the
 # default model.  The calibration rows (model-independent) are recorded with the default model only.
 set -euo pipefail
@@ -26,7 +28,8 @@ open("formulas.txt", "w").write(",".join(rows["pretty_formula"]))
 open("spacegroups.txt", "w").write(",".join(str(int(g)) for g in rows["spacegroup.number"]))
 EOF
 
-gen() { crystal-llm generate --model "$model" "$@"; }
+# shellcheck disable=SC2086  # GEN_ARGS is a list of options
+gen() { crystal-llm generate --model "$model" ${GEN_ARGS:-} "$@"; }
 # Default sampling settings (the model card's), N unconditional crystals.
 gen -n "$n" -o samples.extxyz --seed 0
 # Formula-conditioned: with the composition constraint (the default) and with the model alone.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ase_crystal_llm import cli
-from ase_crystal_llm.chemistry.validity import structure_valid
+from ase_crystal_llm.chemistry.validity import COVALENT_RATIO, structure_valid
 from ase_crystal_llm.generation.decoding import fast_sample, plain_sample
 from ase_crystal_llm.generation.generator import CrystalGenerator, condition_sets, failure_reason, seen_in_training
 from ase_crystal_llm.generation.workflow import generate_to_file
@@ -491,7 +491,8 @@ def test_cli_generate(model_dir, tmp_path, capsys):
 def test_cli_generate_formula_constraint(crystal_model, tmp_path, capsys, free):
     out = tmp_path / "kcl.extxyz"
     argv = ["generate", "-n", "3", "--model", crystal_model, "-o", str(out), "--seed", "0", "--formula", "KCl",
-            "--temperature", "0", "--max-atoms", "2", "--max-attempts", "3"]
+            "--temperature", "0", "--max-atoms", "2", "--max-attempts", "3",
+            "--covalent-ratio", "0"]  # the test model writes NaCl's cell, too tight for K by covalent radii
     assert cli.main(argv + ["--free-formula"] * free) == 0
     record = json.loads((tmp_path / "kcl.extxyz.run.json").read_text())["runs"][0]
     assert record["settings"]["constrain_formula"] is not free
@@ -539,6 +540,21 @@ def test_trained_tiny_model_generates(tiny_model_dir):
         assert atoms.pbc.all() and 1 <= len(atoms) <= 8
         assert atoms.info["attempts"] <= 3 and atoms.info["generated_text"]
         assert structure_valid(atoms)  # min_distance=0.5 by default: too-close atoms are re-sampled
+        assert structure_valid(atoms, covalent_ratio=COVALENT_RATIO)  # and so are pairs closer than 0.6 (r_i + r_j)
+
+
+def test_the_covalent_floor_is_applied_and_can_be_lifted(crystal_model):
+    gen = CrystalGenerator.from_pretrained(crystal_model, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flat = gen.generate(6, seed=3, max_atoms=8, max_attempts=1, covalent_ratio=None, spacing_guard=False)
+        strict = gen.generate(6, seed=3, max_atoms=8, max_attempts=1, covalent_ratio=1.2, spacing_guard=False)
+    assert flat and all(structure_valid(a) for a in flat)
+    assert all(structure_valid(a, covalent_ratio=1.2) for a in strict)
+    # The same draws: what the strict floor keeps, the flat one kept too, and it refused some.
+    assert {a.info["sample_index"] for a in strict} < {a.info["sample_index"] for a in flat}
+    with pytest.raises(ValueError, match="covalent_ratio"):
+        gen.generate(1, covalent_ratio=-0.1)
 
 
 def test_too_close_atoms_are_resampled_and_counted(crystal_model, monkeypatch):
@@ -546,7 +562,8 @@ def test_too_close_atoms_are_resampled_and_counted(crystal_model, monkeypatch):
 
     gen = CrystalGenerator.from_pretrained(crystal_model, device="cpu")
     asked = []
-    monkeypatch.setattr(generation, "structure_valid", lambda atoms, min_distance: asked.append(min_distance))
+    monkeypatch.setattr(generation, "structure_valid",
+                        lambda atoms, min_distance, covalent_ratio: asked.append(min_distance))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Every parsed sample is judged too close: each is re-sampled and counts as an attempt.

@@ -8,7 +8,14 @@ from ase.geometry import cellpar_to_cell
 
 from ase_crystal_llm.chemistry.validity import structure_valid
 from ase_crystal_llm.generation.constraints import CrystalGrammar
-from ase_crystal_llm.generation.spacing import GRID, FreeSites, RowSpacing, blocked_steps, coordinate_sites
+from ase_crystal_llm.generation.spacing import (
+    GRID,
+    CovalentSites,
+    FreeSites,
+    RowSpacing,
+    blocked_steps,
+    coordinate_sites,
+)
 from ase_crystal_llm.text.prompts import PromptTemplate
 from ase_crystal_llm.text.tokenizer import tokenizer_for_template
 
@@ -131,3 +138,86 @@ def test_formula_rows_are_not_guarded():
     masked = proc.mask(torch.zeros(2, len(tok)))
     zero = tok.convert_tokens_to_ids("0")
     assert torch.isfinite(masked[0, zero]) and torch.isinf(masked[1, zero])
+
+
+# -- element-aware floors (covalent radii) ----------------------------------------
+def _valid_covalent(cell, symbols, sites, ratio=0.6):
+    frac = np.array(sites, dtype=float) / GRID
+    return structure_valid(Atoms(symbols, scaled_positions=frac, cell=cell, pbc=True), covalent_ratio=ratio)
+
+
+@pytest.mark.parametrize("cellpar", [(4.0, 4.0, 4.0, 90, 90, 90), (5.1, 6.3, 7.2, 80, 95, 110),
+                                     (2.5, 2.5, 6.0, 90, 90, 120), (3.0, 9.0, 3.2, 60, 70, 65)])
+def test_covalent_sites_agree_with_structure_valid(cellpar):
+    """Exact once x and y are fixed; the coarse field never refuses a box that holds a free site."""
+    cell = cellpar_to_cell(cellpar)
+    sites = CovalentSites(cell, 0.5, 0.6)
+    rng = np.random.default_rng(1)
+    symbols, placed = [], []
+    for symbol in ("Na", "Cl", "O"):
+        sites.select(symbol)
+        x = next(x for x in rng.permutation(GRID) if sites.any_free(int(x), None, None)
+                 and sites._plane(int(x)).any())
+        y, z = np.argwhere(sites._plane(int(x)))[0]
+        assert _valid_covalent(cell, [*symbols, symbol], [*placed, (x, y, z)])
+        symbols.append(symbol)
+        placed.append((int(x), int(y), int(z)))
+        sites.place(placed[-1])
+    sites.select("H")
+    for site in rng.integers(0, GRID, size=(200, 3)):
+        valid = _valid_covalent(cell, [*symbols, "H"], [*placed, site])
+        assert sites.any_free(int(site[0]), int(site[1]), int(site[2])) == valid, site
+        if valid:
+            tenth = slice(site[0] // 10 * 10, site[0] // 10 * 10 + 10)
+            assert sites.any_free(tenth, None, None) and sites.any_free(int(site[0]), None, None)
+
+
+def test_row_keeps_na_and_cl_a_covalent_floor_apart():
+    """Na-Cl needs 0.6 x (1.66 + 1.02) = 1.61 A: 1.5 A passes the flat 0.5 A floor, not this one."""
+    flat, covalent = RowSpacing(0.5), RowSpacing(0.5, covalent_ratio=0.6)
+    for row in (flat, covalent):
+        row.feed(LATTICE + "Na\n0.00 0.00 0.00\nCl\n0.30 0.00 0.")
+    assert flat.fits("0") and flat.fits("9")
+    assert not covalent.fits("0") and not covalent.fits("9")  # z 0.00-0.09, 0.90-0.99: under 1.58 A from Na
+    assert covalent.fits("1") and covalent.fits("5")
+    covalent.feed("1")
+    assert not covalent.fits("1\n") and covalent.fits("2\n")  # z 0.11: 1.598 A, 0.12: 1.616 A
+
+
+def test_an_element_with_no_room_is_refused():
+    """In a 2.8 A cell Cs touches its own image (2 x 0.6 x 2.44 = 2.93 A); C and H still fit."""
+    row = RowSpacing(0.5, covalent_ratio=0.6)
+    row.feed("2.8 2.8 2.8\n90 90 90\n")
+    assert row.active
+    assert row.fits("H") and row.fits("C")  # C could still become Cl, Co, ...
+    assert not row.fits("Cs") and not row.fits("Cs\n")
+    row.feed("C")
+    assert not row.fits("s") and row.fits("\n") and row.fits("l")
+
+
+def test_covalent_floors_guard_formula_rows_too():
+    """Covalent floors bound how densely a formula row can pack its units, so every row is guarded."""
+    tok = tokenizer_for_template(PromptTemplate())
+    proc = CrystalGrammar(tok, max_atoms=4).processor(["NaCl", None], min_distance=0.5, covalent_ratio=0.6)
+    proc.reset(2)
+    assert [row.covalent_ratio for row in proc.spacing] == [0.6, 0.6]
+    text = LATTICE + "Na\n0.00 0.00 0.00\nCl\n0.30 0.00 0."
+    for token in tok.encode(text, add_special_tokens=False):
+        proc.advance([token, token])
+    masked = proc.mask(torch.zeros(2, len(tok)))
+    zero, two = tok.convert_tokens_to_ids("0"), tok.convert_tokens_to_ids("2")
+    assert torch.isinf(masked[:, zero]).all() and torch.isfinite(masked[:, two]).all()
+
+
+def test_pair_floors_and_structure_valid():
+    from ase.build import bulk
+
+    from ase_crystal_llm.chemistry.validity import pair_floors
+
+    floors = pair_floors([11, 17, 1], 0.5, 0.6)
+    assert floors[0, 1] == pytest.approx(0.6 * (1.66 + 1.02)) and floors[2, 2] == 0.5  # H-H: 0.37 < 0.5
+    assert (pair_floors([11, 17], 0.5) == 0.5).all()
+    rocksalt = bulk("NaCl", "rocksalt", a=5.64)  # Na-Cl 2.82 A
+    squeezed = bulk("NaCl", "rocksalt", a=3.0)  # Na-Cl 1.50 A
+    assert structure_valid(rocksalt, covalent_ratio=0.6) and structure_valid(squeezed)
+    assert not structure_valid(squeezed, covalent_ratio=0.6)

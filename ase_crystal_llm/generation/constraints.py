@@ -571,18 +571,20 @@ class CrystalGrammar:
         return can_end(state, n_atoms) and (target is None or target.complete(counts))
 
     def processor(self, formulas: Sequence[str | None] | None = None, min_distance: float | None = None,
-                  charge_guard: bool = False) -> CrystalLogitsProcessor:
+                  charge_guard: bool = False, covalent_ratio: float | None = None) -> CrystalLogitsProcessor:
         """A fresh :class:`CrystalLogitsProcessor` for one generation run.
 
         ``formulas`` (optional) gives one formula or ``None`` per batch row:
         rows with a formula are held to whole multiples of it.
         ``min_distance`` (angstrom, optional) keeps new atoms that far from
-        those already written (:mod:`.spacing`); ``charge_guard`` holds the
+        those already written (:mod:`.spacing`), and ``covalent_ratio`` that
+        fraction of the two covalent radii too; ``charge_guard`` holds the
         end of free rows until their composition is charge balanced
         (:class:`RowComposition`).
         """
         targets = None if formulas is None else [None if f is None else self.target(f) for f in formulas]
-        return CrystalLogitsProcessor(self, targets, min_distance=min_distance, charge_guard=charge_guard)
+        return CrystalLogitsProcessor(self, targets, min_distance=min_distance, charge_guard=charge_guard,
+                                      covalent_ratio=covalent_ratio)
 
 
 def _prefixes(symbols):
@@ -655,18 +657,24 @@ class CrystalLogitsProcessor(LogitsProcessor):
         Also refuse coordinate tokens that put an atom closer than this
         (angstrom) to an atom already written, periodic images included
         (:class:`~ase_crystal_llm.generation.spacing.RowSpacing`), in rows without a
-        formula target.  A row with no allowed token left keeps the
-        grammar's mask.
+        formula target (in every row with ``covalent_ratio``).  A row with
+        no allowed token left keeps the grammar's mask.
     charge_guard : bool
         Refuse end-of-sequence in rows without a formula target while their
         composition is not charge balanced (:class:`RowComposition`), when
         other tokens are allowed.
+    covalent_ratio : float, optional
+        With ``min_distance``: each pair of atoms also needs this fraction of
+        the sum of their covalent radii
+        (:func:`~ase_crystal_llm.chemistry.validity.pair_floors`).
     """
 
     def __init__(self, grammar: CrystalGrammar, targets: Sequence[FormulaTarget | None] | None = None,
-                 min_distance: float | None = None, charge_guard: bool = False) -> None:
+                 min_distance: float | None = None, charge_guard: bool = False,
+                 covalent_ratio: float | None = None) -> None:
         self.grammar = grammar
         self.min_distance = min_distance or None
+        self.covalent_ratio = covalent_ratio or None
         self.charge_guard = bool(charge_guard)
         self.spacing = None
         self.charge = None
@@ -686,9 +694,12 @@ class CrystalLogitsProcessor(LogitsProcessor):
         self.targets = list(self._row_targets) if self._row_targets is not None else [None] * batch_size
         self.counts = [None if t is None else t.zero for t in self.targets]
         if self.min_distance:
-            # Formula rows are left alone: they cannot end at will, and guarded they pack
-            # whole extra formula units into cells far too small (absurd densities).
-            self.spacing = [RowSpacing(self.min_distance) if t is None else None for t in self.targets]
+            # A formula row cannot end at will: under the flat floor alone, guarded, it packs whole
+            # extra formula units into cells far too small (absurd densities), so it is left alone;
+            # covalent floors bound how close its atoms come (docs/generation.md).
+            guard_formula_rows = bool(self.covalent_ratio)
+            self.spacing = [RowSpacing(self.min_distance, self.covalent_ratio)
+                            if t is None or guard_formula_rows else None for t in self.targets]
         if self.charge_guard:  # a formula row's composition is fixed by its target
             self.charge = [RowComposition() if t is None else None for t in self.targets]
 

@@ -8,7 +8,7 @@ Every sample is decoded under the crystal grammar of :mod:`.constraints`
 (real element symbols, well-formed numbers, end only after a complete atom;
 with a formula condition, only whole multiples of that formula), parsed by
 :func:`~ase_crystal_llm.text.format.text_to_atoms`, and re-sampled when it does not
-parse or has atoms closer than ``min_distance``, at most ``max_attempts``
+parse or has atoms closer than its floor (``min_distance``, ``covalent_ratio``), at most ``max_attempts``
 times per requested crystal.  The loops themselves are in :mod:`.decoding`.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ase_crystal_llm import settings
-from ase_crystal_llm.chemistry.validity import MIN_DISTANCE, structure_valid
+from ase_crystal_llm.chemistry.validity import COVALENT_RATIO, MIN_DISTANCE, structure_valid
 from ase_crystal_llm.generation.constraints import FIELDS, CrystalGrammar, FormulaTarget, formula_composition
 from ase_crystal_llm.generation.decoding import fast_sample, plain_sample
 
@@ -92,7 +92,7 @@ class GenerationStats:
     returned: int = 0
     attempts: int = 0
     parse_failures: Counter = field(default_factory=Counter)
-    rejected: int = 0  # parsed, but atoms closer than min_distance
+    rejected: int = 0  # parsed, but atoms closer than the floor (min_distance, covalent_ratio)
     gave_up: int = 0
     tokens_generated: int = 0
     seconds: float = 0.0
@@ -361,7 +361,8 @@ class CrystalGenerator:
                  batch_size: int | None = None, seed: int | None = None,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, symmetrize: float | None = None,
                  max_atoms: int = DEFAULT_MAX_ATOMS, min_distance: float | None = MIN_DISTANCE,
-                 spacing_guard: bool = True, charge_guard: bool = True, fast: bool = True) -> list[Atoms]:
+                 covalent_ratio: float | None = COVALENT_RATIO, spacing_guard: bool = True,
+                 charge_guard: bool = True, fast: bool = True) -> list[Atoms]:
         """Sample ``n`` crystals; returns a list of periodic :class:`ase.Atoms`.
 
         The options are the fields of :class:`~.options.GenerationOptions`.
@@ -394,7 +395,8 @@ class CrystalGenerator:
                       guidance_scale: float | None = None, batch_size: int | None = None,
                       seed: int | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                       symmetrize: float | None = None, max_atoms: int = DEFAULT_MAX_ATOMS,
-                      min_distance: float | None = MIN_DISTANCE, spacing_guard: bool = True,
+                      min_distance: float | None = MIN_DISTANCE, covalent_ratio: float | None = COVALENT_RATIO,
+                      spacing_guard: bool = True,
                       charge_guard: bool = True, fast: bool = True, start_index: int = 0,
                       run_id: str | None = None, rank: int = 0, indices: Iterable[int] | None = None,
                       ) -> Iterator[Atoms]:
@@ -413,6 +415,9 @@ class CrystalGenerator:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         if min_distance is not None and not min_distance >= 0:
             raise ValueError(f"min_distance must be a non-negative distance in angstrom, got {min_distance}")
+        if covalent_ratio is not None and not covalent_ratio >= 0:
+            raise ValueError(f"covalent_ratio must be a non-negative fraction of covalent radii, got {covalent_ratio}")
+        covalent_ratio = (covalent_ratio or None) if min_distance else None  # no min_distance: keep every crystal
         if isinstance(elements, str):
             elements = [e.strip() for e in elements.split(",") if e.strip()]
         conditions = condition_sets(n, formula=formula, spacegroup=spacegroup, e_above_hull=e_above_hull,
@@ -458,13 +463,14 @@ class CrystalGenerator:
                    sampler=sampler, params=params, batch_size=batch_size,
                    seed=seed, max_attempts=max_attempts, max_atoms=max_atoms, symmetrize=symmetrize, elements=elements,
                    min_distance=min_distance or None, guard=(min_distance or None) if spacing_guard else None,
-                   charge_guard=bool(charge_guard), run_id=run_id, rank=rank, indices=indices)
+                   covalent_ratio=covalent_ratio, charge_guard=bool(charge_guard), run_id=run_id, rank=rank,
+                   indices=indices)
         # Arguments are checked above, when called; sampling starts on iteration.
         return self._run(n, **job)
 
     def _run(self, n, *, conditions, prompts, formulas, grammar, max_new, sampler, params, batch_size, seed,
-             max_attempts, max_atoms, symmetrize, elements, min_distance, guard, charge_guard, run_id, rank,
-             indices):
+             max_attempts, max_atoms, symmetrize, elements, min_distance, guard, covalent_ratio, charge_guard, run_id,
+             rank, indices):
         stats = self.stats
         temperature, top_p = params[TEMPERATURE], params[TOP_P]
         attempts = [0] * n
@@ -479,7 +485,7 @@ class CrystalGenerator:
             with settings.torch_threads(self.threads):
                 texts, ended = sampler(self.model, self.tokenizer, [prompts[id(conditions[s])] for s in slots],
                                        grammar.processor([formulas[id(conditions[s])] for s in slots], guard,
-                                                         charge_guard),
+                                                         charge_guard, covalent_ratio),
                                        max_new_tokens=max_new, temperature=temperature,
                                        top_p=top_p, generator=gen)
             finished = []
@@ -495,7 +501,8 @@ class CrystalGenerator:
                 except CrystalTextError as err:
                     stats.parse_failures[failure_reason(err)] += 1
                     atoms = None
-                if atoms is not None and min_distance and not structure_valid(atoms, min_distance=min_distance):
+                if atoms is not None and min_distance and not structure_valid(
+                        atoms, min_distance=min_distance, covalent_ratio=covalent_ratio):
                     stats.rejected += 1
                     atoms = None
                 if atoms is None:

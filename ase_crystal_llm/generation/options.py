@@ -5,7 +5,7 @@ Each option of :meth:`~.generator.CrystalGenerator.generate`,
 here with its help; the CLI options and the parameter docs are built from
 them (:mod:`ase_crystal_llm.options`).  Each default has one home: this
 module, except the card's recommended sampling
-(:mod:`ase_crystal_llm.model.modelcard`) and CDVAE's minimum distance
+(:mod:`ase_crystal_llm.model.modelcard`) and the distance floors
 (:mod:`ase_crystal_llm.chemistry.validity`).  No torch on import:
 ``crystal-llm --help`` reads it.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from ase_crystal_llm.chemistry.validity import MIN_DISTANCE
+from ase_crystal_llm.chemistry.validity import COVALENT_RATIO, MIN_DISTANCE
 from ase_crystal_llm.model.modelcard import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ase_crystal_llm.options import non_negative_float, positive_float, positive_int
 
@@ -121,16 +121,28 @@ class GenerationOptions:
         "type": non_negative_float, "metavar": "ANGSTROM", "doc_type": "float or None",
         "doc": "In angstrom; an atom and its own periodic image count, and so does a cell under 0.1 A^3.  "
                "Re-sampled crystals count as attempts, so validity over all attempts stays measurable.  "
-               "``None`` keeps every parsed crystal too."})
+               "``None`` keeps every parsed crystal too, whatever ``covalent_ratio``."})
+    covalent_ratio: float | None = field(default=COVALENT_RATIO, metadata={
+        "help": "also re-sample crystals with two atoms closer than this fraction of the sum of their covalent "
+                "radii, as ase_ga's closest_distances_generator (default %(default)s: no MP-20 crystal is "
+                "closer; 0 keeps only --min-distance)",
+        "type": non_negative_float, "metavar": "RATIO", "doc_type": "float or None",
+        "doc": "Each pair needs ``max(min_distance, covalent_ratio * (r_i + r_j))`` with ASE's covalent "
+               "radii (:func:`~ase_crystal_llm.chemistry.validity.pair_floors`): 0.5 A is a benchmark "
+               "convention, and 1.6 A between Na and Cl is closer than any real crystal.  The spacing "
+               "guard applies the same floors while decoding.  Structural validity in the metrics stays "
+               "CDVAE's 0.5 A.  ``None`` (or 0): the flat floor only."})
     spacing_guard: bool = field(default=True, metadata={
-        "help": "while decoding, refuse coordinates that would put an atom closer than --min-distance to one "
-                "already written (see :mod:`.spacing`), so that few samples are wasted",
+        "help": "while decoding, refuse coordinates that would put an atom closer than the floor "
+                "(--min-distance, --covalent-ratio) to one already written (see :mod:`.spacing`), so that few "
+                "samples are wasted",
         "doc": "``False``: the model places atoms alone (to measure its own validity).  Off when "
                "``min_distance`` is off, and in formula-constrained rows (held to a formula, the guard let the "
                "model pack extra formula units into far too small cells).",
         "flag": "--no-spacing-guard",
         "cli_help": "let the model place atoms alone (too-close crystals are then only re-sampled); by default "
-                    "decoding refuses coordinates closer than --min-distance to an atom already written"})
+                    "decoding refuses coordinates closer than the floor (--min-distance, --covalent-ratio) to an "
+                    "atom already written"})
     charge_guard: bool = field(default=True, metadata={
         "help": "while decoding, refuse to end a crystal whose composition is not charge balanced (SMACT's "
                 f"test, as compositional validity), for at most {EXTRA_ATOMS} more atoms: the model writes "
