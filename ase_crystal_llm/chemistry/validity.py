@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms
+from ase.cell import Cell
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.text.format import is_periodic
@@ -28,11 +29,13 @@ from ase_crystal_llm.text.format import is_periodic
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from numpy.typing import ArrayLike
     from pymatgen.core import Structure
 
 __all__ = [
-    "COVALENT_RATIO", "MIN_DISTANCE", "MIN_VOLUME", "OXIDATION_STATES", "as_atoms", "as_structure", "composition_valid",
-    "counts_valid", "pair_floors", "reduced_formula", "structure_valid", "validity_flags", "validity_rates",
+    "COVALENT_RATIO", "MIN_DISTANCE", "MIN_VOLUME", "OXIDATION_STATES", "as_atoms", "as_structure",
+    "composition_valid", "counts_valid", "pair_floor", "pair_floors", "reduced_cell", "reduced_formula",
+    "structure_valid", "validity_flags", "validity_rates",
 ]
 
 
@@ -115,10 +118,7 @@ def structure_valid(structure: Atoms | Structure, min_distance: float = MIN_DIST
     floors = pair_floors(atoms.numbers, min_distance, covalent_ratio)
     # The same lattice in its shortest basis: on a nearly flat cell (a sampler can
     # write one) neighbor_list loops over thousands of images and takes minutes.
-    try:
-        reduced, _ = atoms.cell.minkowski_reduce()
-    except RuntimeError:  # no convergence: keep the cell as written
-        reduced = atoms.cell
+    reduced = reduced_cell(atoms.cell)
     if min(reduced.lengths()) < floors.diagonal().max():  # an atom touches its own image
         return False
     atoms = Atoms(atoms.numbers, positions=atoms.positions, cell=reduced, pbc=True)
@@ -128,19 +128,27 @@ def structure_valid(structure: Atoms | Structure, min_distance: float = MIN_DIST
 
 def pair_floors(numbers: Sequence[int], min_distance: float = MIN_DISTANCE,
                 covalent_ratio: float | None = None) -> np.ndarray:
-    """Closest distance allowed between each pair of atoms (angstrom), an ``(n, n)`` array.
+    """Closest distance allowed between each pair of atoms (angstrom), an ``(n, n)`` array (:func:`pair_floor`)."""
+    from ase.data import covalent_radii
 
-    ``max(min_distance, covalent_ratio * (r_i + r_j))`` with ASE's covalent
-    radii; just ``min_distance`` without a ratio.
-    """
-    n = len(numbers)
-    floors = np.full((n, n), float(min_distance or 0.0))
-    if covalent_ratio:
-        from ase.data import covalent_radii
+    radii = covalent_radii[np.asarray(numbers, dtype=int)]
+    return pair_floor(radii[:, None], radii[None, :], min_distance, covalent_ratio)
 
-        radii = covalent_radii[np.asarray(numbers, dtype=int)]
-        floors = np.maximum(floors, covalent_ratio * (radii[:, None] + radii[None, :]))
-    return floors
+
+def pair_floor(radius_a: ArrayLike, radius_b: ArrayLike, min_distance: float | None = MIN_DISTANCE,
+               covalent_ratio: float | None = None) -> np.ndarray:
+    """``max(min_distance, covalent_ratio * (r_a + r_b))`` (angstrom); just ``min_distance`` without a ratio."""
+    total = np.add(radius_a, radius_b)
+    return np.maximum(float(min_distance or 0.0), (covalent_ratio or 0.0) * total)
+
+
+def reduced_cell(cell: ArrayLike) -> Cell:
+    """The lattice in its shortest (Minkowski) basis; the cell as given when the reduction does not converge."""
+    cell = Cell(np.asarray(cell, dtype=float))
+    try:
+        return cell.minkowski_reduce()[0]
+    except RuntimeError:
+        return cell
 
 
 def composition_valid(structure: Atoms | Structure) -> bool:

@@ -30,10 +30,11 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
-from ase.cell import Cell
 from ase.data import atomic_numbers, covalent_radii
 from ase.geometry import cellpar_to_cell
 from scipy.spatial.distance import cdist
+
+from ase_crystal_llm.chemistry.validity import pair_floor, reduced_cell
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -69,14 +70,13 @@ def blocked_steps(cell: ArrayLike, min_distance: float) -> tuple[np.ndarray | No
         (a lattice vector is too short): no site is usable.
     """
     cell = np.asarray(cell, dtype=float)
-    if not np.isfinite(cell).all() or abs(np.linalg.det(cell)) < 1e-6:
+    if _degenerate(cell):
         return None, False
     # |fractional component i| <= |r| * |column i of the inverse cell|.
     reach = np.ceil(min_distance * GRID * np.linalg.norm(np.linalg.inv(cell), axis=0)).astype(int)
     if np.prod(2 * reach + 1) > MAX_STEPS:
         return None, False
-    axes = [np.arange(-r, r + 1) for r in reach]
-    steps = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    steps = _grid(*[np.arange(-r, r + 1) for r in reach])
     # A hair of margin: a site exactly min_distance away can compute as closer in the validity check.
     steps = steps[np.linalg.norm(steps @ cell / GRID, axis=1) < min_distance + MARGIN]
     wrapped = steps % GRID
@@ -167,17 +167,17 @@ class CovalentSites:
         step = GRID // np.array(self.shape)
         # Coarse box i holds sites i*step .. i*step + step - 1: its centre and half-diagonal.
         axes = [(np.arange(g) * s + (s - 1) / 2) / GRID for g, s in zip(self.shape, step)]
-        self.centres = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3) @ self.cell
+        self.centres = _grid(*axes) @ self.cell
         corners = np.array([[1, 1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1]]) * (step - 1) / (2 * GRID)
         self.slack = float(np.linalg.norm(corners @ self.cell, axis=1).max()) + MARGIN
         self.nearest = np.full(len(self.centres), np.inf)  # distance to the nearest atom
         self.room = np.full(len(self.centres), np.inf)  # least distance - ratio * r_j
         self.points = np.empty((0, 3))  # atoms and their images near the cell, cartesian
         self.point_radii = np.empty(0)
-        self.shortest = _shortest_vector(self.cell)
+        self.shortest = float(reduced_cell(self.cell).lengths().min())
         self.normal = inverse[:, 0]  # cartesian -> fractional x
         self.plane_gap = 1 / np.linalg.norm(self.normal)  # angstrom between the planes x = 0 and x = 1
-        self.yz = np.stack(np.meshgrid(np.arange(GRID), np.arange(GRID), indexing="ij"), axis=-1).reshape(-1, 2) / GRID
+        self.yz = _grid(np.arange(GRID), np.arange(GRID)) / GRID
         self.radius = _MIN_RADIUS
         self._refresh()
 
@@ -210,7 +210,7 @@ class CovalentSites:
         return bool(free.any())
 
     def _coarse_free(self, radius):
-        if self.shortest < max(self.min_distance, 2 * self.ratio * radius):  # touches its own image
+        if self.shortest < pair_floor(radius, radius, self.min_distance, self.ratio):  # touches its own image
             return np.zeros(self.shape, dtype=bool)
         free = (self.nearest + self.slack >= self.min_distance) & (self.room + self.slack >= self.ratio * radius)
         return free.reshape(self.shape)
@@ -229,7 +229,7 @@ class CovalentSites:
         if plane is None:
             plane = np.zeros((GRID, GRID), dtype=bool)
             if self.free.any():
-                floor = np.maximum(self.min_distance, self.ratio * (self.radius + self.point_radii)) + MARGIN
+                floor = pair_floor(self.radius, self.point_radii, self.min_distance, self.ratio) + MARGIN
                 # Only atoms closer to the plane than their floor can block a site of it.
                 near = np.abs(self.points @ self.normal - x / GRID) * self.plane_gap < floor
                 sites = np.column_stack([np.full(GRID * GRID, x / GRID), self.yz]) @ self.cell
@@ -242,9 +242,7 @@ class CovalentSites:
         """Cartesian positions of the atom at ``frac`` and of its images that can block a site of the cell."""
         lo = np.ceil(-self.pad - frac).astype(int)
         hi = np.floor(1 + self.pad - frac).astype(int)
-        axes = [np.arange(a, b + 1) for a, b in zip(lo, hi)]
-        shifts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-        return (frac + shifts) @ self.cell
+        return (frac + _grid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)])) @ self.cell
 
 
 def _reach(min_distance, ratio):
@@ -252,13 +250,13 @@ def _reach(min_distance, ratio):
     return max(float(min_distance or 0.0), 2 * ratio * _MAX_RADIUS)
 
 
-def _shortest_vector(cell):
-    """Length of the shortest lattice vector (angstrom)."""
-    try:
-        cell, _ = Cell(cell).minkowski_reduce()
-    except RuntimeError:  # no convergence: the vectors as written bound it from above
-        pass
-    return float(np.linalg.norm(cell, axis=1).min())
+def _grid(*axes):
+    """Every combination of the values on ``axes``, one row each."""
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
+
+
+def _degenerate(cell):
+    return not np.isfinite(cell).all() or abs(np.linalg.det(cell)) < 1e-6
 
 
 def _cdist(a, b):
@@ -277,7 +275,7 @@ def _smallest_radius(symbol, complete):
 def _covalent_sites(cell, min_distance, ratio):
     """:class:`CovalentSites` of ``cell``, or None when it is degenerate or too flat for the guard."""
     cell = np.asarray(cell, dtype=float)
-    if not np.isfinite(cell).all() or abs(np.linalg.det(cell)) < 1e-6:
+    if _degenerate(cell):
         return None
     images = np.prod(2 * _reach(min_distance, ratio) * np.linalg.norm(np.linalg.inv(cell), axis=0) + 2)
     if images > MAX_IMAGES:
