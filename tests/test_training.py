@@ -80,6 +80,62 @@ def test_epoch_batches_are_deterministic_and_length_bucketed(tok, crystals):
     assert a.lengths.sum() / padded > 0.9  # bucketing keeps padding small
 
 
+# -- the loss ---------------------------------------------------------------------------------
+
+
+def _lora_tiny(tiny_base):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_base), lora)
+    return model.eval()
+
+
+@pytest.mark.parametrize("averaging", ["per_token", "per_example"])
+def test_answer_only_logits_give_the_full_forward_loss_and_gradients(tok, crystals, tiny_base, averaging):
+    from ase_crystal_llm.model.loss import AnswerLoss, answer_loss_for, token_weights
+
+    t = PromptTemplate()
+    examples = [make_example(a, t, seed=0, epoch=0, index=i, infill_fraction=0.5) for i, a in enumerate(crystals[:6])]
+    assert {e.task for e in examples} == {"generation", "infill"}
+    batch = collate([encode_example(tok, e.prompt, e.answer) for e in examples], pad_id=tok.eos_token_id)
+    weights = token_weights(batch["labels"], averaging)
+    model = _lora_tiny(tiny_base)
+    fast = answer_loss_for(model)
+    assert fast.answer_only
+    results = []
+    for net in (fast, AnswerLoss(model, answer_only=False)):
+        model.zero_grad()
+        loss = net(batch["input_ids"], batch["labels"], weights)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads_a, grads_b))
+    # by hand: the weighted cross-entropy of every labelled next token
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:],
+                                           ignore_index=IGNORE_INDEX, reduction="none")  # fmt: skip
+    assert loss_a == pytest.approx(float((ce * weights).sum()), rel=1e-5)
+
+
+def test_a_head_that_is_more_than_a_linear_layer_keeps_the_full_forward(tiny_base):
+    from transformers import LlamaForCausalLM
+
+    from ase_crystal_llm.model.loss import answer_loss_for
+
+    class ScaledLogits(LlamaForCausalLM):  # as Granite or Gemma-2 change the head's output
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    assert not answer_loss_for(ScaledLogits.from_pretrained(tiny_base)).answer_only
+    assert answer_loss_for(LlamaForCausalLM.from_pretrained(tiny_base)).answer_only
+
+
 # -- from scratch -----------------------------------------------------------------------------
 
 

@@ -145,6 +145,8 @@ class _Trainer:
         import torch
         from transformers import get_cosine_schedule_with_warmup
 
+        from ase_crystal_llm.model.loss import answer_loss_for
+
         cfg, acc = self.cfg, self.acc
         torch.manual_seed(cfg.seed)
         self.tokenizer = self._tokenizer()
@@ -171,12 +173,14 @@ class _Trainer:
         if self.resume_dir is not None:
             self._check_resume(resumed)
         self.model = self._model()
+        answer = answer_loss_for(self.model, acc.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.warmup_steps, total)
         if self.resume_dir is not None:
             self._load_states()
-        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        # A quantised base is already on its device and refuses .to(); the rest is placed by accelerate.
+        self.loss_net, self.optimizer = acc.prepare(answer, self.optimizer, device_placement=[not cfg.quantize, None])
         self.val_batches = self._val_batches()
 
     def _tokenizer(self):
@@ -323,13 +327,6 @@ class _Trainer:
         return [collate([(data.ids[i], int(data.n_prompt[i])) for i in order[s : s + size]], self.pad_id) for s in mine]
 
     # -- loss -----------------------------------------------------------------
-    def _token_weights(self, labels):
-        """Weight of each label token: 1 (per token) or 1/answer length (per example)."""
-        mask = (labels[:, 1:] != IGNORE_INDEX).float()
-        if self.cfg.loss_averaging == "per_token":
-            return mask
-        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
-
     def _normaliser(self, labels):
         mask = labels[:, 1:] != IGNORE_INDEX
         if self.cfg.loss_averaging == "per_token":
@@ -337,18 +334,11 @@ class _Trainer:
         return float(mask.any(dim=1).sum())
 
     def _loss_sum(self, batch):
-        import torch.nn.functional as F
+        from ase_crystal_llm.model.loss import token_weights
 
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-        # Right padding under causal attention: no real token attends to padding,
-        # so the attention mask is left out (with it, CPU attention is ~10x slower).
-        logits = self.model(input_ids=batch["input_ids"]).logits
-        labels = batch["labels"]
-        logits = logits[:, :-1].float()
-        targets = labels[:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)  # fmt: skip
-        return (ce * self._token_weights(labels)).sum()
+        weights = token_weights(batch["labels"], self.cfg.loss_averaging)
+        return self.loss_net(batch["input_ids"], batch["labels"], weights)
 
     def _global_sum(self, value):
         import torch
@@ -364,7 +354,7 @@ class _Trainer:
         total = cfg.max_steps
         bar = tqdm(total=total, initial=self.start_step, disable=not (self.progress and acc.is_main_process),
                    desc="train", dynamic_ncols=True)  # fmt: skip
-        self.model.train()
+        self.loss_net.train()
         t_start = time.perf_counter()
         for step in range(self.start_step, total):
             t0 = time.perf_counter()
@@ -374,7 +364,7 @@ class _Trainer:
             loss_sum = 0.0
             for i, batch in enumerate(batches):
                 sync = i == len(batches) - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.loss_net)
                 with ctx:
                     loss = self._loss_sum(batch)
                     # DDP averages gradients over processes; scale so the sum is global.
@@ -418,13 +408,13 @@ class _Trainer:
         """Validation loss (same averaging as training) over the validation batches."""
         import torch
 
-        self.model.eval()
+        self.loss_net.eval()
         total, norm = 0.0, 0.0
         with torch.no_grad():
             for batch in self.val_batches:
                 total += float(self._loss_sum(batch))
                 norm += self._normaliser(batch["labels"])
-        self.model.train()
+        self.loss_net.train()
         return self._global_sum(total) / max(self._global_sum(norm), 1.0)
 
     # -- saving ---------------------------------------------------------------
@@ -443,7 +433,7 @@ class _Trainer:
             rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
         torch.save(rng, staging / f"rng-{acc.process_index}.pt")
         if acc.is_main_process:
-            acc.unwrap_model(self.model).save_pretrained(staging, safe_serialization=True)
+            self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
@@ -460,7 +450,7 @@ class _Trainer:
         card = None
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            model = acc.unwrap_model(self.model)
+            model = self.model
             model.save_pretrained(self.out, safe_serialization=True)
             self.tokenizer.save_pretrained(self.out)
             atomic_write(self.out / LOG_NAME, json.dumps(self.log, indent=1))

@@ -1,0 +1,89 @@
+"""The training loss: cross-entropy of the answer tokens, weighted per token or per example.
+
+A causal LM's forward applies its output layer at every position, but only the
+answer positions have labels.  An infill example is a whole crystal of prompt
+and a two-token answer, and a generation prompt is ~40 tokens, so most of that
+work (the vocabulary-sized matmul and softmax) is thrown away.
+:class:`AnswerLoss` runs the decoder, then the output layer on the labelled
+positions only: the same loss, less time and memory.  It is one module, so a
+data-parallel wrapper (DDP through Accelerate) sees the whole computation.
+
+Models whose causal-LM head is more than ``lm_head(hidden)`` (logit scaling or
+soft-capping) would score differently that way; :func:`answer_loss_for` checks
+on a short input that both paths give the same logits and otherwise keeps the
+plain full-logits forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ase_crystal_llm.model.encoding import IGNORE_INDEX
+
+__all__ = ["AnswerLoss", "answer_loss_for", "token_weights"]
+
+
+def token_weights(labels: torch.Tensor, averaging: str) -> torch.Tensor:
+    """Weight of each next-token label: 1 (``per_token``) or 1 / answer length (``per_example``)."""
+    mask = (labels[:, 1:] != IGNORE_INDEX).float()
+    if averaging == "per_token":
+        return mask
+    return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+class AnswerLoss(nn.Module):
+    """Weighted sum of the answer tokens' cross-entropy of a causal LM.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel or peft.PeftModel
+        The causal LM being trained (its parameters are this module's).
+    answer_only : bool
+        Apply the output layer to the labelled positions only (True) or run the
+        model's own forward over every position (False).
+    """
+
+    def __init__(self, model: nn.Module, answer_only: bool = True):
+        super().__init__()
+        self.model = model
+        self.answer_only = answer_only
+
+    def _causal_lm(self) -> nn.Module:
+        get_base = getattr(self.model, "get_base_model", None)  # a peft model wraps the causal LM
+        return get_base() if callable(get_base) else self.model
+
+    def logits(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at the positions ``keep`` (a ``(batch, length - 1)`` mask) marks."""
+        if not self.answer_only:
+            return self.model(input_ids=input_ids).logits[:, :-1][keep]
+        lm = self._causal_lm()
+        hidden = lm.get_decoder()(input_ids=input_ids).last_hidden_state
+        return lm.get_output_embeddings()(hidden[:, :-1][keep])
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # Right padding under causal attention: no real token attends to padding,
+        # so the attention mask is left out (with it, CPU attention is ~10x slower).
+        keep = labels[:, 1:] != IGNORE_INDEX
+        logits = self.logits(input_ids, keep).float()
+        ce = F.cross_entropy(logits, labels[:, 1:][keep], reduction="none")
+        return (ce * weights[keep]).sum()
+
+
+def answer_loss_for(model: nn.Module, device: torch.device | str = "cpu") -> AnswerLoss:
+    """An :class:`AnswerLoss` on the answer-only path when it matches the model's own logits."""
+    fast = AnswerLoss(model, answer_only=True)
+    was_training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, min(model.config.vocab_size, 1000), (1, 8), generator=generator).to(device)
+        keep = torch.ones(1, 7, dtype=torch.bool, device=device)
+        with torch.no_grad():
+            same = torch.allclose(fast.logits(ids, keep).float(), model(input_ids=ids).logits[0, :-1].float(),
+                                  rtol=1e-3, atol=1e-3)  # fmt: skip
+    except (AttributeError, NotImplementedError, TypeError):
+        same = False  # no separate decoder / output layer to call
+    model.train(was_training)
+    return fast if same else AnswerLoss(model, answer_only=False)
