@@ -7,7 +7,7 @@ scored on the first ``-n`` MP-20 validation crystals (canonical cells,
 untranslated text, the unconditioned generation prompt): the summed NLL of the
 answer tokens and EOS, in nats per crystal, which does not depend on the
 tokenizer.  With ``--match K`` each checkpoint also writes crystals for the
-formulas and the space groups of K validation crystals, the model alone (no
+formulas, and for the formulas and space groups together, of K validation crystals, the model alone (no
 formula constraint, no guards, one draw each), and reports how many match
 (reduced formula; ``SpacegroupAnalyzer`` at symprec 0.1).  The shipped default
 model is scored the same way as a reference line.
@@ -60,8 +60,9 @@ def condition_matches(generator, crystals, seed=0):
     made = generator.generate(len(formulas), formula=formulas, **alone)
     formula_hits = sum(Composition(a.get_chemical_formula()).reduced_formula
                        == Composition(a.info["condition_formula"]).reduced_formula for a in made)
+    # Training always writes the formula before the space group: ask for both, as the recorded evaluation does.
     groups = [int(a.info["spacegroup_number"]) for a in crystals]
-    made = generator.generate(len(groups), spacegroup=groups, **alone)
+    made = generator.generate(len(groups), formula=formulas, spacegroup=groups, **alone)
     group_hits = 0
     for atoms in made:
         try:
@@ -184,6 +185,8 @@ def main(argv=None):
         result["reference"] = {"label": "shipped default (medium, from scratch, final)", "steps": steps,
                                **(old.get("reference") if same and old.get("reference") else
                                   score(gen.model, gen.tokenizer, crystals, args.match))}
+    kept = old if same else {}  # runs and reference scored before and not named this time stay
+    result = {**kept, **result, "runs": {**kept.get("runs", {}), **result["runs"]}}
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))
     print(f"results in {out} and {out.with_suffix('.png')}")
