@@ -24,7 +24,7 @@ sequence packing could save).  After the timed rounds, each variant's memory
 is the peak rise of the process's resident set during one more step on the
 first batch (sampled every 5 ms).
 
-    python benchmarks/lora_cpu_speed.py                 # ~15 min on a busy 2-core VM
+    python benchmarks/lora_cpu_speed.py                 # ~20 min on a busy 2-core VM (--compile: +10)
     python benchmarks/lora_cpu_speed.py --rounds 3 --batches 3 --compile
 
 Results: ``benchmarks/results/lora_cpu_speed.json`` (hardware and date included).

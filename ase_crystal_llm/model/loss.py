@@ -85,5 +85,6 @@ def answer_loss_for(model: nn.Module, device: torch.device | str = "cpu") -> Ans
                                   rtol=1e-3, atol=1e-3)  # fmt: skip
     except (AttributeError, NotImplementedError, TypeError):
         same = False  # no separate decoder / output layer to call
-    model.train(was_training)
+    finally:
+        model.train(was_training)
     return fast if same else AnswerLoss(model, answer_only=False)
