@@ -88,7 +88,7 @@ def build(base, n_structures, batch_size, n_batches):
 
     from ase_crystal_llm import settings
     from ase_crystal_llm.model.config import TrainConfig
-    from ase_crystal_llm.model.encoding import EpochData, collate, load_training_structures
+    from ase_crystal_llm.model.encoding import IGNORE_INDEX, EpochData, collate, load_training_structures
     from ase_crystal_llm.model.loading import _lora_config, load_base_model, load_base_tokenizer
     from ase_crystal_llm.text.prompts import PromptTemplate
 
@@ -110,7 +110,7 @@ def build(base, n_structures, batch_size, n_batches):
         "answer_vocabulary": len(answer_ids),
         "vocabulary": int(model.config.vocab_size),
         "batch_tokens": [int(b["attention_mask"].sum()) for b in batches],
-        "batch_answer_tokens": [int((b["labels"] != -100).sum()) for b in batches],
+        "batch_answer_tokens": [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches],
         "infill_examples": int(np.sum([data.tasks[i] == "infill" for b in data.batches[:n_batches] for i in b])),
     }
     return model, batches, torch.tensor(answer_ids), info
@@ -137,6 +137,7 @@ def variants(model, answer_ids, compile_decoder, bf16_step):
     import torch
     import torch.nn.functional as F
 
+    from ase_crystal_llm.model.encoding import IGNORE_INDEX
     from ase_crystal_llm.model.loss import AnswerLoss, token_weights
 
     full, answer = AnswerLoss(model, answer_only=False), AnswerLoss(model, answer_only=True)
@@ -152,7 +153,7 @@ def variants(model, answer_ids, compile_decoder, bf16_step):
             return loss_of(answer)(b)
 
     def restricted(b):
-        keep = b["labels"][:, 1:] != -100
+        keep = b["labels"][:, 1:] != IGNORE_INDEX
         hidden = lm.get_decoder()(input_ids=b["input_ids"]).last_hidden_state[:, :-1][keep]
         logits = hidden @ lm.get_output_embeddings().weight[answer_ids].T
         return F.cross_entropy(logits.float(), lookup[b["labels"][:, 1:][keep]], reduction="sum")
@@ -170,7 +171,7 @@ def variants(model, answer_ids, compile_decoder, bf16_step):
         compiled = torch.compile(decoder, dynamic=True)
 
         def run_compiled(b):
-            keep = b["labels"][:, 1:] != -100
+            keep = b["labels"][:, 1:] != IGNORE_INDEX
             hidden = compiled(input_ids=b["input_ids"]).last_hidden_state[:, :-1][keep]
             logits = lm.get_output_embeddings()(hidden).float()
             return F.cross_entropy(logits, b["labels"][:, 1:][keep], reduction="sum")
