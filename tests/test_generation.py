@@ -557,6 +557,24 @@ def test_the_covalent_floor_is_applied_and_can_be_lifted(crystal_model):
         gen.generate(1, covalent_ratio=-0.1)
 
 
+def test_too_dense_formula_cells_are_resampled_and_counted(crystal_model, monkeypatch):
+    from ase_crystal_llm.generation import generator as generation
+
+    gen = CrystalGenerator.from_pretrained(crystal_model, device="cpu")
+    judged = []
+    monkeypatch.setattr(generation, "too_dense", lambda atoms: judged.append(len(atoms)) or True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Every spaced formula crystal is judged too dense: re-sampled, counted, and given up on.
+        assert gen.generate(2, formula="NaCl", seed=0, max_atoms=8, max_attempts=2, batch_size=2) == []
+        assert gen.stats.too_dense == len(judged) > 0 and gen.stats.as_dict()["too_dense"] == len(judged)
+        judged.clear()
+        free = gen.generate(2, seed=0, max_atoms=8, max_attempts=2, batch_size=2)  # free rows: not judged
+        gen.generate(2, formula="NaCl", seed=0, max_atoms=8, max_attempts=2, batch_size=2,
+                     covalent_ratio=None)  # formula rows unguarded under the flat floor: not judged
+    assert judged == [] and free and gen.stats.too_dense == 0
+
+
 def test_too_close_atoms_are_resampled_and_counted(crystal_model, monkeypatch):
     from ase_crystal_llm.generation import generator as generation
 

@@ -209,6 +209,40 @@ def test_covalent_floors_guard_formula_rows_too():
     assert torch.isinf(masked[:, zero]).all() and torch.isfinite(masked[:, two]).all()
 
 
+def test_formula_rows_hold_to_the_units_their_cell_has_room_for():
+    """A 3.6 A cube (46.7 A^3) holds 2 NaCl units at 0.9 x 23.6 A^3 of covalent spheres each, not 3."""
+    tok = tokenizer_for_template(PromptTemplate())
+    grammar = CrystalGrammar(tok, max_atoms=12)
+    assert grammar.target("NaCl").k_max == 6 and grammar.target("NaCl").unit_volume == pytest.approx(23.61, abs=0.01)
+    assert grammar.target("NaCl", max_units=2).k_max == 2
+    assert grammar.target("NaCl", max_units=0).k_max == 1  # one unit is always allowed
+    assert grammar.target("NaCl", max_units=99) is grammar.target("NaCl")
+    text = "3.6 3.6 3.6\n90 90 90\n" + "".join(f"{e}\n0.{i}0 0.{j}0 0.50\n" for e, i, j in
+                                                 [("Na", 0, 0), ("Na", 5, 5), ("Cl", 0, 5), ("Cl", 5, 0)])
+    na = tok.convert_tokens_to_ids("N")
+    for ratio, na_allowed in [(0.9, False), (None, True)]:
+        proc = grammar.processor(["NaCl"], min_distance=0.5, covalent_ratio=0.6, volume_ratio=ratio)
+        proc.reset(1)
+        for token in tok.encode(text, add_special_tokens=False):
+            proc.advance([token])
+        masked = proc.mask(torch.zeros(1, len(tok)))
+        assert bool(torch.isfinite(masked[0, na])) is na_allowed
+        assert torch.isfinite(masked[0, sorted(grammar.eos_ids)]).any()  # two whole units: it may end
+
+
+def test_too_dense_compares_the_cell_with_covalent_volume():
+    from ase.build import bulk
+
+    from ase_crystal_llm.chemistry.validity import covalent_volume, too_dense
+
+    rocksalt = bulk("NaCl", "rocksalt", a=5.64)  # 44.9 A^3 per NaCl, covalent spheres 23.6 A^3
+    assert covalent_volume({"Na": 1, "Cl": 1}) == pytest.approx(23.61, abs=0.01)
+    assert not too_dense(rocksalt)
+    squeezed = rocksalt.copy()
+    squeezed.set_cell(rocksalt.cell * 0.75, scale_atoms=True)  # 18.9 A^3: below 0.9 x 23.6
+    assert too_dense(squeezed) and not too_dense(squeezed, volume_ratio=0.7)
+
+
 def test_pair_floors_and_structure_valid():
     from ase.build import bulk
 

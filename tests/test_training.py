@@ -209,6 +209,28 @@ def test_lora_trains_reloads_and_merges(tmp_path, tiny_base, crystals):
         assert torch.allclose(merged(input_ids=x).logits, adapted, atol=1e-4)
 
 
+def test_adapter_continues_from_its_weights(tmp_path, tiny_base, crystals):
+    first = tmp_path / "first"
+    train(crystals, first, base=str(tiny_base), max_steps=6, batch_size=4, lr=5e-3, progress=False)
+    fresh = train(crystals, tmp_path / "fresh", base=str(tiny_base), max_steps=1, batch_size=4, lr=1e-9,
+                  seed=1, progress=False)
+    more = train(crystals, tmp_path / "more", base=str(tiny_base), adapter=str(first), max_steps=1, batch_size=4,
+                 lr=1e-9, seed=1, progress=False)
+    # Same data (seed 1) and a negligible step: only the starting weights differ, and the trained ones fit better.
+    assert more.final_losses["train_loss"] < fresh.final_losses["train_loss"]
+    assert more.extra["continued_from"]["adapter"] == str(first)
+    assert more.extra["continued_from"]["steps"] == 6
+    assert more.hyperparameters["adapter"] == str(first)
+    start = load_file(first / "adapter_model.safetensors")
+    after = load_file(tmp_path / "more" / "adapter_model.safetensors")
+    assert max(float((start[k] - after[k]).abs().max()) for k in start) < 1e-5
+
+    with pytest.raises(ValueError, match="lora_rank 8, not 4"):
+        train(crystals, tmp_path / "rank", base=str(tiny_base), adapter=str(first), lora_rank=4, max_steps=1)
+    with pytest.raises(ValueError, match="--adapter.*--base"):
+        train(crystals, tmp_path / "scratch", from_scratch="tiny", adapter=str(first), max_steps=1)
+
+
 @pytest.mark.parametrize("bits, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 def test_quantized_lora_on_cpu(tmp_path, tiny_base, crystals, bits, layer):
     pytest.importorskip("bitsandbytes")

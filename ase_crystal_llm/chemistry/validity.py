@@ -51,6 +51,12 @@ MIN_VOLUME = 0.1  # Angstrom^3
 COVALENT_RATIO = 0.6
 
 
+#: Smallest cell volume a formula-constrained crystal may grow into, as a multiple of the summed
+#: covalent-sphere volumes of its atoms (:func:`covalent_volume`).  MP-20 crystals sit at 0.68 or more,
+#: 0.5th percentile 0.91, median 1.49 (benchmarks/results/formula_room.json).
+VOLUME_RATIO = 0.9
+
+
 #: smact oxidation-state table used by CDVAE (smact 2.x's default).
 OXIDATION_STATES = "smact14"
 
@@ -140,6 +146,19 @@ def pair_floor(radius_a: ArrayLike, radius_b: ArrayLike, min_distance: float | N
     """``max(min_distance, covalent_ratio * (r_a + r_b))`` (angstrom); just ``min_distance`` without a ratio."""
     total = np.add(radius_a, radius_b)
     return np.maximum(float(min_distance or 0.0), (covalent_ratio or 0.0) * total)
+
+
+def covalent_volume(symbols: Mapping[str, int]) -> float:
+    """Summed volume of the atoms' covalent spheres (cubic angstrom), from element counts."""
+    from ase.data import atomic_numbers, covalent_radii
+
+    return float(sum(n * 4 / 3 * np.pi * covalent_radii[atomic_numbers[s]] ** 3 for s, n in symbols.items()))
+
+
+def too_dense(atoms: Atoms, volume_ratio: float = VOLUME_RATIO) -> bool:
+    """True when the cell is smaller than ``volume_ratio`` times its atoms' covalent-sphere volume."""
+    symbols, counts = np.unique(atoms.get_chemical_symbols(), return_counts=True)
+    return bool(abs(atoms.cell.volume) < volume_ratio * covalent_volume(dict(zip(symbols, counts.tolist()))))
 
 
 def reduced_cell(cell: ArrayLike) -> Cell:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from ase_crystal_llm.chemistry.validity import counts_valid
+from ase_crystal_llm.chemistry.validity import VOLUME_RATIO, counts_valid, covalent_volume
 
 # EXTRA_ATOMS: atoms a row may add, past its first refused end, while its composition is not
 # charge balanced (RowComposition); then it may end anyway.  Its home is .options (help quotes it).
@@ -241,6 +241,7 @@ class FormulaTarget:
         self.k_max = int(max_atoms) // per_unit
         self.limits = tuple(self.k_max * u for u in self.units)
         self.zero = (0,) * len(self.symbols)
+        self.unit_volume = covalent_volume(count)
         self._index = {s: i for i, s in enumerate(self.symbols)}
 
     def __repr__(self):
@@ -355,8 +356,21 @@ class CrystalGrammar:
         self._rows = {}  # device -> {mask key: row of the device table}
         self._tables = {}  # device -> (n_keys, vocab) bool tensor
 
-    def target(self, formula: str) -> FormulaTarget:
-        """The (cached) :class:`FormulaTarget` of ``formula`` under this grammar's elements and ``max_atoms``."""
+    def target(self, formula: str, max_units: int | None = None) -> FormulaTarget:
+        """The (cached) :class:`FormulaTarget` of ``formula`` under this grammar's elements and ``max_atoms``.
+
+        ``max_units`` lowers the most formula units a row may write (never below 1).
+        """
+        if max_units is not None:
+            full = self.target(formula)
+            units = max(1, min(int(max_units), full.k_max))
+            if units == full.k_max:
+                return full
+            key = (str(formula), units)
+            if key not in self._targets:
+                self._targets[key] = FormulaTarget(full.formula, units * sum(full.units),
+                                                   self.symbols if self.restricted else None)
+            return self._targets[key]
         key = str(formula)
         if key not in self._targets:
             target = FormulaTarget(key, self.max_atoms, self.symbols if self.restricted else None)
@@ -571,7 +585,8 @@ class CrystalGrammar:
         return can_end(state, n_atoms) and (target is None or target.complete(counts))
 
     def processor(self, formulas: Sequence[str | None] | None = None, min_distance: float | None = None,
-                  charge_guard: bool = False, covalent_ratio: float | None = None) -> CrystalLogitsProcessor:
+                  charge_guard: bool = False, covalent_ratio: float | None = None,
+                  volume_ratio: float | None = VOLUME_RATIO) -> CrystalLogitsProcessor:
         """A fresh :class:`CrystalLogitsProcessor` for one generation run.
 
         ``formulas`` (optional) gives one formula or ``None`` per batch row:
@@ -580,11 +595,12 @@ class CrystalGrammar:
         those already written (:mod:`.spacing`), and ``covalent_ratio`` that
         fraction of the two covalent radii too; ``charge_guard`` holds the
         end of free rows until their composition is charge balanced
-        (:class:`RowComposition`).
+        (:class:`RowComposition`); ``volume_ratio`` holds guarded formula rows
+        to the formula units their cell has room for.
         """
         targets = None if formulas is None else [None if f is None else self.target(f) for f in formulas]
         return CrystalLogitsProcessor(self, targets, min_distance=min_distance, charge_guard=charge_guard,
-                                      covalent_ratio=covalent_ratio)
+                                      covalent_ratio=covalent_ratio, volume_ratio=volume_ratio)
 
 
 def _prefixes(symbols):
@@ -667,14 +683,21 @@ class CrystalLogitsProcessor(LogitsProcessor):
         With ``min_distance``: each pair of atoms also needs this fraction of
         the sum of their covalent radii
         (:func:`~ase_crystal_llm.chemistry.validity.pair_floors`).
+    volume_ratio : float, optional
+        In spacing-guarded formula rows, once the cell is written: at most
+        as many formula units as fit in it with ``volume_ratio`` times their
+        covalent-sphere volume each
+        (:data:`~ase_crystal_llm.chemistry.validity.VOLUME_RATIO`; at least
+        one), so a row stops instead of crowding more units into its cell.
     """
 
     def __init__(self, grammar: CrystalGrammar, targets: Sequence[FormulaTarget | None] | None = None,
                  min_distance: float | None = None, charge_guard: bool = False,
-                 covalent_ratio: float | None = None) -> None:
+                 covalent_ratio: float | None = None, volume_ratio: float | None = VOLUME_RATIO) -> None:
         self.grammar = grammar
         self.min_distance = min_distance or None
         self.covalent_ratio = covalent_ratio or None
+        self.volume_ratio = volume_ratio or None
         self.charge_guard = bool(charge_guard)
         self.spacing = None
         self.charge = None
@@ -693,6 +716,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
         self.n_atoms = [0] * batch_size
         self.targets = list(self._row_targets) if self._row_targets is not None else [None] * batch_size
         self.counts = [None if t is None else t.zero for t in self.targets]
+        self.sized = [t is None for t in self.targets]  # formula rows: held to the units their cell holds
         if self.min_distance:
             # A formula row cannot end at will: under the flat floor alone, guarded, it packs whole
             # extra formula units into cells far too small (absurd densities), so it is left alone;
@@ -713,12 +737,25 @@ class CrystalLogitsProcessor(LogitsProcessor):
                 for readers in (self.spacing, self.charge):
                     if readers is not None and readers[row] is not None:
                         readers[row].feed(text)
+                if not self.sized[row] and self.spacing is not None:
+                    self._size_formula_row(row)
             self.states[row], self.n_atoms[row], self.counts[row] = g._advance(
                 self.states[row], self.n_atoms[row], self.counts[row], self.targets[row], token)
+
+    def _size_formula_row(self, row):
+        """Once a formula row's cell is read, hold it to the formula units that fit in that volume."""
+        spacing, target = self.spacing[row], self.targets[row]
+        if spacing is None or not self.volume_ratio:
+            self.sized[row] = True
+        elif spacing.volume is not None:
+            units = int(spacing.volume // (self.volume_ratio * target.unit_volume))
+            self.targets[row] = self.grammar.target(target.formula, max_units=units)
+            self.sized[row] = True
 
     def select(self, rows: torch.Tensor | Iterable[int]) -> None:
         """Keep only ``rows`` (finished rows dropped from the batch)."""
         rows = rows.tolist() if torch.is_tensor(rows) else list(rows)
+        self.sized = [self.sized[r] for r in rows]
         self.states = [self.states[r] for r in rows]
         self.n_atoms = [self.n_atoms[r] for r in rows]
         self.targets = [self.targets[r] for r in rows]

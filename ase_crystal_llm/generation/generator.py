@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ase_crystal_llm import settings
-from ase_crystal_llm.chemistry.validity import COVALENT_RATIO, MIN_DISTANCE, structure_valid
+from ase_crystal_llm.chemistry.validity import COVALENT_RATIO, MIN_DISTANCE, structure_valid, too_dense
 from ase_crystal_llm.generation.constraints import FIELDS, CrystalGrammar, FormulaTarget, formula_composition
 from ase_crystal_llm.generation.decoding import fast_sample, plain_sample
 
@@ -93,6 +93,7 @@ class GenerationStats:
     attempts: int = 0
     parse_failures: Counter = field(default_factory=Counter)
     rejected: int = 0  # parsed, but atoms closer than the floor (min_distance, covalent_ratio)
+    too_dense: int = 0  # guarded formula rows: a cell smaller than VOLUME_RATIO x its atoms' covalent volume
     gave_up: int = 0
     tokens_generated: int = 0
     seconds: float = 0.0
@@ -115,7 +116,8 @@ class GenerationStats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "requested": self.requested, "returned": self.returned, "attempts": self.attempts,
-            "parse_failures": dict(self.parse_failures), "rejected": self.rejected, "gave_up": self.gave_up,
+            "parse_failures": dict(self.parse_failures), "rejected": self.rejected, "too_dense": self.too_dense,
+            "gave_up": self.gave_up,
             "raw_parse_rate": self.raw_parse_rate, "final_parse_rate": self.final_parse_rate,
             "tokens_generated": self.tokens_generated, "seconds": self.seconds,
             "crystals_per_second": self.crystals_per_second, "seed": self.seed,
@@ -505,6 +507,10 @@ class CrystalGenerator:
                         atoms, min_distance=min_distance, covalent_ratio=covalent_ratio):
                     stats.rejected += 1
                     atoms = None
+                if atoms is not None and guard and covalent_ratio and formulas[id(conditions[slot])] \
+                        and too_dense(atoms):
+                    stats.too_dense += 1
+                    atoms = None
                 if atoms is None:
                     if attempts[slot] < max_attempts:
                         pending.append(slot)
@@ -523,7 +529,8 @@ class CrystalGenerator:
         if stats.gave_up:
             warnings.warn(f"{stats.gave_up} of {n} crystals had no usable sample within max_attempts={max_attempts}; "
                           f"returning {stats.returned} (parse failures: {dict(stats.parse_failures)}, "
-                          f"rejected for atoms too close: {stats.rejected})", stacklevel=2)
+                          f"rejected for atoms too close: {stats.rejected}, formula cells too dense: "
+                          f"{stats.too_dense})", stacklevel=2)
 
     @staticmethod
     def _info(conditions, elements, text, params, attempts, run_id, rank, index, seed, constrained_to=None):

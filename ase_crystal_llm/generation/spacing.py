@@ -326,7 +326,7 @@ class RowSpacing:
     or when it cannot be used (degenerate, nearly flat), every token fits.
     """
 
-    __slots__ = ("min_distance", "covalent_ratio", "line", "n_lines", "lengths", "sites")
+    __slots__ = ("min_distance", "covalent_ratio", "line", "n_lines", "lengths", "sites", "volume")
 
     def __init__(self, min_distance: float, covalent_ratio: float | None = None) -> None:
         self.min_distance = float(min_distance)
@@ -335,6 +335,7 @@ class RowSpacing:
         self.n_lines = 0
         self.lengths = None
         self.sites = None
+        self.volume = None  # of the cell, once the lattice is read
 
     def feed(self, text: str) -> None:
         """Read generated ``text``."""
@@ -367,6 +368,7 @@ class RowSpacing:
                 cell = cellpar_to_cell(cellpar)
         except AssertionError:  # impossible angles: the parser rejects the crystal
             return
+        self.volume = abs(float(np.linalg.det(cell)))
         if self.covalent_ratio:
             self.sites = _covalent_sites(cell, self.min_distance, self.covalent_ratio)
             return

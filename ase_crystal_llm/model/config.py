@@ -72,6 +72,13 @@ class TrainConfig:
         "doc": "NF4 for ``4bit`` (bitsandbytes)."})
     full: bool = field(default=False, metadata={
         "help": "train every weight of --base instead of a LoRA adapter (e.g. to continue a from-scratch model)"})
+    adapter: str | None = field(default=None, metadata={
+        "help": "continue fine-tuning this trained LoRA adapter (a directory written by crystal-llm train, or a "
+                "shipped model: smollm2) with a new optimiser and schedule, instead of a fresh adapter",
+        "metavar": "DIR",
+        "doc": "It must have been trained on ``base`` with the same LoRA rank and alpha; its prompts are used. "
+               "Unlike ``resume``, the optimiser state and the data order start afresh (choose a new ``seed`` "
+               "for new data order)."})
     max_steps: int | None = field(default=None, metadata={
         "help": "number of optimiser steps", "type": positive_int, "group": "steps"})
     epochs: float | None = field(default=None, metadata={
@@ -138,6 +145,8 @@ class TrainConfig:
             raise ValueError("full fine-tuning (--full) applies to a pretrained --base")
         if self.full and self.quantize:
             raise ValueError("--full trains every weight and cannot train a quantised base: drop --quantize")
+        if self.adapter is not None and (self.base is None or self.full):
+            raise ValueError("--adapter continues a LoRA adapter: it needs --base, without --full")
         if self.quantize not in (None, *QUANTIZE):
             raise ValueError(f"quantize must be '4bit' or '8bit', got {self.quantize!r}")
         if self.loss_averaging not in LOSS_AVERAGING:

@@ -48,6 +48,7 @@ from ase_crystal_llm.model.loading import (
     STATE_NAME,
     _lora_config,
     base_record,
+    check_base,
     checkpoints,
     load_base_model,
     load_base_tokenizer,
@@ -98,7 +99,7 @@ class _Checkpoints:
 
 def _fingerprint(cfg, data_record, val_record, world_size, template):
     keys = (
-        "base", "from_scratch", "quantize", "full", "batch_size", "grad_accum", "lr", "warmup_steps",
+        "base", "from_scratch", "quantize", "full", "adapter", "batch_size", "grad_accum", "lr", "warmup_steps",
         "weight_decay", "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout",
         "target_modules", "loss_averaging", "infill_fraction", "max_length", "seed", "canonical",
     )  # fmt: skip
@@ -221,8 +222,9 @@ class _Trainer:
                 use_gradient_checkpointing=device.type == "cuda",
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
-        if self.resume_dir is not None:
-            model = PeftModel.from_pretrained(model, self.resume_dir, is_trainable=True)
+        if self.resume_dir is not None or cfg.adapter is not None:
+            start = self.resume_dir or settings.model_folder(cfg.adapter)
+            model = PeftModel.from_pretrained(model, start, is_trainable=True)
         else:
             model = get_peft_model(model, _lora_config(cfg))
         # The adapter's config names the base as given (e.g. smollm2-135m), not this machine's path to it.
@@ -499,8 +501,19 @@ class _Trainer:
             quantization=cfg.quantize,
             library_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            extra={"base": base_record(cfg.base)} if cfg.base else {},
+            extra=self._provenance(),
         )
+
+    def _provenance(self):
+        """The base's record and, for a continued adapter, what it started from."""
+        cfg, extra = self.cfg, {}
+        if cfg.base:
+            extra["base"] = base_record(cfg.base)
+        if cfg.adapter:
+            start = ModelCard.from_pretrained(settings.model_folder(cfg.adapter))
+            extra["continued_from"] = {"adapter": cfg.adapter, "steps": start.final_losses.get("steps"),
+                                       "weights": start.weights}
+        return extra
 
 
 @document_options(TrainRunOptions, TrainConfig)
@@ -511,6 +524,7 @@ def train(
     val: str | os.PathLike | Sequence[Atoms] | None = None,
     base: str | None = None,
     from_scratch: str | None = None,
+    adapter: str | None = None,
     max_steps: int | None = None,
     epochs: float | None = None,
     batch_size: int | None = None,
@@ -559,7 +573,8 @@ def train(
         The card written to ``out``.
     """
     cfg = TrainConfig(
-        base=base, from_scratch=from_scratch, quantize=quantize, full=full, max_steps=max_steps, epochs=epochs,
+        base=base, from_scratch=from_scratch, quantize=quantize, full=full, adapter=adapter, max_steps=max_steps,
+        epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
@@ -574,6 +589,8 @@ def train(
         if settings.named_base_file(cfg.base) is None:
             cfg.base = resolved  # a named base stays a name: the card then loads anywhere it is installed
         template = template or _base_template(resolved)
+    if cfg.adapter is not None:
+        template = template or _adapter_template(cfg)
     structures, record = load_training_structures(
         data, canonical=canonical, limit=limit, skip_bad=skip_bad, cache=cache, cache_dir=cache_dir
     )
@@ -595,6 +612,22 @@ def _base_template(base):
     """The prompts a base trained by this package was trained with (None for other models)."""
     card = Path(base) / CARD_NAME
     return ModelCard.from_pretrained(base).template if Path(base).is_dir() and card.is_file() else None
+
+
+def _adapter_template(cfg):
+    """The prompts of the adapter a run continues, after checking it fits the run's base and LoRA settings."""
+    card = ModelCard.from_pretrained(settings.model_folder(cfg.adapter))
+    if card.kind != "lora":
+        raise ValueError(f"--adapter {cfg.adapter} is not a LoRA adapter (its card says {card.kind!r})")
+    check_base(card, cfg.base)
+    if not (card.extra.get("base") or {}).get("sha256") and card.base_model != cfg.base:
+        raise ValueError(f"--adapter {cfg.adapter} was trained on {card.base_model}, not on --base {cfg.base}")
+    hyper = card.hyperparameters or {}
+    for key in ("lora_rank", "lora_alpha"):
+        if hyper.get(key, getattr(cfg, key)) != getattr(cfg, key):
+            raise ValueError(f"--adapter {cfg.adapter} has {key} {hyper[key]}, not {getattr(cfg, key)}: "
+                             f"pass --{key.replace('_', '-')} {hyper[key]}")
+    return card.template
 
 
 def _default_precision():
