@@ -77,12 +77,21 @@ def _set_threads(args):
     torch.set_num_threads(args.threads or settings.default_threads())
 
 
-def _quiet_training_libraries():
-    """Keep stderr for our progress bar and errors: bitsandbytes logs a CPU-kernel
-    notice on import, transformers shows bars while saving and loading weights."""
+def _quiet_libraries():
+    """Keep stderr for our progress bars and errors.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes (peft imports it) tries to fetch a CPU
+    kernel from the Hugging Face Hub and, offline, logs two warnings (bitsandbytes' and the
+    ``kernels`` package's); it falls back to its own kernels either way.
+    """
     import logging
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _quiet_training_libraries():
+    """transformers shows bars while saving and loading weights: training has its own."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -529,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     run = COMMANDS[args.command][1]
+    _quiet_libraries()
     try:
         return run(args) or 0
     except KeyboardInterrupt:

@@ -231,6 +231,28 @@ def test_adapter_continues_from_its_weights(tmp_path, tiny_base, crystals):
         train(crystals, tmp_path / "scratch", from_scratch="tiny", adapter=str(first), max_steps=1)
 
 
+def test_default_precision_follows_the_hardware(monkeypatch):
+    from ase_crystal_llm.model import training
+    from ase_crystal_llm.model.config import TrainConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_computes_bf16", lambda: True)
+    assert training._default_precision(TrainConfig(base="some/base")) == "bf16"
+    assert training._default_precision(TrainConfig(base="some/base", quantize="4bit")) == "no"
+    assert training._default_precision(TrainConfig(from_scratch="tiny")) == "no"
+    monkeypatch.setattr(training, "cpu_computes_bf16", lambda: False)
+    assert training._default_precision(TrainConfig(base="some/base")) == "no"
+
+
+def test_precision_is_chosen_and_recorded(tmp_path, tiny_base, crystals):
+    """Two runs in one process with different precisions (accelerate keeps one state per process)."""
+    for precision in ("bf16", "no"):
+        card = train(crystals[:8], tmp_path / precision, base=str(tiny_base), max_steps=1, batch_size=4,
+                     precision=precision, progress=False)
+        assert card.hyperparameters["mixed_precision"] == precision
+        assert np.isfinite(card.final_losses["train_loss"])
+
+
 @pytest.mark.parametrize("bits, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 def test_quantized_lora_on_cpu(tmp_path, tiny_base, crystals, bits, layer):
     pytest.importorskip("bitsandbytes")

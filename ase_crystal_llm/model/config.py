@@ -30,6 +30,9 @@ LOSS_AVERAGING = ("per_token", "per_example")
 QUANTIZE = ("4bit", "8bit")
 
 
+PRECISIONS = ("no", "bf16", "fp16")
+
+
 # From-scratch LLaMA sizes: parameter counts are for the default tokenizer
 # (~300 tokens, tied input/output embeddings); see docs/training.md.
 SIZES = {
@@ -206,7 +209,9 @@ class TrainRunOptions:
         "help": "prompt wording; default the base's own when it was trained by this package (its card), "
                 "else the paper's", "doc_type": "PromptTemplate, optional", "cli": False})
     precision: str | None = field(default=None, metadata={
-        "help": "mixed precision of accelerate (default bf16 on a GPU that supports it, else no)", "cli": False})
+        "help": "mixed precision (accelerate's): bf16 or fp16 autocast, or no (fp32); default bf16 on a GPU "
+                "that supports it and, for an unquantised --base, on a CPU with AMX or AVX512-BF16, else no",
+        "choices": PRECISIONS})
     callbacks: tuple = field(default=(), metadata={
         "help": "called as ``callback(step, log_entry)`` after every step", "doc_type": "iterable of callables",
         "cli": False})

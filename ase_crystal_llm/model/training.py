@@ -121,6 +121,7 @@ class _Trainer:
                  resume, progress, callbacks, keep_checkpoints, precision):  # fmt: skip
         import torch
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         self.cfg, self.out, self.template = cfg, Path(out), template
         self.structures, self.data_record = structures, data_record
@@ -129,6 +130,10 @@ class _Trainer:
         self.progress = progress
         # cpu=True on a CPU-only host makes torchrun / ``accelerate launch --multi_gpu``
         # start gloo data parallelism (accelerate picks MULTI_CPU only when asked).
+        # accelerate keeps one state per process and refuses another precision in a later run of the
+        # same process (a script or test training twice): start each run from a fresh state, keeping
+        # the distributed setup (PartialState).
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=precision or "no", cpu=not torch.cuda.is_available())
         self.checkpoints = _Checkpoints(self.out, keep_checkpoints)
         self.resume_dir = self._find_resume() if resume else None
@@ -476,7 +481,8 @@ class _Trainer:
                  "steps": cfg.max_steps}  # fmt: skip
         hyper = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "base", "from_scratch", "quantize", "full")}
         hyper.update(world_size=self.world, global_batch_size=cfg.batch_size * self.micro_per_step,
-                     optimizer="AdamW", schedule="cosine with linear warmup")  # fmt: skip
+                     optimizer="AdamW", schedule="cosine with linear warmup",
+                     mixed_precision=self.acc.mixed_precision)  # fmt: skip
         if cfg.from_scratch:
             hyper["model_config"] = {k: v for k, v in SIZES[cfg.from_scratch].items()}
         if cfg.from_scratch or cfg.full:
@@ -602,7 +608,7 @@ def train(
     trainer = _Trainer(
         cfg, out, structures, record, val_structures, val_record, template or PromptTemplate(),
         resume=resume, progress=progress, callbacks=callbacks, keep_checkpoints=keep_checkpoints,
-        precision=precision or _default_precision(),
+        precision=precision or _default_precision(cfg),
     )  # fmt: skip
     trainer.setup()
     return trainer.run()
@@ -630,10 +636,28 @@ def _adapter_template(cfg):
     return card.template
 
 
-def _default_precision():
+def _default_precision(cfg):
+    """bf16 autocast where the hardware computes in bf16 natively, else fp32.
+
+    On a GPU that supports it, and for a pretrained, unquantised base on a CPU with AMX or
+    AVX512-BF16 (SmolLM2 LoRA: 1.7x the fp32 step, losses within 0.2%,
+    benchmarks/results/lora_cpu_speed_amx.json).  CPUs without them emulate bf16 (72x slower).
+    """
     import torch
 
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    pretrained = cfg.base is not None and not cfg.quantize
+    return "bf16" if pretrained and cpu_computes_bf16() else "no"
+
+
+def cpu_computes_bf16() -> bool:
+    """True on CPUs with native bf16 arithmetic (AMX tiles or AVX512-BF16)."""
+    import torch
+
+    # torch has only private probes for these; a torch without them answers no.
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _check_out(out, resume):
