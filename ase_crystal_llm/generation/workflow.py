@@ -50,11 +50,13 @@ def _summary(output, records):
     failures = sum(sum(s.get("parse_failures", {}).values()) for s in stats)
     gave_up = sum(s.get("gave_up", 0) for s in stats)
     rejected = sum(s.get("rejected", 0) for s in stats)
+    dense = sum(s.get("too_dense", 0) for s in stats)
     seconds = sum(s.get("seconds", 0.0) for s in stats) / max(1, len({r.get("rank") for r in records}))
     rate = failures / attempts if attempts else 0.0
     speed = returned / seconds if seconds else 0.0
     return (f"wrote {returned} crystals to {output}: parse failures {rate:.1%} of {attempts} samples"
             + (f", {rejected} rejected for atoms too close" if rejected else "")
+            + (f", {dense} formula cells too small for their atoms" if dense else "")
             + (f", {gave_up} requested crystals gave up after max_attempts" if gave_up else "")
             + f"; {seconds:.1f} s, {speed:.2f} crystals/s")
 

@@ -128,12 +128,12 @@ class _Trainer:
         self.val_structures, self.val_record = val_structures, val_record
         self.callbacks = list(callbacks or ())
         self.progress = progress
-        # cpu=True on a CPU-only host makes torchrun / ``accelerate launch --multi_gpu``
-        # start gloo data parallelism (accelerate picks MULTI_CPU only when asked).
         # accelerate keeps one state per process and refuses another precision in a later run of the
         # same process (a script or test training twice): start each run from a fresh state, keeping
         # the distributed setup (PartialState).
         AcceleratorState._reset_state(reset_partial_state=False)
+        # cpu=True on a CPU-only host makes torchrun / ``accelerate launch --multi_gpu``
+        # start gloo data parallelism (accelerate picks MULTI_CPU only when asked).
         self.acc = Accelerator(mixed_precision=precision or "no", cpu=not torch.cuda.is_available())
         self.checkpoints = _Checkpoints(self.out, keep_checkpoints)
         self.resume_dir = self._find_resume() if resume else None
@@ -579,10 +579,9 @@ def train(
         The card written to ``out``.
     """
     cfg = TrainConfig(
-        base=base, from_scratch=from_scratch, quantize=quantize, full=full, adapter=adapter, max_steps=max_steps,
-        epochs=epochs,
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm, lora_rank=lora_rank,
+        base=base, from_scratch=from_scratch, quantize=quantize, full=full, adapter=adapter,
+        max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
         loss_averaging=loss_averaging, infill_fraction=infill_fraction, max_length=max_length,
         eval_every=eval_every, save_every=save_every, val_limit=val_limit, seed=seed,
@@ -596,7 +595,8 @@ def train(
             cfg.base = resolved  # a named base stays a name: the card then loads anywhere it is installed
         template = template or _base_template(resolved)
     if cfg.adapter is not None:
-        template = template or _adapter_template(cfg)
+        adapter_prompts = _adapter_template(cfg)  # checks the adapter fits the run, whatever the prompts
+        template = template or adapter_prompts
     structures, record = load_training_structures(
         data, canonical=canonical, limit=limit, skip_bad=skip_bad, cache=cache, cache_dir=cache_dir
     )
