@@ -86,8 +86,16 @@ def score(model, tokenizer, crystals, match):
 
 
 def crystals_seen(state):
+    """Crystals trained on at a checkpoint, those of the adapter it continues (``--adapter``) included."""
     fp = state["fingerprint"]
-    return int(state["step"]) * int(fp["batch_size"]) * int(fp.get("world_size") or 1) * int(fp.get("grad_accum") or 1)
+    seen = int(state["step"]) * int(fp["batch_size"]) * int(fp.get("world_size") or 1) * int(fp.get("grad_accum") or 1)
+    if fp.get("adapter"):
+        from ase_crystal_llm import settings
+        from ase_crystal_llm.model.modelcard import ModelCard
+
+        start = ModelCard.from_pretrained(settings.model_folder(fp["adapter"]))
+        seen += int(start.final_losses["steps"]) * int(start.hyperparameters["global_batch_size"])
+    return seen
 
 
 def follow_run(name, run_dir, crystals, match, done, base=None, every=1, saved=None):
