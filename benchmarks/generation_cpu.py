@@ -9,7 +9,10 @@ default: the target machine has 2 cores).  For each batch size it reports
 samples/s (every attempt), crystals/s (parsed), tokens/s, and the speed-up at
 each path's best batch size.  The first measurement is ``--n`` parsed crystals
 through ``CrystalGenerator.generate`` including start-up (imports, model
-load), timed from process start.
+load), timed from process start.  Then, at ``--defaults-batch-sizes``,
+``gen.generate(..., fast=True)`` against ``fast=False`` as a user calls them:
+the model card's sampling settings with both guards on, alternated on the
+same seeds (crystals returned per second).
 
 Model: ``--model``, else the default model when the package ships one, else
 a *proxy*: a from-scratch ``mini`` LLaMA trained here on MP-20 for
