@@ -41,7 +41,7 @@ from ase_crystal_llm.chemistry.validity import (
     COVALENT_RATIO,
     MIN_DISTANCE,
     VOLUME_RATIO,
-    covalent_volume,
+    cell_volume_ratio,
     structure_valid,
     too_dense,
 )
@@ -55,17 +55,14 @@ RESULTS = Path(__file__).resolve().parent / "results" / "formula_room.json"
 AMU_PER_A3_IN_G_PER_CM3 = 1.66054
 
 
-def volume_ratio(atoms) -> float:
-    """Cell volume over the summed covalent-sphere volumes of the atoms."""
-    return atoms.get_volume() / covalent_volume(dict(zip(*np.unique(atoms.get_chemical_symbols(), return_counts=True))))
-
-
 def describe(crystals, formulas=None) -> dict:
     """Atoms per cell, density and volume ratio (medians, max density), and formula units when given."""
+    if not crystals:
+        return {"n": 0}
     density = [a.get_masses().sum() / a.get_volume() * AMU_PER_A3_IN_G_PER_CM3 for a in crystals]
     out = {"n": len(crystals), "atoms_per_cell_mean": float(np.mean([len(a) for a in crystals])),
            "density_median": float(np.median(density)), "density_max": float(np.max(density)),
-           "volume_ratio_median": float(np.median([volume_ratio(a) for a in crystals])),
+           "volume_ratio_median": float(np.median([cell_volume_ratio(a) for a in crystals])),
            "densest": crystals[int(np.argmax(density))].get_chemical_formula(mode="metal")}  # fmt: skip
     if formulas is not None:
         units = [len(a) // sum(formula_composition(f).values()) for a, f in zip(crystals, formulas)]
@@ -122,7 +119,7 @@ def main(argv=None):
     info = hardware()
 
     train = read_structures(settings.mp20_path("train"), limit=args.train_limit)
-    ratios = np.array([volume_ratio(a) for a in train])
+    ratios = np.array([cell_volume_ratio(a) for a in train])
     percentiles = {str(q): float(np.percentile(ratios, q)) for q in (0, 0.1, 0.5, 1, 5, 50)}
     print("MP-20 train volume ratio percentiles", {k: round(v, 3) for k, v in percentiles.items()}, flush=True)
 

@@ -155,10 +155,15 @@ def covalent_volume(symbols: Mapping[str, int]) -> float:
     return float(sum(n * 4 / 3 * np.pi * covalent_radii[atomic_numbers[s]] ** 3 for s, n in symbols.items()))
 
 
+def cell_volume_ratio(atoms: Atoms) -> float:
+    """Cell volume over the summed covalent-sphere volumes of the atoms."""
+    symbols, counts = np.unique(atoms.get_chemical_symbols(), return_counts=True)
+    return abs(atoms.cell.volume) / covalent_volume(dict(zip(symbols, counts.tolist())))
+
+
 def too_dense(atoms: Atoms, volume_ratio: float = VOLUME_RATIO) -> bool:
     """True when the cell is smaller than ``volume_ratio`` times its atoms' covalent-sphere volume."""
-    symbols, counts = np.unique(atoms.get_chemical_symbols(), return_counts=True)
-    return bool(abs(atoms.cell.volume) < volume_ratio * covalent_volume(dict(zip(symbols, counts.tolist()))))
+    return bool(cell_volume_ratio(atoms) < volume_ratio)
 
 
 def reduced_cell(cell: ArrayLike) -> Cell:

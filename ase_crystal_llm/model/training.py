@@ -516,9 +516,7 @@ class _Trainer:
         if cfg.base:
             extra["base"] = base_record(cfg.base)
         if cfg.adapter:
-            start = ModelCard.from_pretrained(settings.model_folder(cfg.adapter))
-            extra["continued_from"] = {"adapter": cfg.adapter, "steps": start.final_losses.get("steps"),
-                                       "weights": start.weights}
+            extra["continued_from"] = cfg.extra["continued_from"]
         return extra
 
 
@@ -621,7 +619,10 @@ def _base_template(base):
 
 
 def _adapter_template(cfg):
-    """The prompts of the adapter a run continues, after checking it fits the run's base and LoRA settings."""
+    """The prompts of the adapter a run continues, after checking it fits the run's base and LoRA settings.
+
+    What it started from goes into ``cfg.extra["continued_from"]`` for the card.
+    """
     card = ModelCard.from_pretrained(settings.model_folder(cfg.adapter))
     if card.kind != "lora":
         raise ValueError(f"--adapter {cfg.adapter} is not a LoRA adapter (its card says {card.kind!r})")
@@ -633,6 +634,8 @@ def _adapter_template(cfg):
         if hyper.get(key, getattr(cfg, key)) != getattr(cfg, key):
             raise ValueError(f"--adapter {cfg.adapter} has {key} {hyper[key]}, not {getattr(cfg, key)}: "
                              f"pass --{key.replace('_', '-')} {hyper[key]}")
+    cfg.extra["continued_from"] = {"adapter": cfg.adapter, "steps": card.final_losses.get("steps"),
+                                   "weights": card.weights}
     return card.template
 
 
