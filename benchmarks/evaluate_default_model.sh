@@ -4,6 +4,9 @@
 #   MODEL: a shipped model's name or a model directory (default: default); N unconditional crystals
 #   (default 1000; 3/10 of them again without the guards); N_COND val rows for the conditions (default 100).
 #   bash benchmarks/evaluate_default_model.sh runs/eval_smollm2 smollm2 300 50
+# PHASE=conditions writes the val conditions only, PHASE=generate the crystals only (e.g. on a GPU machine
+# without pymatgen: benchmarks/gpu_run.sh), PHASE=evaluate evaluates those already in OUT_DIR; default all.  formulas.txt and spacegroups.txt
+# already in OUT_DIR are kept.
 # GEN_ARGS adds options to every `crystal-llm generate`: GEN_ARGS="--covalent-ratio 0" draws as the
 # recorded runs did, before generate's element-aware distance floor (2026-12-04).
 # Needs ../shared (or $CRYSTAL_LLM_DATA and $CRYSTAL_LLM_M3GNET); about 40 minutes on 2 CPU cores for the
@@ -15,19 +18,22 @@ n=${3:-1000}
 n_cond=${4:-100}
 here=$(cd "$(dirname "$0")" && pwd)
 model=$(python -c "import sys; from ase_crystal_llm import settings; print(settings.model_folder(sys.argv[1]).resolve())" "$name")
-data=$(python -c "from ase_crystal_llm import settings; print(settings.data_dir())")
+phase=${PHASE:-all}
 mkdir -p "$out" && cd "$out"
 export OMP_NUM_THREADS=1
 
 # Conditions come from the validation split (N_COND random rows, seed 0), never from test.
-python - "$data/mp_20/val.csv.gz" "$n_cond" <<'EOF'
+[ -s formulas.txt ] && [ -s spacegroups.txt ] || python - "$n_cond" <<'EOF'
 import sys
 import pandas as pd
-rows = pd.read_csv(sys.argv[1]).sample(int(sys.argv[2]), random_state=0)
+from ase_crystal_llm import settings
+rows = pd.read_csv(settings.mp20_path("val")).sample(int(sys.argv[1]), random_state=0)
 open("formulas.txt", "w").write(",".join(rows["pretty_formula"]))
 open("spacegroups.txt", "w").write(",".join(str(int(g)) for g in rows["spacegroup.number"]))
 EOF
+[ "$phase" = conditions ] && exit 0
 
+if [ "$phase" != evaluate ]; then
 # shellcheck disable=SC2086  # GEN_ARGS is a list of options
 gen() { crystal-llm generate --model "$model" ${GEN_ARGS:-} "$@"; }
 # Default sampling settings (the model card's), N unconditional crystals.
@@ -42,6 +48,8 @@ gen -n $((n * 3 / 10)) -o samples_unguarded.extxyz --seed 0 --no-spacing-guard -
 gen -n "$n_cond" -o spacegroup.extxyz --seed 2 --formula "$(cat formulas.txt)" --spacegroup "$(cat spacegroups.txt)"
 gen -n "$n_cond" -o spacegroup_free.extxyz --seed 2 --formula "$(cat formulas.txt)" \
     --spacegroup "$(cat spacegroups.txt)" --free-formula
+fi
+[ "$phase" = generate ] && exit 0
 
 crystal-llm evaluate samples.extxyz -o report --coverage-size 1000 --model "$model" --ipt-size $((n / 2)) --workers 2 \
     --no-progress

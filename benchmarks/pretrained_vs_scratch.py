@@ -98,12 +98,12 @@ def crystals_seen(state):
     return seen
 
 
-def follow_run(name, run_dir, crystals, match, done, base=None, every=1, saved=None):
+def follow_run(name, run_dir, crystals, match, done, every=1, saved=None, device="cpu"):
     """Score each checkpoint of a run (steps that are multiples of ``every``; kept points reused);
     ``saved(points)`` after each new one, so an interrupt keeps what was scored."""
-    from ase_crystal_llm.model.loading import checkpoints, load_checkpoint
+    from ase_crystal_llm.model.loading import checkpoints, load_base_model, load_checkpoint
 
-    points = []
+    points, base_model = [], None
     for ckpt in checkpoints(run_dir):
         step = int(ckpt.name.split("-")[1])
         if step in done:
@@ -111,7 +111,10 @@ def follow_run(name, run_dir, crystals, match, done, base=None, every=1, saved=N
             continue
         if step % every:
             continue
-        model, tokenizer, state = load_checkpoint(ckpt, base=base)
+        fingerprint = json.loads((ckpt / "trainer_state.json").read_text())["fingerprint"]
+        if base_model is None and not (fingerprint.get("from_scratch") or fingerprint.get("full")):
+            base_model = load_base_model(fingerprint["base"], device="cpu")  # once per run: LoRA leaves it intact
+        model, tokenizer, state = load_checkpoint(ckpt, device=device, base_model=base_model)
         seen = crystals_seen(state)
         point = {"step": step, "crystals_seen": seen, "epochs": seen / TRAIN_SIZE,
                  "train_loss_per_token": state["log"]["steps"][-1]["loss"], **score(model, tokenizer, crystals, match)}
@@ -153,6 +156,9 @@ def main(argv=None):
                    help="validation rows for formula / space-group match (default 0: skip)")
     p.add_argument("--no-reference", action="store_true", help="do not score the shipped default model")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device of the scoring (default cpu)")
+    p.add_argument("--val-file", help="validation crystals, canonical cells, any format crystal-llm reads "
+                   "(default: MP-20 val from the data directory)")
     p.add_argument("--every", type=int, default=1, help="score only checkpoints whose step is a multiple of this")
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "pretrained_vs_scratch.json"))
     args = p.parse_args(argv)
@@ -166,7 +172,8 @@ def main(argv=None):
     out = Path(args.output)
     old = json.loads(out.read_text()) if out.exists() else {}
     same = old.get("n_val") == args.n and old.get("match_rows") == args.match
-    crystals = read_structures(settings.mp20_path("val"), limit=args.n)
+    crystals = (read_structures(args.val_file, canonical=False, limit=args.n) if args.val_file
+                else read_structures(settings.mp20_path("val"), limit=args.n))
     result = {"benchmark": "pretrained_vs_scratch", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "hardware": hardware(), "n_val": args.n, "match_rows": args.match, "runs": {},
               "command": "python benchmarks/pretrained_vs_scratch.py " + " ".join(argv or sys.argv[1:])}
@@ -175,7 +182,7 @@ def main(argv=None):
         done = {q["step"]: q for q in old.get("runs", {}).get(name, {}).get("points", [])} if same else {}
         state = json.loads(sorted(Path(run_dir, "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
         entry = result["runs"][name] = {"run_dir": str(run_dir), "settings": state["fingerprint"],
-                                        "points": sorted(done.values(), key=lambda q: q["step"])}
+                                        "hardware": hardware(), "points": sorted(done.values(), key=lambda q: q["step"])}
 
         def saved(points, entry=entry):  # partial results survive an interrupt; other runs' old points kept
             entry["points"] = points
@@ -184,7 +191,7 @@ def main(argv=None):
                                       indent=1) + "\n")
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        saved(follow_run(name, run_dir, crystals, args.match, done, every=args.every, saved=saved))
+        saved(follow_run(name, run_dir, crystals, args.match, done, every=args.every, saved=saved, device=args.device))
     if not args.no_reference:
         from ase_crystal_llm.generation.generator import CrystalGenerator
 

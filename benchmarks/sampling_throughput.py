@@ -152,6 +152,30 @@ def _best_rows(rows):
     return best
 
 
+def write_results(args, rows, hardware, bandwidth, dtype, prompt_len, new_tokens, verbose=False):
+    """The results file, rewritten after every row: a run cut short keeps what it measured."""
+    best = _best_rows(rows)
+    result = {
+        "benchmark": "sampling_throughput" + ("_tiny" if args.tiny else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware,
+        "hbm_bandwidth_bytes_per_s": bandwidth,
+        "model": ("tiny LLaMA (smoke test)" if args.tiny else "LLaMA-2-7B architecture") + f", random {dtype} weights",
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "rows": rows,
+        "best": best,
+    }
+    if "plain" in best and "ours" in best:
+        result["speedup_best_vs_best"] = best["ours"]["crystals_per_hour"] / best["plain"]["crystals_per_hour"]
+        if verbose:
+            print(f"speed-up (best batch each): {result['speedup_best_vs_best']:.2f}x")
+    out = Path(args.out or RESULTS / f"{result['benchmark']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return out
+
+
 def main():
     args = _parse_args()
     warnings.simplefilter("ignore")
@@ -207,26 +231,10 @@ def main():
                   f"{r['crystals_per_hour']:,.0f} crystals/h, {r['tokens_per_s']:,.0f} tokens/s"
                   + (f", peak {r['peak_memory_gib']:.1f} GiB, {r['bandwidth_fraction']:.0%} of bandwidth limit"
                      if r["peak_memory_gib"] else ""), flush=True)
+            write_results(args, rows, hardware, bandwidth, dtype, prompt_len, new_tokens)
         if len(stopped) == len(args.paths.split(",")):
             break
-    best = _best_rows(rows)
-    result = {
-        "benchmark": "sampling_throughput" + ("_tiny" if args.tiny else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware,
-        "hbm_bandwidth_bytes_per_s": bandwidth,
-        "model": ("tiny LLaMA (smoke test)" if args.tiny else "LLaMA-2-7B architecture") + f", random {dtype} weights",
-        "prompt_tokens": prompt_len,
-        "new_tokens": new_tokens,
-        "rows": rows,
-        "best": best,
-    }
-    if "plain" in best and "ours" in best:
-        result["speedup_best_vs_best"] = best["ours"]["crystals_per_hour"] / best["plain"]["crystals_per_hour"]
-        print(f"speed-up (best batch each): {result['speedup_best_vs_best']:.2f}x")
-    out = Path(args.out or RESULTS / f"{result['benchmark']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_results(args, rows, hardware, bandwidth, dtype, prompt_len, new_tokens, verbose=True)
     print(f"written {out}")
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -317,13 +318,15 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def load_checkpoint(checkpoint_dir: str | os.PathLike, *, base: str | None = None,
-                    device: str | torch.device | None = None,
+                    device: str | torch.device | None = None, base_model: PreTrainedModel | None = None,
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Load the model of one training checkpoint (to evaluate a learning curve).
 
     A checkpoint has no model card: its ``trainer_state.json`` says how the run
     was set up (from scratch, full weights over a base, or a LoRA adapter over
-    ``base``, which overrides where the base lives now).
+    ``base``, which overrides where the base lives now).  ``base_model``, an
+    already loaded base, is copied instead of loading ``base`` again: a curve
+    over many LoRA checkpoints loads its base once.
 
     Returns
     -------
@@ -346,8 +349,11 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, *, base: str | None = Non
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_base_model(base or fingerprint["base"], device=device), checkpoint_dir)
-        model = model.merge_and_unload()
+        if base_model is None:
+            base_model = load_base_model(base or fingerprint["base"], device=device)
+        else:  # merging writes into the base's weights: merge into a copy
+            base_model = copy.deepcopy(base_model).to(device)
+        model = PeftModel.from_pretrained(base_model, checkpoint_dir).merge_and_unload()
     return model.eval(), tokenizer, state
 
 
