@@ -9,6 +9,8 @@
 #             where pymatgen and the potentials are (PHASE=evaluate).
 # Usage: OUT=DIR [DEADLINE_S=seconds] bash benchmarks/gpu_run.sh sampling|train
 # Everything worth keeping lands in OUT (at most 8 files); DEADLINE_S bounds the whole stage.
+# Measured on an H200 (2026-12-04, docs/training.md): the step was host-bound (0.50 s per step of 64),
+# so BATCH=256 is worth a try; the crystals came at 1.5/s (host-bound guards), too slow for a lease.
 # A CPU rehearsal of the train stage with tiny sizes (the variables below):
 #   OUT=/tmp/rehearsal DEVICE=cpu BATCH=2 PROBE_STEPS=6 MAX_STEPS=4 LIMIT=64 VAL_LIMIT=4 NLL_N=4 N_GEN=4 N_COND=2 \
 #       bash benchmarks/gpu_run.sh train

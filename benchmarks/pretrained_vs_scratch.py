@@ -181,8 +181,12 @@ def main(argv=None):
         name, _, run_dir = spec.partition("=")
         done = {q["step"]: q for q in old.get("runs", {}).get(name, {}).get("points", [])} if same else {}
         state = json.loads(sorted(Path(run_dir, "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
-        entry = result["runs"][name] = {"run_dir": str(run_dir), "settings": state["fingerprint"],
-                                        "hardware": hardware(), "points": sorted(done.values(), key=lambda q: q["step"])}
+        # Runs are scored on different machines (a GPU lease, a CPU session): each records its own.
+        entry = result["runs"][name] = {
+            "run_dir": str(run_dir), "settings": state["fingerprint"], "hardware": result["hardware"],
+            "date": result["date"], "command": result["command"],
+            "points": sorted(done.values(), key=lambda q: q["step"]),
+        }
 
         def saved(points, entry=entry):  # partial results survive an interrupt; other runs' old points kept
             entry["points"] = points

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ase_crystal_llm import cli
 from ase_crystal_llm.chemistry.validity import COVALENT_RATIO, structure_valid
-from ase_crystal_llm.generation.decoding import fast_sample, plain_sample
+from ase_crystal_llm.generation.decoding import _choose, _warpers, fast_sample, plain_sample
 from ase_crystal_llm.generation.generator import CrystalGenerator, condition_sets, failure_reason, seen_in_training
 from ase_crystal_llm.generation.workflow import generate_to_file
 from ase_crystal_llm.text.format import ELEMENTS, one_line
@@ -116,6 +116,24 @@ def test_fast_path_drops_finished_rows_without_changing_others(tok):
     b, _ = plain_sample(gen.model, tok, prompts, g.processor(), max_new_tokens=gen.max_new_tokens(3))
     assert a == b
     assert tok.decode(a[0]) == NACL
+
+
+def test_sampling_from_the_widest_mask_is_the_full_vocabulary_distribution():
+    # Six allowed tokens per row in a 1,000-token vocabulary; temperature and nucleus warpers on.
+    g = torch.Generator().manual_seed(0)
+    scores = torch.full((4, 1000), float("-inf"))
+    scores.scatter_(1, torch.randperm(1000, generator=g)[:24].view(4, 6), 2 * torch.randn(4, 6, generator=g))
+    warpers = _warpers(0.8, 0.9)
+
+    def frequencies(candidates):
+        draws_from = torch.Generator().manual_seed(1)
+        draws = torch.stack([_choose(scores.clone(), warpers, draws_from, candidates) for _ in range(3000)])
+        return torch.stack([torch.bincount(draws[:, r], minlength=1000) for r in range(4)]) / 3000
+
+    full, narrow = frequencies(None), frequencies(6)
+    assert not narrow[scores == float("-inf")].any()
+    assert (full > 0).sum() < 24  # the nucleus cut some allowed tokens: the warpers did act
+    assert torch.allclose(full, narrow, atol=0.04)
 
 
 # -- returned structures ---------------------------------------------------------------------

@@ -243,7 +243,7 @@ def test_resume_with_more_steps_extends_the_run(tmp_path, crystals):
 
 
 def test_checkpoints_load_like_the_final_model(adapter, tmp_path, crystals):
-    from ase_crystal_llm.model.loading import checkpoints, load_checkpoint
+    from ase_crystal_llm.model.loading import checkpoints, load_base_model, load_checkpoint
 
     last = checkpoints(adapter)[-1]
     assert last.name == "step-0000004"
@@ -253,6 +253,14 @@ def test_checkpoints_load_like_the_final_model(adapter, tmp_path, crystals):
     with torch.no_grad():
         assert torch.allclose(model(input_ids=x).logits, final(input_ids=x).logits, atol=1e-4)
     assert state["step"] == 4 and state["fingerprint"]["batch_size"] == 4
+    # A base loaded once serves every checkpoint of a curve, and merging into it leaves it untouched.
+    base = load_base_model(state["fingerprint"]["base"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for _ in range(2):
+        shared = load_checkpoint(last, base_model=base)[0]
+        with torch.no_grad():
+            assert torch.allclose(shared(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
     scratch = tmp_path / "scratch"
     train(crystals[:8], scratch, from_scratch="tiny", max_steps=2, batch_size=4, save_every=1, keep_checkpoints=0,
           progress=False)

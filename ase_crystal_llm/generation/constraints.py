@@ -355,6 +355,7 @@ class CrystalGrammar:
         self._matter = {}  # free mask key -> what of a formula row's counts its mask depends on
         self._rows = {}  # device -> {mask key: row of the device table}
         self._tables = {}  # device -> (n_keys, vocab) bool tensor
+        self._widths = {}  # device -> allowed tokens of each table row
 
     def target(self, formula: str, max_units: int | None = None) -> FormulaTarget:
         """The (cached) :class:`FormulaTarget` of ``formula`` under this grammar's elements and ``max_atoms``.
@@ -503,12 +504,18 @@ class CrystalGrammar:
 
     def rows_mask(self, states: Sequence[tuple], n_atoms: Sequence[int], device: str | torch.device,
                   targets: Sequence[FormulaTarget | None] | None = None,
-                  counts: Sequence[tuple[int, ...] | None] | None = None) -> torch.Tensor:
-        """Stacked masks of many rows: one gather from a per-device table of state masks."""
+                  counts: Sequence[tuple[int, ...] | None] | None = None, *,
+                  widest: bool = False) -> torch.Tensor | tuple[torch.Tensor, int]:
+        """Stacked masks of many rows: one gather from a per-device table of state masks.
+
+        With ``widest``, also the most tokens any of these rows allows (known on
+        the host, no device sync): samplers draw from that many candidates only.
+        """
         device = str(device)
         targets = targets or [None] * len(states)
         counts = counts or [None] * len(states)
         rows = self._rows.setdefault(device, {})
+        widths = self._widths.setdefault(device, [])
         index = []
         new = []
         for state, n, target, c in zip(states, n_atoms, targets, counts):
@@ -517,12 +524,14 @@ class CrystalGrammar:
             if row is None:
                 row = rows[key] = len(rows)
                 new.append(self._allowed_numpy(state, n, target, c))
+                widths.append(int(new[-1].sum()))
             index.append(row)
         if new:
             fresh = torch.from_numpy(np.stack(new)).to(device)
             old = self._tables.get(device)
             self._tables[device] = fresh if old is None else torch.cat([old, fresh])
-        return self._tables[device][torch.tensor(index, device=device)]
+        mask = self._tables[device][torch.tensor(index, device=device)]
+        return (mask, max((widths[i] for i in index), default=0)) if widest else mask
 
     def _allowed_numpy(self, state, n_atoms, target=None, counts=None):
         mask = np.zeros(self.vocab_size, dtype=bool)
@@ -707,6 +716,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
         self.targets = None
         self.counts = None
         self._length = None
+        self.widest = None  # after mask(): the most tokens any row allows (samplers draw from that many)
 
     def reset(self, batch_size: int) -> None:
         if self._row_targets is not None and len(self._row_targets) != batch_size:
@@ -771,8 +781,9 @@ class CrystalLogitsProcessor(LogitsProcessor):
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` with forbidden tokens set to ``-inf`` (a new tensor)."""
-        allowed = self.grammar.rows_mask(self.states, self.n_atoms, scores.device, self.targets,
-                                         self.counts)[:, : scores.shape[-1]]
+        allowed, self.widest = self.grammar.rows_mask(self.states, self.n_atoms, scores.device, self.targets,
+                                                      self.counts, widest=True)
+        allowed = allowed[:, : scores.shape[-1]]
         if self.spacing is not None:
             self._refuse_crowded(allowed)
         if self.charge is not None:

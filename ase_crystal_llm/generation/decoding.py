@@ -109,16 +109,26 @@ def _warpers(temperature, top_p):
     return warpers
 
 
-def _choose(scores, warpers, generator):
-    """Next tokens from masked scores: greedy without ``warpers`` (temperature 0)."""
+def _choose(scores, warpers, generator, candidates=None):
+    """Next tokens from masked scores: greedy without ``warpers`` (temperature 0).
+
+    ``candidates`` bounds how many tokens any row allows (the grammar's widest
+    mask): the warpers and the draw then run on each row's ``candidates`` best
+    scores, the same distribution (every other token is masked), where a
+    32,000-49,152-token vocabulary would be sorted in full by the nucleus warper.
+    """
     if not warpers:
         return scores.argmax(dim=-1)
+    index = None
+    if candidates and 4 * candidates < scores.shape[-1]:
+        scores, index = scores.topk(candidates, dim=-1)
     # Called one by one: LogitsProcessorList inspects signatures on every call (~15% of this
     # function); these warpers ignore input_ids.
     for warp in warpers:
         scores = warp(None, scores)
     probs = torch.softmax(scores.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    picked = torch.multinomial(probs, 1, generator=generator)
+    return (picked if index is None else index.gather(1, picked)).squeeze(1)
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -208,7 +218,7 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
         scores = processor.mask(guide(logits[:m], logits[m:], guidance_scale) if guided else logits)
         if step < min_new_tokens:
             scores[:, eos] = float("-inf")
-        chosen = _choose(scores, warpers, generator)
+        chosen = _choose(scores, warpers, generator, candidates=processor.widest)
         picked = chosen.tolist()  # the one device sync of the step
         processor.advance(picked)
         for b, tok in enumerate(picked):
