@@ -162,6 +162,21 @@ def test_known_stable_crystals_are_metastable(first_run):
     assert s["sun"] == pytest.approx(sum(e <= 0 for e in new) / 8)
 
 
+def test_relaxation_cache_ignores_a_killed_writers_lock_file(tmp_path):
+    import threading
+
+    from ase_crystal_llm.evaluation.relaxation import RelaxCache
+
+    path = tmp_path / "relax_cache.db"
+    (tmp_path / "relax_cache.db.lock").write_text("")  # left behind by a writer killed mid-write (kill -9)
+    cache = RelaxCache(path)
+    writer = threading.Thread(target=cache.put, args=("key", bulk("Cu")), daemon=True)
+    writer.start()
+    writer.join(timeout=30)
+    assert not writer.is_alive(), "the write waited on a stale lock file"
+    assert len(cache) == 1 and cache.get("key") is not None
+
+
 def test_resume_reuses_relaxation_cache(first_run):
     _, partial, result = first_run
     assert partial["relaxation"]["computed"] == 3

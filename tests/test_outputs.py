@@ -73,6 +73,25 @@ def test_append_skips_structures_already_written(tmp_path, ext):
     assert len(ase.io.read(path, ":")) == 5
 
 
+def test_a_database_left_locked_by_a_killed_run_takes_more_rows(tmp_path):
+    import threading
+
+    path = tmp_path / "out.db"
+    with StructureWriter(path) as w:
+        w.write(sample(0))
+    (tmp_path / "out.db.lock").write_text("")  # ASE's lock file of a run killed mid-write (kill -9)
+
+    def resume():
+        with StructureWriter(path, append=True) as w:
+            w.write(sample(1))
+
+    writer = threading.Thread(target=resume, daemon=True)
+    writer.start()
+    writer.join(timeout=30)
+    assert not writer.is_alive(), "the resumed run waited on a stale lock file"
+    assert len(ase.io.read(path, ":")) == 2
+
+
 @pytest.mark.parametrize("ext", EXTENSIONS)
 def test_without_append_the_file_is_replaced(tmp_path, ext):
     path = tmp_path / f"out.{ext}"

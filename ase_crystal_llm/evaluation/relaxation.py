@@ -299,7 +299,9 @@ class RelaxCache:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = connect(str(self.path), type="db")
+        # SQLite locks its own writes; ASE's lock file would outlive a killed process and block the
+        # resumed run forever.
+        self.db = connect(str(self.path), type="db", use_lock_file=False)
 
     def get(self, key: str) -> Atoms | None:
         # Two processes sharing a cache (or one relaxing a duplicate sample) may both have

@@ -422,7 +422,9 @@ def connect_database(address: str | os.PathLike) -> Database:
     """``ase.db.connect`` for appending, safe with several writers on one PostgreSQL server."""
     import ase.db
 
-    db = ase.db.connect(str(address), append=True)
+    # The database locks its own writes (SQLite, PostgreSQL); ASE's lock file beside a file
+    # would outlive a writer killed mid-write and block every later one.
+    db = ase.db.connect(str(address), append=True, use_lock_file=False)
     if str(address).lower().startswith(("postgresql://", "postgres://")):
         db.get_last_id = _session_last_id
     return db
