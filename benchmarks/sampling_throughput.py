@@ -152,28 +152,16 @@ def _best_rows(rows):
     return best
 
 
-def write_results(args, rows, hardware, bandwidth, dtype, prompt_len, new_tokens, verbose=False):
+def write_results(out, header, rows):
     """The results file, rewritten after every row: a run cut short keeps what it measured."""
     best = _best_rows(rows)
-    result = {
-        "benchmark": "sampling_throughput" + ("_tiny" if args.tiny else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware,
-        "hbm_bandwidth_bytes_per_s": bandwidth,
-        "model": ("tiny LLaMA (smoke test)" if args.tiny else "LLaMA-2-7B architecture") + f", random {dtype} weights",
-        "prompt_tokens": prompt_len,
-        "new_tokens": new_tokens,
-        "rows": rows,
-        "best": best,
-    }
+    result = {**header, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "rows": rows, "best": best}
     if "plain" in best and "ours" in best:
         result["speedup_best_vs_best"] = best["ours"]["crystals_per_hour"] / best["plain"]["crystals_per_hour"]
-        if verbose:
-            print(f"speed-up (best batch each): {result['speedup_best_vs_best']:.2f}x")
-    out = Path(args.out or RESULTS / f"{result['benchmark']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    return out
+    return result
 
 
 def main():
@@ -204,6 +192,12 @@ def main():
     if device.type == "cuda":
         hardware["memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     print(f"{hardware}; prompt {prompt_len} tokens; HBM {bandwidth / 1e12 if bandwidth else 0:.2f} TB/s", flush=True)
+    benchmark = "sampling_throughput" + ("_tiny" if args.tiny else "")
+    out = Path(args.out or RESULTS / f"{benchmark}.json")
+    header = {"benchmark": benchmark, "hardware": hardware, "hbm_bandwidth_bytes_per_s": bandwidth,
+              "model": ("tiny LLaMA (smoke test)" if args.tiny else "LLaMA-2-7B architecture")
+              + f", random {dtype} weights",
+              "prompt_tokens": prompt_len, "new_tokens": new_tokens}
 
     # Warm-up (kernels, grammar masks) outside the timings.
     for name in args.paths.split(","):
@@ -231,10 +225,12 @@ def main():
                   f"{r['crystals_per_hour']:,.0f} crystals/h, {r['tokens_per_s']:,.0f} tokens/s"
                   + (f", peak {r['peak_memory_gib']:.1f} GiB, {r['bandwidth_fraction']:.0%} of bandwidth limit"
                      if r["peak_memory_gib"] else ""), flush=True)
-            write_results(args, rows, hardware, bandwidth, dtype, prompt_len, new_tokens)
+            write_results(out, header, rows)
         if len(stopped) == len(args.paths.split(",")):
             break
-    out = write_results(args, rows, hardware, bandwidth, dtype, prompt_len, new_tokens, verbose=True)
+    result = write_results(out, header, rows)
+    if "speedup_best_vs_best" in result:
+        print(f"speed-up (best batch each): {result['speedup_best_vs_best']:.2f}x")
     print(f"written {out}")
 
 

@@ -294,14 +294,12 @@ class RelaxCache:
     _INFO = ("relax_converged", "relax_steps", "potential", "energy_scale", "relax_failed", "relax_error")
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from ase.db import connect
+        from ase_crystal_llm.io.outputs import connect_database
 
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        # SQLite locks its own writes; ASE's lock file would outlive a killed process and block the
-        # resumed run forever.
-        self.db = connect(str(self.path), type="db", use_lock_file=False)
+        self.db = connect_database(self.path, type="db")  # no lock file: a killed run's would block a resume
 
     def get(self, key: str) -> Atoms | None:
         # Two processes sharing a cache (or one relaxing a duplicate sample) may both have

@@ -504,12 +504,11 @@ class CrystalGrammar:
 
     def rows_mask(self, states: Sequence[tuple], n_atoms: Sequence[int], device: str | torch.device,
                   targets: Sequence[FormulaTarget | None] | None = None,
-                  counts: Sequence[tuple[int, ...] | None] | None = None, *,
-                  widest: bool = False) -> torch.Tensor | tuple[torch.Tensor, int]:
+                  counts: Sequence[tuple[int, ...] | None] | None = None) -> tuple[torch.Tensor, int]:
         """Stacked masks of many rows: one gather from a per-device table of state masks.
 
-        With ``widest``, also the most tokens any of these rows allows (known on
-        the host, no device sync): samplers draw from that many candidates only.
+        Also returns the most tokens any of these rows allows (known on the host,
+        no device sync): samplers draw from that many candidates only.
         """
         device = str(device)
         targets = targets or [None] * len(states)
@@ -530,8 +529,7 @@ class CrystalGrammar:
             fresh = torch.from_numpy(np.stack(new)).to(device)
             old = self._tables.get(device)
             self._tables[device] = fresh if old is None else torch.cat([old, fresh])
-        mask = self._tables[device][torch.tensor(index, device=device)]
-        return (mask, max((widths[i] for i in index), default=0)) if widest else mask
+        return self._tables[device][torch.tensor(index, device=device)], max((widths[i] for i in index), default=0)
 
     def _allowed_numpy(self, state, n_atoms, target=None, counts=None):
         mask = np.zeros(self.vocab_size, dtype=bool)
@@ -782,7 +780,7 @@ class CrystalLogitsProcessor(LogitsProcessor):
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` with forbidden tokens set to ``-inf`` (a new tensor)."""
         allowed, self.widest = self.grammar.rows_mask(self.states, self.n_atoms, scores.device, self.targets,
-                                                      self.counts, widest=True)
+                                                      self.counts)
         allowed = allowed[:, : scores.shape[-1]]
         if self.spacing is not None:
             self._refuse_crowded(allowed)

@@ -418,13 +418,14 @@ class _TrajBackend:
         self.traj.close()
 
 
-def connect_database(address: str | os.PathLike) -> Database:
-    """``ase.db.connect`` for appending, safe with several writers on one PostgreSQL server."""
+def connect_database(address: str | os.PathLike, **kwargs: Any) -> Database:
+    """``ase.db.connect`` for appending, safe with several writers on one PostgreSQL server
+    and after a writer was killed; ``kwargs`` go to ``ase.db.connect`` (e.g. ``type="db"``)."""
     import ase.db
 
     # The database locks its own writes (SQLite, PostgreSQL); ASE's lock file beside a file
     # would outlive a writer killed mid-write and block every later one.
-    db = ase.db.connect(str(address), append=True, use_lock_file=False)
+    db = ase.db.connect(str(address), append=True, use_lock_file=False, **kwargs)
     if str(address).lower().startswith(("postgresql://", "postgres://")):
         db.get_last_id = _session_last_id
     return db
