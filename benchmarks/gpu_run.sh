@@ -10,7 +10,8 @@
 # Usage: OUT=DIR [DEADLINE_S=seconds] bash benchmarks/gpu_run.sh sampling|train
 # Everything worth keeping lands in OUT (at most 8 files); DEADLINE_S bounds the whole stage.
 # Measured on an H200 (2026-12-04, docs/training.md): the step was host-bound (0.50 s per step of 64),
-# so BATCH=256 is worth a try; the crystals came at 1.5/s (host-bound guards): N_GEN is opt-in.
+# so BATCH=256 is worth a try (LR, WARMUP: the peak learning rate and warmup steps, default 5e-4
+# and 100); the crystals came at 1.5/s (host-bound guards): N_GEN is opt-in.
 # A CPU rehearsal of the train stage with tiny sizes (the variables below):
 #   OUT=/tmp/rehearsal DEVICE=cpu BATCH=2 PROBE_STEPS=6 MAX_STEPS=4 LIMIT=64 VAL_LIMIT=4 NLL_N=4 \
 #       [N_GEN=4 N_COND=2] bash benchmarks/gpu_run.sh train
@@ -83,6 +84,20 @@ pack_run() {  # the finished adapter, or the last checkpoint's weights if the ru
         --exclude=scheduler.pt --exclude='rng-*' .
 }
 
+pack_best() {  # the checkpoint with the lowest val NLL too, when it is not the last one
+    local best
+    best=$(python3 - "$out/pretrained_vs_scratch.json" <<'EOF'
+import json, sys
+points = json.load(open(sys.argv[1]))["runs"]["smollm2-135m+lora-gpu"]["points"]
+best = min(points, key=lambda p: p["val_nll_per_crystal"])
+print(best["step"] if best is not points[-1] else "")
+EOF
+)
+    [ -n "$best" ] && tar -czf "$out/smollm2_gpu_step$best.tar.gz" -C "/tmp/gpu_run/checkpoints/step-$(printf %07d "$best")" \
+        --exclude=optimizer.pt --exclude=scheduler.pt --exclude='rng-*' .
+    return 0
+}
+
 train() {
     install_base || return 1
     local data=/tmp/gpu_data
@@ -90,7 +105,7 @@ train() {
     gunzip -c "$inputs/.gpu/train.extxyz.gz" > $data/train.extxyz
     gunzip -c "$inputs/.gpu/val1000.extxyz.gz" > $data/val.extxyz
     local common=(train --base smollm2-135m --data $data/train.extxyz --no-canonicalize --batch-size "$batch"
-                  --lr 5e-4 --no-progress ${LIMIT:+--limit $LIMIT})
+                  --lr "${LR:-5e-4}" --no-progress ${LIMIT:+--limit $LIMIT})
     local probe=${PROBE_STEPS:-20}
     python3 -m ase_crystal_llm.cli "${common[@]}" --limit $((probe * batch)) --max-steps "$probe" --warmup-steps 5 \
         --out /tmp/gpu_probe || return 1
@@ -102,7 +117,7 @@ train() {
     echo "training $steps steps of $batch ($(python3 -c "print(round($steps * $batch / 27136, 2))") epochs)," \
         "checkpoint every $every"
     timeout "$(left $((after * 2 / 3)))" python3 -m ase_crystal_llm.cli "${common[@]}" --val $data/val.extxyz \
-        --max-steps "$steps" --warmup-steps 100 --val-limit "${VAL_LIMIT:-512}" --eval-every "$every" \
+        --max-steps "$steps" --warmup-steps "${WARMUP:-100}" --val-limit "${VAL_LIMIT:-512}" --eval-every "$every" \
         --save-every "$every" --keep-checkpoints 0 \
         --out /tmp/gpu_run
     pack_run
@@ -110,6 +125,7 @@ train() {
     timeout "$(left $((after / 2)))" python3 benchmarks/pretrained_vs_scratch.py \
         --run smollm2-135m+lora-gpu=/tmp/gpu_run -n "${NLL_N:-100}" --no-reference --device "$device" --val-file $data/val.extxyz \
         --output "$out/pretrained_vs_scratch.json"
+    pack_best
     [ -n "${N_GEN:-}" ] || return 0
     python3 -c "from smact.screening import smact_validity" || { echo "no smact here: no crystals"; return 1; }
     local model=/tmp/gpu_run

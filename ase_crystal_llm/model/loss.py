@@ -22,7 +22,7 @@ from torch import nn
 
 from ase_crystal_llm.model.encoding import IGNORE_INDEX
 
-__all__ = ["AnswerLoss", "answer_loss_for", "token_weights"]
+__all__ = ["AnswerLoss", "answer_loss_for", "answer_positions", "token_weights"]
 
 
 def token_weights(labels: torch.Tensor, averaging: str) -> torch.Tensor:
@@ -54,21 +54,32 @@ class AnswerLoss(nn.Module):
         get_base = getattr(self.model, "get_base_model", None)  # a peft model wraps the causal LM
         return get_base() if callable(get_base) else self.model
 
-    def logits(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Next-token logits at the positions ``keep`` (a ``(batch, length - 1)`` mask) marks."""
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at ``positions``: flat indices into the ``(batch, length - 1)`` predictions."""
         if not self.answer_only:
-            return self.model(input_ids=input_ids).logits[:, :-1][keep]
+            logits = self.model(input_ids=input_ids).logits[:, :-1]
+            return logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
         lm = self._causal_lm()
-        hidden = lm.get_decoder()(input_ids=input_ids).last_hidden_state
-        return lm.get_output_embeddings()(hidden[:, :-1][keep])
+        hidden = lm.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
+        return lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted loss sum; ``positions`` (:func:`answer_positions` of ``labels``, computed where the
+        batch was built) spares a GPU the host-device sync of finding them on the device."""
         # Right padding under causal attention: no real token attends to padding,
         # so the attention mask is left out (with it, CPU attention is ~10x slower).
-        keep = labels[:, 1:] != IGNORE_INDEX
-        logits = self.logits(input_ids, keep).float()
-        ce = F.cross_entropy(logits, labels[:, 1:][keep], reduction="none")
-        return (ce * weights[keep]).sum()
+        if positions is None:
+            positions = answer_positions(labels)
+        logits = self.logits(input_ids, positions).float()
+        targets = labels[:, 1:].reshape(-1).index_select(0, positions)
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        return (ce * weights.reshape(-1).index_select(0, positions)).sum()
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the labelled next-token predictions, ``(batch, length - 1)`` row-major."""
+    return (labels[:, 1:] != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
 
 
 def answer_loss_for(model: nn.Module, device: torch.device | str = "cpu") -> AnswerLoss:
@@ -79,9 +90,9 @@ def answer_loss_for(model: nn.Module, device: torch.device | str = "cpu") -> Ans
     try:
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, min(model.config.vocab_size, 1000), (1, 8), generator=generator).to(device)
-        keep = torch.ones(1, 7, dtype=torch.bool, device=device)
+        positions = torch.arange(7, device=device)
         with torch.no_grad():
-            same = torch.allclose(fast.logits(ids, keep).float(), model(input_ids=ids).logits[0, :-1].float(),
+            same = torch.allclose(fast.logits(ids, positions).float(), model(input_ids=ids).logits[0, :-1].float(),
                                   rtol=1e-3, atol=1e-3)  # fmt: skip
     except (AttributeError, NotImplementedError, TypeError):
         same = False  # no separate decoder / output layer to call

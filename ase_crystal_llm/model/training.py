@@ -181,7 +181,9 @@ class _Trainer:
         self.model = self._model()
         answer = answer_loss_for(self.model, acc.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # One fused kernel on a GPU, where the step is bound by how many kernels the host launches.
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=acc.device.type == "cuda")  # fmt: skip
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.warmup_steps, total)
         if self.resume_dir is not None:
             self._load_states()
@@ -341,11 +343,13 @@ class _Trainer:
         return float(mask.any(dim=1).sum())
 
     def _loss_sum(self, batch):
-        from ase_crystal_llm.model.loss import token_weights
+        from ase_crystal_llm.model.loss import answer_positions, token_weights
 
-        batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-        weights = token_weights(batch["labels"], self.cfg.loss_averaging)
-        return self.loss_net(batch["input_ids"], batch["labels"], weights)
+        # Built on the host: nothing in the step waits for the device until its loss is read.
+        labels = batch["labels"]
+        batch = dict(batch, weights=token_weights(labels, self.cfg.loss_averaging), positions=answer_positions(labels))
+        batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+        return self.loss_net(batch["input_ids"], batch["labels"], batch["weights"], batch["positions"])
 
     def _global_sum(self, value):
         import torch
