@@ -7,7 +7,7 @@
 #             with N_GEN set, the recorded evaluation's crystals (evaluate_default_model.sh PHASE=generate,
 #             N_GEN unconditional, N_COND (50) val conditions) from the merged model, evaluated later where
 #             pymatgen and the potentials are (PHASE=evaluate).
-# Usage: OUT=DIR [DEADLINE_S=seconds] bash benchmarks/gpu_run.sh sampling|train
+# Usage: OUT=DIR [DEADLINE_S=seconds] bash benchmarks/gpu_run.sh prepare|sampling|train
 # Everything worth keeping lands in OUT (at most 8 files); DEADLINE_S bounds the whole stage.
 # Measured on an H200 (2026-12-04, docs/training.md): the step was host-bound (0.50 s per step of 64),
 # so BATCH=256 is worth a try (LR, WARMUP: the peak learning rate and warmup steps, default 5e-4
@@ -16,7 +16,7 @@
 #   OUT=/tmp/rehearsal DEVICE=cpu BATCH=2 PROBE_STEPS=6 MAX_STEPS=4 LIMIT=64 VAL_LIMIT=4 NLL_N=4 \
 #       [N_GEN=4 N_COND=2] bash benchmarks/gpu_run.sh train
 set -uo pipefail
-stage=${1:?usage: OUT=DIR bash benchmarks/gpu_run.sh sampling|train}
+stage=${1:?usage: OUT=DIR bash benchmarks/gpu_run.sh prepare|sampling|train}
 out=${OUT:?set OUT to the results folder}
 deadline=${DEADLINE_S:-3600}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -137,9 +137,10 @@ train() {
 }
 
 case $stage in
+    prepare) ;;  # only what every stage does first: gather the carried inputs, install the wheels
     sampling) sampling ;;
     train) train ;;
-    *) echo "unknown stage $stage: sampling or train" >&2; exit 2 ;;
+    *) echo "unknown stage $stage: prepare, sampling or train" >&2; exit 2 ;;
 esac
 status=$?
 echo "stage $stage done in ${SECONDS} s (status $status)"
