@@ -445,3 +445,15 @@ def test_two_process_data_parallel(tmp_path, train_file):
     train(str(train_file), single, from_scratch="tiny", max_steps=3, batch_size=4, grad_accum=2, cache=False,
           progress=False)  # fmt: skip
     assert np.allclose(losses(out), losses(single), rtol=1e-4)
+
+
+def test_compiled_layers_train_to_the_same_losses(tmp_path, tiny_base, crystals):
+    # lora_dropout 0: both runs then compute the same function; compile only fuses its kernels.
+    kwargs = dict(base=str(tiny_base), max_steps=3, batch_size=4, lr=5e-3, lora_dropout=0.0, progress=False)
+    train(crystals[:12], tmp_path / "eager", **kwargs)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    train(crystals[:12], tmp_path / "compiled", compile=True, **kwargs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    losses = [[s["loss"] for s in json.loads((tmp_path / run / "training_log.json").read_text())["steps"]]
+              for run in ("eager", "compiled")]  # fmt: skip
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -212,6 +212,9 @@ class TrainRunOptions:
         "help": "mixed precision (accelerate's): bf16 or fp16 autocast, or no (fp32); default bf16 on a GPU "
                 "that supports it and, for an unquantised --base, on a CPU with AMX or AVX512-BF16, else no",
         "choices": PRECISIONS})
+    compile: bool = field(default=False, metadata={
+        "help": "compile each decoder layer with torch.compile (regional compilation, dynamic shapes): fewer "
+                "kernel launches per step, for a GPU whose step the host bounds; the first steps pay the compile"})
     callbacks: tuple = field(default=(), metadata={
         "help": "called as ``callback(step, log_entry)`` after every step", "doc_type": "iterable of callables",
         "cli": False})

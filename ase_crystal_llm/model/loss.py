@@ -57,10 +57,12 @@ class AnswerLoss(nn.Module):
     def logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Next-token logits at ``positions``: flat indices into the ``(batch, length - 1)`` predictions."""
         if not self.answer_only:
-            logits = self.model(input_ids=input_ids).logits[:, :-1]
+            logits = self.model(input_ids=input_ids, use_cache=False).logits[:, :-1]
             return logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
         lm = self._causal_lm()
-        hidden = lm.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
+        # No KV cache: nothing decodes after this forward (and each layer's cache would cost a compiled
+        # layer its own graph).
+        hidden = lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
         return lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,

@@ -118,7 +118,7 @@ class _Trainer:
     """One training run; :func:`train` is the public entry point."""
 
     def __init__(self, cfg, out, structures, data_record, val_structures, val_record, template, *,
-                 resume, progress, callbacks, keep_checkpoints, precision):  # fmt: skip
+                 resume, progress, callbacks, keep_checkpoints, precision, compile=False):  # fmt: skip
         import torch
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
@@ -128,6 +128,7 @@ class _Trainer:
         self.val_structures, self.val_record = val_structures, val_record
         self.callbacks = list(callbacks or ())
         self.progress = progress
+        self.compile = compile
         # accelerate keeps one state per process and refuses another precision in a later run of the
         # same process (a script or test training twice): start each run from a fresh state, keeping
         # the distributed setup (PartialState).
@@ -180,6 +181,8 @@ class _Trainer:
             self._check_resume(resumed)
         self.model = self._model()
         answer = answer_loss_for(self.model, acc.device)
+        if self.compile:
+            _compile_layers(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # One fused kernel on a GPU, where the step is bound by how many kernels the host launches.
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -560,6 +563,7 @@ def train(
     skip_bad: bool = False,
     template: PromptTemplate | None = None,
     precision: str | None = None,
+    compile: bool = False,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     keep_checkpoints: int = 2,
@@ -610,7 +614,7 @@ def train(
     trainer = _Trainer(
         cfg, out, structures, record, val_structures, val_record, template or PromptTemplate(),
         resume=resume, progress=progress, callbacks=callbacks, keep_checkpoints=keep_checkpoints,
-        precision=precision or _default_precision(cfg),
+        precision=precision or _default_precision(cfg), compile=compile,
     )  # fmt: skip
     trainer.setup()
     return trainer.run()
@@ -641,6 +645,13 @@ def _adapter_template(cfg):
     cfg.extra["continued_from"] = {"adapter": cfg.adapter, "steps": card.final_losses.get("steps"),
                                    "weights": card.weights}
     return card.template
+
+
+def _compile_layers(model):
+    """Compile every decoder layer in place: one graph serves them all (they share their code)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in lm.get_decoder().layers:
+        layer.compile(dynamic=True)
 
 
 def _default_precision(cfg):
