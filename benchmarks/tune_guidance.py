@@ -2,11 +2,13 @@
 
     nice python benchmarks/tune_guidance.py                          # the shipped model, 100 val rows
     nice python benchmarks/tune_guidance.py --model DIR -n 20 --scales 1 2 --kinds formula
+    nice python benchmarks/tune_guidance.py --model smollm2 --scales 1 --temperature 1 --top-p 1
 
 The rows are those of the recorded evaluation (``benchmarks/evaluate_default_model.sh``:
 100 val rows, pandas ``sample(random_state=0)``).  For each condition kind and
 guidance scale the model writes one crystal per row with ``generate``'s
-defaults (guards on unless ``--no-guards``, the card's sampling settings), except that the formula is
+defaults (guards on unless ``--no-guards``, the card's sampling settings unless
+``--temperature`` / ``--top-p``), except that the formula is
 only written into the prompt (``constrain_formula=False``), so every match is
 the model's own:
 
@@ -52,10 +54,10 @@ def val_rows(path, n, seed=0):
     return list(rows["pretty_formula"]), [int(g) for g in rows["spacegroup.number"]]
 
 
-def measure(gen, kind, scale, formulas, groups, seed, guards=True):
+def measure(gen, kind, scale, formulas, groups, seed, guards=True, **sampling):
     conditions = {"formula": formulas} if kind == "formula" else {"formula": formulas, "spacegroup": groups}
     crystals, stats = sample(gen, len(formulas), seed=seed, guidance_scale=scale, constrain_formula=False,
-                             spacing_guard=guards, charge_guard=guards, **conditions)
+                             spacing_guard=guards, charge_guard=guards, **sampling, **conditions)
     row, _ = validity(crystals, stats)
     accuracy = metrics.conditional_accuracy(crystals, symprecs=(SYMPREC,))
     share = len(crystals) / len(formulas)  # rates of returned crystals -> of the rows asked
@@ -101,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--kinds", nargs="+", choices=["formula", "spacegroup"], default=["formula", "spacegroup"])
     p.add_argument("--seed", type=int, default=1, help="sampling seed, the same for every scale (default 1)")
     p.add_argument("--no-guards", action="store_true", help="decode without the spacing and charge guards")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the card's)")
+    p.add_argument("--top-p", type=float, help="nucleus top-p (default: the card's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=None, help="data folder (default: settings.data_dir())")
     p.add_argument("-o", "--output", default=str(RESULTS / "tune_guidance.json"))
@@ -115,13 +119,15 @@ def main(argv=None):
     out = Path(args.output)
     setup = {"model": str(gen.model_dir), "n": args.n, "seed": args.seed, "symprec": SYMPREC,
              "guards": not args.no_guards}
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+    setup.update(sampling)
     old = json.loads(out.read_text()) if out.exists() else {}
     rows = old.get("rows", []) if old.get("setup") == setup else []
     for kind in args.kinds:
         for scale in args.scales:
             if any(r["kind"] == kind and r["guidance_scale"] == scale for r in rows):
                 continue
-            rows.append(measure(gen, kind, scale, formulas, groups, args.seed, guards=not args.no_guards))
+            rows.append(measure(gen, kind, scale, formulas, groups, args.seed, guards=not args.no_guards, **sampling))
             r = rows[-1]
             print(f"{kind} scale {scale}: score {score(r):.2f}, formula {r['formula_match_requested']:.2f}, "
                   f"returned {r['returned']}/{r['requested']}, valid over outputs "

@@ -184,7 +184,7 @@ class _Trainer:
         if self.compile:
             _compile_layers(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # One fused kernel on a GPU, where the step is bound by how many kernels the host launches.
+        # Fused on a GPU: fewer kernel launches, which bound the step there.
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            fused=acc.device.type == "cuda")  # fmt: skip
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.warmup_steps, total)
