@@ -170,6 +170,18 @@ def test_card_sampling_defaults_are_used(tok):
     assert (atoms.info["temperature"], atoms.info["top_p"]) == (0.7, 0.9)
 
 
+def test_card_sampling_defaults_for_conditioned_runs(tok):
+    gen = scripted(tok, NACL)
+    gen.card = {"sampling": {"temperature": 1.0, "top_p": 1.0, "conditioned": {"temperature": 0.6, "top_p": 0.8},
+                             "formula_constrained": {"temperature": 0.9}}}
+    free = gen.generate(1, seed=0)[0]
+    assert (free.info["temperature"], free.info["top_p"]) == (1.0, 1.0)
+    asked = gen.generate(1, formula="NaCl", constrain_formula=False, seed=0)[0]
+    assert (asked.info["temperature"], asked.info["top_p"]) == (0.6, 0.8)
+    # every crystal held to a formula: the conditioned entry, then the formula_constrained one over it
+    assert gen._sampling_defaults(conditioned=True, formula_constrained=True) == (0.9, 0.8)
+
+
 def test_garbage_model_stops_after_max_attempts(tok):
     # Always a zero-length cell: parses never succeed; the run must end and report.
     gen = scripted(tok, "0.0 0.0 0.0\n90 90 90\nNa\n0.00 0.00 0.00")

@@ -322,12 +322,14 @@ class CrystalGenerator:
         return {name: sha256_file(self.model_dir / name) for name in weight_files(self.model_dir)}
 
     # -- sampling settings -----------------------------------------------------------------
-    def _sampling_defaults(self, formula_constrained=False):
-        """The card's ``(temperature, top_p)``; its ``formula_constrained`` entry, where it has one,
-        for runs whose every crystal is held to a formula."""
+    def _sampling_defaults(self, conditioned=False, formula_constrained=False):
+        """The card's ``(temperature, top_p)``, overridden by its ``conditioned`` entry for runs whose every
+        prompt has a condition, then by its ``formula_constrained`` entry for runs whose every crystal is
+        held to a formula, where the card has them (a model may read conditions best at another setting)."""
         sampling = _card_get(self.card, "sampling") or {}
-        if formula_constrained:
-            sampling = {**sampling, **(sampling.get("formula_constrained") or {})}
+        for mode, applies in (("conditioned", conditioned), ("formula_constrained", formula_constrained)):
+            if applies:
+                sampling = {**sampling, **(sampling.get(mode) or {})}
         return (sampling.get("temperature", DEFAULT_TEMPERATURE), sampling.get("top_p", DEFAULT_TOP_P))
 
     def _guidance_default(self, conditions):
@@ -425,7 +427,8 @@ class CrystalGenerator:
         conditions = condition_sets(n, formula=formula, spacegroup=spacegroup, e_above_hull=e_above_hull,
                                     band_gap=band_gap, formation_energy=formation_energy)
         held = bool(constrain_formula and conditions and all(c.get("formula") for c in conditions))
-        t_default, p_default = self._sampling_defaults(formula_constrained=held)
+        t_default, p_default = self._sampling_defaults(conditioned=bool(conditions) and all(conditions),
+                                                       formula_constrained=held)
         temperature = t_default if temperature is None else float(temperature)
         top_p = p_default if top_p is None else float(top_p)
         if temperature < 0 or not 0 < top_p <= 1:

@@ -91,8 +91,9 @@ class GenerationOptions:
     temperature: float | None = field(default=None, metadata={
         "help": f"sampling temperature; 0 is greedy (default: the model card's, else {DEFAULT_TEMPERATURE})",
         "type": float,
-        "doc": "When every crystal is held to a formula, the defaults of ``temperature`` and ``top_p`` are the "
-               "card's ``sampling[\"formula_constrained\"]`` values where it has them."})
+        "doc": "When every prompt has a condition, the defaults of ``temperature`` and ``top_p`` are the card's "
+               "``sampling[\"conditioned\"]`` values where it has them, and when every crystal is held to a "
+               "formula, its ``sampling[\"formula_constrained\"]`` values."})
     top_p: float | None = field(default=None, metadata={
         "help": "nucleus sampling: keep the smallest set of tokens with this probability mass, in (0, 1] "
                 f"(default: the model card's, else {DEFAULT_TOP_P})",
