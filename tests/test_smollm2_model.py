@@ -62,3 +62,11 @@ def test_card_names_its_recorded_evaluation():
     card = json.loads((settings.PACKAGE_DIR / "smollm2_model" / "crystal_llm.json").read_text())
     readme = (settings.PACKAGE_DIR / "smollm2_model" / "README.md").read_text()
     assert card["base_model"] in readme and "Evaluation" in readme
+
+
+def test_card_samples_unconditional_runs_warm_and_conditioned_runs_cold():
+    """The card's per-task defaults (its README, "Sampling defaults"): the model's own distribution
+    where nothing is asked, T 0.7 / top-p 0.9 where every prompt has a condition."""
+    sampling = json.loads((settings.PACKAGE_DIR / "smollm2_model" / "crystal_llm.json").read_text())["sampling"]
+    assert (sampling["temperature"], sampling["top_p"]) == (1.0, 1.0)
+    assert sampling["conditioned"] == {"temperature": 0.7, "top_p": 0.9}
