@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU work of a short lease, in two stages (inputs from benchmarks/gpu_prepare.sh):
+# The GPU work of a short lease, in stages (inputs from benchmarks/gpu_prepare.sh):
+#   prepare   only gather the carried inputs and install the wheels (a first call that carries
+#             .whl and the first GGUF part, when a stage of its own is not worth running with them);
 #   sampling  benchmarks/sampling_throughput.py: LLaMA-2-7B architecture, plain generate vs ours;
 #   train     SmolLM2-135M + LoRA, the paper's recipe (r 8, alpha 32, peak lr 5e-4, cosine) on all of
 #             MP-20 train, as many epochs as the time allows (a 20-step probe measures the step time
@@ -13,6 +15,9 @@
 # so BATCH=256 is worth a try (LR, WARMUP: the peak learning rate and warmup steps, default 5e-4
 # and 100), and COMPILE=1 (train --compile: compiled decoder layers, fewer kernel launches; the
 # probe falls back to eager if it fails); the crystals came at 1.5/s (host-bound guards): N_GEN is opt-in.
+# Planned for the next lease (not run yet; the 2026-12-04 evening session was lent none): call 1
+# `prepare` carrying .whl and .gpu/smollm2.gguf.part00; call 2 `COMPILE=1 BATCH=256 LR=1e-3
+# WARMUP=50 DEADLINE_S=<the call's limit less 30> train` carrying the rest of .gpu.
 # A CPU rehearsal of the train stage with tiny sizes (the variables below):
 #   OUT=/tmp/rehearsal DEVICE=cpu BATCH=2 PROBE_STEPS=6 MAX_STEPS=4 LIMIT=64 VAL_LIMIT=4 NLL_N=4 \
 #       [N_GEN=4 N_COND=2] bash benchmarks/gpu_run.sh train
