@@ -66,7 +66,8 @@ def test_card_names_its_recorded_evaluation():
 
 def test_card_samples_unconditional_runs_warm_and_conditioned_runs_cold():
     """The card's per-task defaults (its README, "Sampling defaults"): the model's own distribution
-    where nothing is asked, T 0.7 / top-p 0.9 where every prompt has a condition."""
+    where nothing is asked or the formula is held, T 0.7 / top-p 0.9 where the model writes what is asked."""
     sampling = json.loads((settings.PACKAGE_DIR / "smollm2_model" / "crystal_llm.json").read_text())["sampling"]
     assert (sampling["temperature"], sampling["top_p"]) == (1.0, 1.0)
     assert sampling["conditioned"] == {"temperature": 0.7, "top_p": 0.9}
+    assert sampling["formula_constrained"] == {"temperature": 1.0, "top_p": 1.0}
