@@ -72,11 +72,21 @@ class _BufferLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices):
-        if self.is_initialized:
-            self.kbuf = self.kbuf[indices]
-            self.vbuf = self.vbuf[indices]
-            self.keys = self.kbuf[:, :, :self.length]
-            self.values = self.vbuf[:, :, :self.length]
+        if not self.is_initialized:
+            return
+        # Gather only the written positions (not the whole capacity), into the buffers' first rows
+        # when the batch shrinks: no new buffer, and a fraction of the copying.
+        keys, values = self.kbuf[indices, :, :self.length], self.vbuf[indices, :, :self.length]
+        n = len(indices)
+        if n > self.kbuf.shape[0]:
+            self.kbuf = self.kbuf.new_empty((n, *self.kbuf.shape[1:]))
+            self.vbuf = self.vbuf.new_empty((n, *self.vbuf.shape[1:]))
+        else:
+            self.kbuf, self.vbuf = self.kbuf[:n], self.vbuf[:n]
+        self.kbuf[:, :, :self.length] = keys
+        self.vbuf[:, :, :self.length] = values
+        self.keys = self.kbuf[:, :, :self.length]
+        self.values = self.vbuf[:, :, :self.length]
 
 
 def _cache_kwarg(model):
