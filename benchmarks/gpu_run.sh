@@ -85,11 +85,15 @@ print(f"probe: {per_step:.3f} s/step, first step {first:.1f} s, {log[-1]['tokens
 EOF
 }
 
+pack() {  # $1: an adapter folder, $2: the archive in OUT (weights and card; no optimiser state)
+    tar -czf "$out/$2" -C "$1" --exclude=checkpoints --exclude=optimizer.pt --exclude=scheduler.pt \
+        --exclude='rng-*' .
+}
+
 pack_run() {  # the finished adapter, or the last checkpoint's weights if the run was cut short
     local src=/tmp/gpu_run
     [ -f $src/crystal_llm.json ] || src=$(ls -d /tmp/gpu_run/checkpoints/step-* 2>/dev/null | sort -t- -k2 -n | tail -1)
-    [ -n "$src" ] && tar -czf "$out/smollm2_gpu.tar.gz" -C "$src" --exclude=checkpoints --exclude=optimizer.pt \
-        --exclude=scheduler.pt --exclude='rng-*' .
+    [ -n "$src" ] && pack "$src" smollm2_gpu.tar.gz
 }
 
 pack_best() {  # the checkpoint with the lowest val NLL too, when it is not the last one
@@ -101,8 +105,7 @@ best = min(points, key=lambda p: p["val_nll_per_crystal"])
 print(best["step"] if best is not points[-1] else "")
 EOF
 )
-    [ -n "$best" ] && tar -czf "$out/smollm2_gpu_step$best.tar.gz" -C "/tmp/gpu_run/checkpoints/step-$(printf %07d "$best")" \
-        --exclude=optimizer.pt --exclude=scheduler.pt --exclude='rng-*' .
+    [ -n "$best" ] && pack "/tmp/gpu_run/checkpoints/step-$(printf %07d "$best")" "smollm2_gpu_step$best.tar.gz"
     return 0
 }
 

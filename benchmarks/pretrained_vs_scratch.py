@@ -111,9 +111,10 @@ def follow_run(name, run_dir, crystals, match, done, every=1, saved=None, device
             continue
         if step % every:
             continue
-        fingerprint = json.loads((ckpt / "trainer_state.json").read_text())["fingerprint"]
-        if base_model is None and not (fingerprint.get("from_scratch") or fingerprint.get("full")):
-            base_model = load_base_model(fingerprint["base"], device="cpu")  # once per run: LoRA leaves it intact
+        if base_model is None:  # once per run: a LoRA checkpoint merges into a copy of it
+            fingerprint = json.loads((ckpt / "trainer_state.json").read_text())["fingerprint"]
+            if not (fingerprint.get("from_scratch") or fingerprint.get("full")):
+                base_model = load_base_model(fingerprint["base"], device="cpu")
         model, tokenizer, state = load_checkpoint(ckpt, device=device, base_model=base_model)
         seen = crystals_seen(state)
         point = {"step": step, "crystals_seen": seen, "epochs": seen / TRAIN_SIZE,
