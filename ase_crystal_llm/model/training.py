@@ -56,6 +56,7 @@ from ase_crystal_llm.model.loading import (
 )
 from ase_crystal_llm.model.modelcard import CARD_NAME, ModelCard, hash_weights, verify_hashes
 from ase_crystal_llm.options import document_options
+from ase_crystal_llm.text.format import TRANSLATION
 from ase_crystal_llm.text.prompts import PromptTemplate
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ def _fingerprint(cfg, data_record, val_record, world_size, template):
         data_sha256=data_record.get("sha256"),
         val_sha256=(val_record or {}).get("sha256"),
         world_size=world_size,
+        translation=TRANSLATION,
         prompts=template.to_dict(),
     )
     return json.loads(json.dumps(fp))
@@ -489,7 +491,7 @@ class _Trainer:
         hyper = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "base", "from_scratch", "quantize", "full")}
         hyper.update(world_size=self.world, global_batch_size=cfg.batch_size * self.micro_per_step,
                      optimizer="AdamW", schedule="cosine with linear warmup",
-                     mixed_precision=self.acc.mixed_precision)  # fmt: skip
+                     mixed_precision=self.acc.mixed_precision, translation=TRANSLATION)  # fmt: skip
         if cfg.from_scratch:
             hyper["model_config"] = {k: v for k, v in SIZES[cfg.from_scratch].items()}
         if cfg.from_scratch or cfg.full:
