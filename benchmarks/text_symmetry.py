@@ -63,8 +63,8 @@ def score(crystals, seed):
     labels = [int(a.info["spacegroup_number"]) for a in crystals]
     out = {}
     for name, write in writers(seed).items():
-        texts = [write(a) for a in crystals]
-        out[name] = {f"symprec_{s}": float(np.mean([spacegroup_number(t, s) == g for t, g in zip(texts, labels)]))
+        read_back = [write(a) for a in crystals]
+        out[name] = {f"symprec_{s}": float(np.mean([spacegroup_number(b, s) == g for b, g in zip(read_back, labels)]))
                      for s in SYMPRECS}
     return out
 
