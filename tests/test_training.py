@@ -80,6 +80,16 @@ def test_epoch_batches_are_deterministic_and_length_bucketed(tok, crystals):
     assert a.lengths.sum() / padded > 0.9  # bucketing keeps padding small
 
 
+def test_mean_labels_is_the_epochs_mean_count_per_batch(tok, crystals):
+    data = EpochData(crystals * 4, tok, PromptTemplate(), seed=1, epoch=0, batch_size=10,
+                     infill_fraction=1 / 3, max_length=None)  # fmt: skip
+    labelled = [int((collate(data.batch(j), tok.eos_token_id)["labels"][:, 1:] != IGNORE_INDEX).sum())
+                for j in range(len(data.batches))]  # fmt: skip
+    assert len(set(labelled)) > 1  # bucketed batches differ in their token counts
+    assert data.mean_labels("per_token") == pytest.approx(np.mean(labelled))
+    assert data.mean_labels("per_example") == pytest.approx(len(crystals) * 4 / len(data.batches))
+
+
 # -- the loss ---------------------------------------------------------------------------------
 
 
@@ -170,6 +180,42 @@ def test_per_example_loss_and_validation(tmp_path, crystals):
     assert card.validation_data["n_structures"] == 8
     for entry in log["steps"]:
         assert entry["tokens_per_s"] > 0 and entry["lr"] >= 0 and np.isfinite(entry["loss"])
+
+
+@pytest.mark.parametrize("normaliser", ["epoch", "batch"])
+def test_every_token_of_an_epoch_weighs_the_same(monkeypatch, tmp_path, tok, crystals, normaliser):
+    """The divisor of each step's loss sum: the epoch's mean count ("epoch") or the step's own ("batch")."""
+    from accelerate import Accelerator
+
+    from ase_crystal_llm.model.loss import AnswerLoss
+
+    sums, scaled = [], []  # each micro-batch's loss sum, and what was back-propagated
+    forward, backward = AnswerLoss.forward, Accelerator.backward
+
+    def recorded_forward(self, *args, **kwargs):
+        sums.append(forward(self, *args, **kwargs))
+        return sums[-1]
+
+    def recorded_backward(self, loss, **kwargs):
+        scaled.append(loss)
+        return backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(AnswerLoss, "forward", recorded_forward)
+    monkeypatch.setattr(Accelerator, "backward", recorded_backward)
+    train(crystals, tmp_path / "m", from_scratch="tiny", max_steps=6, batch_size=4, seed=3,
+          loss_normaliser=normaliser, progress=False)  # fmt: skip
+    card = ModelCard.from_pretrained(tmp_path / "m")
+    assert card.hyperparameters["loss_normaliser"] == normaliser
+    divisors = [float(s.detach() / d.detach()) for s, d in zip(sums, scaled)]
+    step_means = losses(tmp_path / "m")  # the log keeps each step's own mean either way
+    own_counts = [float(s.detach()) / m for s, m in zip(sums, step_means)]
+    data = EpochData(crystals, tok, card.template, seed=3, epoch=0, batch_size=4, infill_fraction=1 / 3,
+                     max_length=None)  # 6 batches: the run's one epoch
+    if normaliser == "epoch":
+        assert divisors == pytest.approx([data.mean_labels("per_token")] * 6, rel=1e-5)
+        assert len({round(c) for c in own_counts}) > 1
+    else:
+        assert divisors == pytest.approx(own_counts, rel=1e-4)
 
 
 # -- LoRA and QLoRA ---------------------------------------------------------------------------
@@ -312,6 +358,23 @@ def test_resume_rejects_another_configuration(tmp_path, crystals):
               progress=False)  # fmt: skip
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(crystals[:8], tmp_path / "new", from_scratch="tiny", max_steps=2, resume=True, progress=False)
+
+
+def test_checkpoints_from_before_the_normaliser_choice_resume_as_batch(tmp_path, crystals):
+    from ase_crystal_llm.model.loading import STATE_NAME
+
+    out = tmp_path / "m"
+    kwargs = dict(from_scratch="tiny", batch_size=4, save_every=2, progress=False)
+    with pytest.raises(Kill):
+        train(crystals[:8], out, max_steps=4, loss_normaliser="batch", callbacks=[_kill_at(3)], **kwargs)
+    state_file = out / "checkpoints" / "step-0000002" / STATE_NAME
+    state = json.loads(state_file.read_text())
+    del state["fingerprint"]["loss_normaliser"]  # as written before the choice existed
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="another configuration.*loss_normaliser"):
+        train(crystals[:8], out, max_steps=4, resume=True, **kwargs)
+    card = train(crystals[:8], out, max_steps=4, loss_normaliser="batch", resume=True, **kwargs)
+    assert card.hyperparameters["loss_normaliser"] == "batch"
 
 
 def test_full_finetune_continues_a_model_and_resumes(tmp_path, tiny_model_dir, crystals):

@@ -19,12 +19,13 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 __all__ = [
-    "LOSS_AVERAGING", "MAX_POSITIONS", "QUANTIZE", "SIZES", "TrainConfig", "TrainRunOptions",
+    "LOSS_AVERAGING", "LOSS_NORMALISERS", "MAX_POSITIONS", "QUANTIZE", "SIZES", "TrainConfig", "TrainRunOptions",
     "count_parameters", "scratch_config",
 ]
 
 
 LOSS_AVERAGING = ("per_token", "per_example")
+LOSS_NORMALISERS = ("epoch", "batch")
 
 
 QUANTIZE = ("4bit", "8bit")
@@ -111,8 +112,13 @@ class TrainConfig:
         "doc_type": "str or list of str, optional"})
     loss_averaging: str = field(default="per_token", metadata={
         "help": "how answer-token losses are averaged (default %(default)s)", "choices": LOSS_AVERAGING,
-        "doc": "``per_token``: every answer token of a global batch weighs the same; ``per_example``: "
-               "every example does."})
+        "doc": "``per_token``: every answer token weighs the same; ``per_example``: every example does."})
+    loss_normaliser: str = field(default="epoch", metadata={
+        "help": "what a step's summed loss is divided by (default %(default)s)", "choices": LOSS_NORMALISERS,
+        "doc": "``epoch``: the mean count of answer tokens (or examples) per step over the epoch, so every "
+               "token of the run weighs the same; ``batch``: the step's own count (runs before 2026-12-05), "
+               "which weighs up the tokens of short, length-bucketed batches and so teaches the model to "
+               "end crystals early (``docs/distribution.md``)."})
     infill_fraction: float = field(default=1 / 3, metadata={
         "help": "share of infill examples in the curriculum (the paper's 1/3)", "cli": False})
     max_length: int | None = field(default=None, metadata={
@@ -154,6 +160,8 @@ class TrainConfig:
             raise ValueError(f"quantize must be '4bit' or '8bit', got {self.quantize!r}")
         if self.loss_averaging not in LOSS_AVERAGING:
             raise ValueError(f"loss_averaging must be one of {LOSS_AVERAGING}, got {self.loss_averaging!r}")
+        if self.loss_normaliser not in LOSS_NORMALISERS:
+            raise ValueError(f"loss_normaliser must be one of {LOSS_NORMALISERS}, got {self.loss_normaliser!r}")
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("give max_steps or epochs, not both")
         scratch = 0 if self.from_scratch else 1

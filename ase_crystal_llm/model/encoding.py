@@ -256,6 +256,7 @@ class EpochData:
         self.lengths = np.array([len(x) for x in self.ids])
         self.too_long = int(np.sum(self.lengths > max_length)) if max_length else 0
         self.batches = self._batches(seed, epoch, batch_size, max_length)
+        self._mean_labels = {}
 
     def _batches(self, seed, epoch, batch_size, max_length):
         rng = np.random.default_rng([int(seed), int(epoch), 0xBA7C])
@@ -273,6 +274,14 @@ class EpochData:
 
     def batch(self, j: int) -> list[tuple[np.ndarray, int]]:
         return [(self.ids[i], int(self.n_prompt[i])) for i in self.batches[j]]
+
+    def mean_labels(self, averaging: str) -> float:
+        """Mean count per batch of labelled tokens (``per_token``: answer and EOS) or of examples."""
+        if averaging not in self._mean_labels:
+            kept = np.concatenate(self.batches) if self.batches else np.zeros(0, dtype=np.int64)
+            counts = self.lengths[kept] - self.n_prompt[kept] if averaging == "per_token" else np.ones(len(kept))
+            self._mean_labels[averaging] = float(counts.sum()) / max(len(self.batches), 1)
+        return self._mean_labels[averaging]
 
 
 def _conditions(atoms):

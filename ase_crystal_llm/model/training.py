@@ -7,12 +7,13 @@ and optimises the answer tokens only.
 
 Design points
 -------------
-* **Loss averaging**: ``per_token`` (default: every answer token of a global
-  batch weighs the same, as in Hugging Face's causal-LM loss) or
-  ``per_example`` (every example weighs the same, so a 2-token infill answer
-  counts as much as a 170-token crystal).  The card records the choice.
+* **Loss averaging**: ``per_token`` (default: every answer token weighs the
+  same) or ``per_example`` (every example weighs the same, so a 2-token infill
+  answer counts as much as a 170-token crystal).  The card records the choice.
 * **Batches** are bucketed by length (sorted inside shuffled chunks), so a
-  batch pads to similar lengths.
+  batch pads to similar lengths.  A step's loss sum is therefore divided by the
+  epoch's mean count per step, not by its own (``loss_normaliser``): a batch
+  of short crystals must not weigh as much as one of long crystals.
 * **Exact resume**: each example's task, translation, conditions and mask come
   from ``(seed, epoch, index)``, the batch order from ``(seed, epoch)``, and a
   checkpoint stores weights (safetensors), optimiser, scheduler and RNG
@@ -102,7 +103,7 @@ def _fingerprint(cfg, data_record, val_record, world_size, template):
     keys = (
         "base", "from_scratch", "quantize", "full", "adapter", "batch_size", "grad_accum", "lr", "warmup_steps",
         "weight_decay", "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout",
-        "target_modules", "loss_averaging", "infill_fraction", "max_length", "seed", "canonical",
+        "target_modules", "loss_averaging", "loss_normaliser", "infill_fraction", "max_length", "seed", "canonical",
     )  # fmt: skip
     fp = {k: getattr(cfg, k) for k in keys}
     fp.update(
@@ -255,7 +256,8 @@ class _Trainer:
         cosine schedule is rebuilt for the new total and continues from the
         checkpoint's step (the warmup stays as it was).
         """
-        old = state.get("fingerprint", {})
+        # Checkpoints from before the choice existed normalised by the batch's own count.
+        old = {"loss_normaliser": "batch", **state.get("fingerprint", {})}
         differ = sorted(
             k for k in set(old) | set(self.fingerprint) if k != "total_steps" and old.get(k) != self.fingerprint.get(k)
         )
@@ -315,15 +317,17 @@ class _Trainer:
         return self._epoch_cache[epoch]
 
     def _micro_batches(self, step):
-        """This process's micro-batches of one optimiser step."""
+        """This process's micro-batches of one optimiser step, and their epochs' mean label counts."""
         first = step * self.micro_per_step + self.acc.process_index * self.cfg.grad_accum
-        batches = []
+        batches, expected = [], 0.0
         for p in range(first, first + self.cfg.grad_accum):
             epoch, j = divmod(p, self.n_batches)
-            batch = self._epoch(epoch).batch(j)
+            data = self._epoch(epoch)
+            expected += data.mean_labels(self.cfg.loss_averaging)
+            batch = data.batch(j)
             if batch:
                 batches.append(collate(batch, self.pad_id))
-        return batches
+        return batches, expected
 
     def _val_batches(self):
         if not self.val_structures:
@@ -374,8 +378,11 @@ class _Trainer:
         t_start = time.perf_counter()
         for step in range(self.start_step, total):
             t0 = time.perf_counter()
-            batches = self._micro_batches(step)
-            norm = self._global_sum(sum(self._normaliser(b["labels"]) for b in batches))
+            batches, expected = self._micro_batches(step)
+            count = self._global_sum(sum(self._normaliser(b["labels"]) for b in batches))
+            # Batches are length-bucketed: dividing by a step's own count would weigh the tokens of
+            # short crystals up and teach the model to end crystals early (docs/distribution.md).
+            norm = count if cfg.loss_normaliser == "batch" else expected * self.world
             seq_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             loss_sum = 0.0
             for i, batch in enumerate(batches):
@@ -394,7 +401,7 @@ class _Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            loss_value = self._global_sum(loss_sum) / max(norm, 1.0)
+            loss_value = self._global_sum(loss_sum) / max(count, 1.0)
             seq_tokens = self._global_sum(seq_tokens)
             dt = time.perf_counter() - t0
             entry = {
@@ -553,6 +560,7 @@ def train(
     lora_dropout: float = 0.05,
     target_modules: str | Sequence[str] | None = None,
     loss_averaging: str = "per_token",
+    loss_normaliser: str = "epoch",
     infill_fraction: float = 1 / 3,
     max_length: int | None = None,
     eval_every: int | None = None,
@@ -591,7 +599,8 @@ def train(
         max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-        loss_averaging=loss_averaging, infill_fraction=infill_fraction, max_length=max_length,
+        loss_averaging=loss_averaging, loss_normaliser=loss_normaliser, infill_fraction=infill_fraction,
+        max_length=max_length,
         eval_every=eval_every, save_every=save_every, val_limit=val_limit, seed=seed,
         canonical=canonical, limit=limit,
     ).resolve()  # fmt: skip
