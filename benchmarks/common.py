@@ -46,6 +46,20 @@ def hardware():
     return info
 
 
+def report_header(name, argv=None):
+    """What every results file starts with: the benchmark, the UTC date, the hardware and the command line."""
+    import datetime
+    import sys
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        "command": " ".join(["python", f"benchmarks/{name}.py", *args]),
+    }
+
+
 def sample_csv(path, n, seed=0):
     """``n`` random rows (pandas ``sample``, ``random_state=seed``) of a CSV with a ``cif`` column as ``ase.Atoms``.
 

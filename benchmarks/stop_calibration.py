@@ -24,13 +24,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.chemistry.validity import structure_valid
@@ -125,10 +123,7 @@ def main(argv=None):
     gen.model.eval()
     crystals = read_structures(settings.mp20_path("val"), limit=args.n)
     report = {
-        "benchmark": "stop_calibration",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
-        "command": "python benchmarks/stop_calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **report_header("stop_calibration", argv),
         "model": args.model,
         "n_val": len(crystals),
         "real_val": size_mix([len(a) for a in crystals]),

@@ -25,13 +25,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.data.datasets import read_structures
@@ -78,10 +76,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     crystals = read_structures(settings.mp20_path(args.split), limit=args.n)
     report = {
-        "benchmark": "text_symmetry",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
-        "command": "python benchmarks/text_symmetry.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **report_header("text_symmetry", argv),
         "split": args.split,
         "n": len(crystals),
         "fractional_decimals": FRACTIONAL_DECIMALS,
