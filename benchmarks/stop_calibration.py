@@ -10,6 +10,9 @@ Two measurements of where a model's small cells come from:
   product of (1 - hazard) gives the mean cell size each set of hazards implies.
 * **Infill** (``--infill N``): the masked-element recovery of ``mutation.py`` on
   N val crystals, to see what a change of the loss weighting costs the other task.
+* **Training batches** (``--train-batches B``): answer tokens per length-bucketed
+  batch of B in one epoch of MP-20 train with the model's tokenizer, the counts a
+  step's loss was once divided by (``--loss-normaliser batch``).
 * **What validity selects.**  Unguarded samples (no spacing or charge guard, no
   distance floor: every parseable draw is kept) split into structurally valid
   and invalid ones: if the invalid ones are the large cells, re-sampling them
@@ -109,12 +112,28 @@ def unguarded_draws(gen, n, seed):
     }
 
 
+def batch_label_counts(gen, batch_size, seed):
+    """Answer tokens per batch of one training epoch (seed ``seed``, epoch 0)."""
+    from ase_crystal_llm.model.encoding import EpochData, load_training_structures
+
+    structures, _ = load_training_structures(settings.mp20_path("train"))
+    data = EpochData(structures, gen.tokenizer, gen.template, seed=seed, epoch=0, batch_size=batch_size,
+                     infill_fraction=1 / 3, max_length=None)  # fmt: skip
+    counts = np.array([float((data.lengths[b] - data.n_prompt[b]).sum()) for b in data.batches])
+    full = counts[[len(b) == batch_size for b in data.batches]]
+    return {"batch_size": batch_size, "batches": len(counts), "mean": float(counts.mean()),
+            "min_full_batch": float(full.min()), "max": float(counts.max()),
+            **{f"p{q}": float(np.percentile(counts, q)) for q in (5, 50, 95)}}  # fmt: skip
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="model directory or shipped name (default: default)")
     parser.add_argument("-n", type=int, default=300, help="first N MP-20 val crystals scored (default 300)")
     parser.add_argument("--samples", type=int, default=300, help="unguarded draws (default 300; 0 skips)")
     parser.add_argument("--infill", type=int, default=0, help="also infill recovery on N val crystals (default 0)")
+    parser.add_argument("--train-batches", type=int, default=0, metavar="B",
+                        help="also count answer tokens per training batch of B (default 0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop_calibration.json"))
@@ -131,6 +150,8 @@ def main(argv=None):
     }
     if args.samples:
         report["unguarded_draws"] = unguarded_draws(gen, args.samples, args.seed)
+    if args.train_batches:
+        report["train_batch_answer_tokens"] = batch_label_counts(gen, args.train_batches, args.seed)
     if args.infill:
         from mutation import infill_recovery
 
