@@ -1,8 +1,10 @@
 """Shared by the benchmarks: what they record about the machine, and crystals drawn from CSV files."""
 
+import datetime
 import os
 import platform
 import subprocess
+import sys
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 
@@ -48,9 +50,6 @@ def hardware():
 
 def report_header(name, argv=None):
     """What every results file starts with: the benchmark, the UTC date, the hardware and the command line."""
-    import datetime
-    import sys
-
     args = sys.argv[1:] if argv is None else list(argv)
     return {
         "benchmark": name,

@@ -119,7 +119,7 @@ def batch_label_counts(gen, batch_size, seed):
     structures, _ = load_training_structures(settings.mp20_path("train"))
     data = EpochData(structures, gen.tokenizer, gen.template, seed=seed, epoch=0, batch_size=batch_size,
                      infill_fraction=1 / 3, max_length=None)  # fmt: skip
-    counts = np.array([float((data.lengths[b] - data.n_prompt[b]).sum()) for b in data.batches])
+    counts = data.label_counts("per_token")
     full = counts[[len(b) == batch_size for b in data.batches]]
     return {"batch_size": batch_size, "batches": len(counts), "mean": float(counts.mean()),
             "min_full_batch": float(full.min()), "max": float(counts.max()),
@@ -138,8 +138,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop_calibration.json"))
     args = parser.parse_args(argv)
-    gen = CrystalGenerator.from_pretrained(args.model, threads=args.threads)
-    gen.model.eval()
+    gen = CrystalGenerator.from_pretrained(args.model, threads=args.threads)  # in eval mode
     crystals = read_structures(settings.mp20_path("val"), limit=args.n)
     report = {
         **report_header("stop_calibration", argv),

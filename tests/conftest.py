@@ -110,12 +110,12 @@ def crystal_model(tmp_path_factory):
     return str(out)
 
 
-def _train_tiny(structures, out, max_steps, seed=0, loss_normaliser="epoch"):
+def _train_tiny(structures, out, max_steps, **options):
     from ase_crystal_llm.model.training import train
 
     with one_torch_thread():
         train(structures, out, from_scratch="tiny", max_steps=max_steps, batch_size=8, lr=3e-3,
-              save_every=max_steps, seed=seed, loss_normaliser=loss_normaliser, cache=False, progress=False)
+              save_every=max_steps, cache=False, progress=False, **options)
 
 
 @contextlib.contextmanager

@@ -275,12 +275,16 @@ class EpochData:
     def batch(self, j: int) -> list[tuple[np.ndarray, int]]:
         return [(self.ids[i], int(self.n_prompt[i])) for i in self.batches[j]]
 
+    def label_counts(self, averaging: str) -> np.ndarray:
+        """Labelled tokens (``per_token``: answer and EOS) or examples (``per_example``) of each batch."""
+        each = self.lengths - self.n_prompt if averaging == "per_token" else np.ones_like(self.lengths)
+        return np.array([each[b].sum() for b in self.batches], dtype=float)
+
     def mean_labels(self, averaging: str) -> float:
-        """Mean count per batch of labelled tokens (``per_token``: answer and EOS) or of examples."""
+        """Mean of :meth:`label_counts` over the epoch's batches (computed once per averaging)."""
         if averaging not in self._mean_labels:
-            kept = np.concatenate(self.batches) if self.batches else np.zeros(0, dtype=np.int64)
-            counts = self.lengths[kept] - self.n_prompt[kept] if averaging == "per_token" else np.ones(len(kept))
-            self._mean_labels[averaging] = float(counts.sum()) / max(len(self.batches), 1)
+            counts = self.label_counts(averaging)
+            self._mean_labels[averaging] = float(counts.mean()) if len(counts) else 0.0
         return self._mean_labels[averaging]
 
 
