@@ -36,10 +36,8 @@ after an interruption relaxes only what is missing.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import sys
 import time
 import warnings
@@ -50,7 +48,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import hardware, mp20_sample, sample_csv  # noqa: E402
+from common import mp20_sample, report_header, sample_csv  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "calibration.json"
 PAPER_FILE = "metastable_structures_llama-2-7B_0.7_0.7.csv.gz"
@@ -221,7 +219,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    command = "python " + shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])
 
     import torch
 
@@ -238,10 +235,7 @@ def main(argv=None):
     clock = time.perf_counter()
     hull = ReferenceHull.from_mp20()
     result = {
-        "benchmark": "calibration",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
-        "command": command,
+        **report_header("calibration", argv),
         "settings": {
             "potential": calc.potential_name, "energy_scale": calc.energy_scale,
             "aggregation_patched": bool(getattr(getattr(calc, "potential", None), "aggregation_patched", False)),

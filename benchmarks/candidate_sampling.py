@@ -18,11 +18,10 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,11 +59,9 @@ def main(argv=None):
             print(f"{name:16s} seed {rep}: {seconds:.1f} s, {len(out)} crystals", flush=True)
     decoding._choose = narrow
     best = {v: min(r["seconds"] for r in runs if r["variant"] == v) for v in ("full_vocabulary", "candidates")}
-    result = {"benchmark": "candidate_sampling", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "hardware": hardware(), "model": args.model, "vocab_size": len(gen.tokenizer),
+    result = {**report_header("candidate_sampling", argv), "model": args.model, "vocab_size": len(gen.tokenizer),
               "rows": args.rows, "runs": runs, "best_seconds": best,
-              "speedup_best_vs_best": best["full_vocabulary"] / best["candidates"],
-              "command": "python benchmarks/candidate_sampling.py " + " ".join(argv or sys.argv[1:])}
+              "speedup_best_vs_best": best["full_vocabulary"] / best["candidates"]}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"speed-up {result['speedup_best_vs_best']:.2f}x; results in {args.out}")
 

@@ -21,13 +21,12 @@ them gives ``own`` < ``none`` < ``other``.  Results:
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 
 def main(argv=None):
@@ -63,9 +62,7 @@ def main(argv=None):
     }
     nll = {k: answer_nll(model, tokenizer, p, answers, batch_size=16)[0] for k, p in prompts.items()}
     result = {
-        "benchmark": "conditioning_nll",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        **report_header("conditioning_nll", argv),
         "model": str(model_dir),
         "model_about": about,
         "n": len(crystals),

@@ -26,7 +26,6 @@ guarded under the covalent one).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FLOORS = (0.5, 0.55, 0.6, 0.65, 0.7)
@@ -112,9 +111,7 @@ def main(argv=None):
     gen = CrystalGenerator.from_pretrained(args.model, device="cpu")
     floors = {"flat_0.5A": None, f"covalent_{COVALENT_RATIO}": COVALENT_RATIO}
     result = {
-        "benchmark": "covalent_spacing",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        **report_header("covalent_spacing", argv),
         "model": str(gen.model_dir),
         "sampling": "the model card's defaults (both guards on, min_distance 0.5 A), the same seed per floor",
         "seed": args.seed,

@@ -25,11 +25,10 @@ import argparse
 import json
 import tempfile
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-from common import hardware
+from common import report_header
 
 from ase_crystal_llm import CrystalGenerator, settings
 from ase_crystal_llm.chemistry.validity import validity_flags
@@ -71,7 +70,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
-    info = hardware()
+    header = report_header("coverage_paper_protocol", argv)  # the load average before the work
     test = settings.mp20_path("test")
     references = {
         "full_test_split": reference_fingerprints(test, workers=args.workers, progress=False),
@@ -84,9 +83,7 @@ def main(argv=None):
             "real_val": scores(real_val(args.n, args.seed), references, args.workers)}
     ratios = {name: rows["samples"][name]["precision"] / rows["real_val"][name]["precision"] for name in references}
     record = {
-        "benchmark": "coverage_paper_protocol",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": info,
+        **header,
         "model": args.model or "default",
         "settings": {"n": args.n, "seed": args.seed, "sampling": "the model card's defaults",
                      "generation_stats": gen.stats.as_dict(),

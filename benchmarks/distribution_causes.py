@@ -23,12 +23,11 @@ Every parsed crystal is kept (outputs that do not parse are re-sampled, as
 """
 
 import argparse
-import datetime
 import json
 import time
 from pathlib import Path
 
-from common import hardware
+from common import report_header
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.evaluation.distribution import CrystalStatistics, distribution_summary, split_statistics
@@ -77,8 +76,8 @@ def main(argv=None):
     generator = CrystalGenerator.from_pretrained(args.model, threads=args.threads)
     reference = split_statistics(settings.mp20_path("test"), args.reference, seed=args.seed)
     real = split_statistics(settings.mp20_path("val"), args.n, seed=args.seed)
-    results = {"benchmark": "distribution_causes", "date": datetime.datetime.now(datetime.UTC).isoformat(),
-               "hardware": hardware(), "model": str(args.model or settings.DEFAULT_MODEL_DIR), "n": args.n,
+    results = {**report_header("distribution_causes", argv),
+               "model": str(args.model or settings.DEFAULT_MODEL_DIR), "n": args.n,
                "reference": f"{args.reference} MP-20 test crystals", "real": f"{args.n} MP-20 val crystals",
                "card_sampling": dict(zip(("temperature", "top_p"), generator._sampling_defaults())),
                "settings": {}}

@@ -17,13 +17,12 @@ settings, metrics, stage timings); the full report goes to a temporary folder
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.data.datasets import read_structures
@@ -44,7 +43,7 @@ def main():
     args = parser.parse_args()
 
     source = settings.data_dir() / "paper_samples" / f"metastable_structures_{args.model}.csv.gz"
-    hw = hardware()
+    header = report_header("evaluation_paper_samples")  # the load average before the work
     start = time.perf_counter()
     structures = read_structures(source, canonical=False, limit=args.n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,9 +56,7 @@ def main():
                           workers=args.workers, progress=True)
     total = time.perf_counter() - start
     record = {
-        "benchmark": "evaluation_paper_samples",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hw,
+        **header,
         "source": f"paper_samples/{source.name}",
         "n": args.n,
         "settings": {"potential": args.potential, "coverage_size": args.coverage_size, "workers": args.workers},

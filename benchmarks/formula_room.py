@@ -28,13 +28,12 @@ import argparse
 import json
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from common import hardware
+from common import report_header
 
 from ase_crystal_llm import CrystalGenerator, settings
 from ase_crystal_llm.chemistry.validity import (
@@ -116,7 +115,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    info = hardware()
+    header = report_header("formula_room", argv)  # the load average before the work
 
     train = read_structures(settings.mp20_path("train"), limit=args.train_limit)
     ratios = np.array([cell_volume_ratio(a) for a in train])
@@ -144,9 +143,7 @@ def main(argv=None):
           defaults["crystals"], flush=True)
 
     record = {
-        "benchmark": "formula_room",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": info,
+        **header,
         "model": args.model or "default",
         "settings": {"n": args.n, "draws": args.draws, "default_volume_ratio": VOLUME_RATIO,
                      "min_distance": MIN_DISTANCE, "covalent_ratio": COVALENT_RATIO, "temperature": 1.0,

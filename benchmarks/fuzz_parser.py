@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import hashlib
 import json
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.data.datasets import iter_structures
@@ -208,7 +207,7 @@ def seed_texts(count, rng):
 
 
 
-def run(n, seed, n_seeds):
+def run(n, seed, n_seeds, argv=None):
     rng = np.random.default_rng(seed)
     seeds = seed_texts(n_seeds, rng)
     counts = collections.Counter()
@@ -233,9 +232,7 @@ def run(n, seed, n_seeds):
             failures.append({"kind": kind, "outcome": outcome, "problem": problem, "input": text})
     seconds = time.perf_counter() - start
     return {
-        "benchmark": "fuzz_parser",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        **report_header("fuzz_parser", argv),
         "inputs": n,
         "rng_seed": seed,
         "seed_crystals": len(seeds),
@@ -258,7 +255,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=500, help="number of MP-20 crystals to mutate")
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    result = run(args.n, args.seed, args.seeds)
+    result = run(args.n, args.seed, args.seeds, argv)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1, ensure_ascii=True) + "\n")
     print(json.dumps({k: result[k] for k in ("inputs", "seconds", "outcomes", "passed")}))

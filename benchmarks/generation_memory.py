@@ -18,7 +18,6 @@ Writes ``benchmarks/results/generation_memory.json`` (hardware, date, peaks).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generation_memory.json"
 TARGET = 1.20
@@ -128,9 +127,7 @@ def main(argv=None):
     small, large = runs[0], runs[-1]
     ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
     result = {
-        "benchmark": "generation_memory",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        **report_header("generation_memory", argv),
         "model": str(model_note),
         "path": "library (iter_generate + StructureWriter)" if args.library else "crystal-llm generate (cli.main)",
         "output_format": args.format,

@@ -23,7 +23,6 @@ rewritten after every potential/start so a partial run leaves its numbers.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -35,7 +34,8 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from relax_throughput import hardware, mp20_sample, perturb  # noqa: E402
+from common import report_header  # noqa: E402
+from relax_throughput import mp20_sample, perturb  # noqa: E402
 
 WRONG_SCALE = {"mp_raw": "mp2020", "mp2020": "mp_raw"}  # what a scale mix-up would do
 
@@ -122,9 +122,7 @@ def main(argv=None):
     starts = {"dft": structures, "perturbed": [perturb(a, rng) for a in structures]}
 
     result = {
-        "benchmark": "hull_sanity",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        **report_header("hull_sanity", argv),
         "settings": {
             "structures": args.n,
             "source": f"MP-20 test split, random sample (seed {args.seed})",

@@ -38,14 +38,12 @@ import ctypes
 import json
 import os
 import statistics
-import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -214,7 +212,7 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    hw = hardware()
+    header = report_header("lora_cpu_speed")  # the load average before the work
     model, batches, answer_ids, info = build(args.base, args.structures, args.batch_size, args.batches)
     info["bf16_matmul_time_over_fp32"] = round(bf16_matmul_ratio(model.config.hidden_size), 2)
     runs = variants(model, answer_ids, args.compile, args.bf16)
@@ -248,10 +246,7 @@ def main():
     for row in results.values():
         row["speed_vs_full_logits"] = round(row["tokens_per_s"] / base_speed, 3)
     out = {
-        "benchmark": "lora_cpu_speed",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hw,
-        "command": "python benchmarks/lora_cpu_speed.py " + " ".join(sys.argv[1:]),
+        **header,
         "setup": {"base": args.base, "lora": "rank 8, alpha 32, all linear layers", "batch_size": args.batch_size,
                   "batches": args.batches, "rounds": args.rounds, **info},  # fmt: skip
         "variants": results,

@@ -32,11 +32,10 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
-from common import hardware
+from common import report_header
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.io.files import atomic_write
@@ -126,7 +125,7 @@ def main(argv=None):
     if unknown:
         sys.exit(f"lora_data_parallel: unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
     work = Path(tempfile.mkdtemp(prefix="lora_dp_"))
-    info = hardware()
+    header = report_header("lora_data_parallel", argv)  # the load average before the work
     try:
         results = {}
         for name in names:
@@ -138,9 +137,7 @@ def main(argv=None):
     ratios = {n: round(r["tokens_per_s"] / base["tokens_per_s"], 2) for n, r in results.items()} if base else {}
     losses = [r["losses"] for r in results.values()]
     record = {
-        "benchmark": "lora_data_parallel",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": info,
+        **header,
         "settings": {"base": args.base, "steps": args.steps, "warm_steps_not_timed": WARM_STEPS,
                      "micro_batch": args.batch_size, "global_batch": 2 * args.batch_size,
                      "data": str(args.data), "limit": args.limit},  # fmt: skip

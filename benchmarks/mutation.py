@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -38,7 +37,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.data.datasets import csv_column, read_structures
@@ -210,9 +209,7 @@ def main(argv=None):
         results[name]["mutation_seconds"] = round(mutate_s[name], 2)
 
     record = {
-        "benchmark": "mutation (paper Figure 7)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        **report_header("mutation", argv),
         "model": str(generator.model_dir),
         "model_weights_sha256": generator.weights_sha256(),
         "model_kind": getattr(generator.card, "kind", None),

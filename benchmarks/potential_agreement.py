@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 
 def read_table(report):
@@ -66,9 +65,7 @@ def main(argv=None):
     diff = np.abs(np.subtract(*zip(*both))) if both else np.array([])
     name = lambda rows: next((r["potential"] for r in rows if r["potential"]), "?")  # noqa: E731
     result = {
-        "benchmark": "potential_agreement",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        **report_header("potential_agreement", argv),
         "reports": {"a": str(args.report_a), "b": str(args.report_b)},
         "potentials": {"a": name(a_rows), "b": name(b_rows)},
         "hull": next((r["hull"] for r in a_rows if r["hull"]), None),

@@ -26,13 +26,12 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TRAIN_SIZE = 27_136  # MP-20 train crystals: epochs = crystals seen / this
@@ -175,9 +174,7 @@ def main(argv=None):
     same = old.get("n_val") == args.n and old.get("match_rows") == args.match
     crystals = (read_structures(args.val_file, canonical=False, limit=args.n) if args.val_file
                 else read_structures(settings.mp20_path("val"), limit=args.n))
-    result = {"benchmark": "pretrained_vs_scratch", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "hardware": hardware(), "n_val": args.n, "match_rows": args.match, "runs": {},
-              "command": "python benchmarks/pretrained_vs_scratch.py " + " ".join(argv or sys.argv[1:])}
+    result = {**report_header("pretrained_vs_scratch", argv), "n_val": args.n, "match_rows": args.match, "runs": {}}
     for spec in args.run:
         name, _, run_dir = spec.partition("=")
         done = {q["step"]: q for q in old.get("runs", {}).get(name, {}).get("points", [])} if same else {}

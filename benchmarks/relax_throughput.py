@@ -13,14 +13,13 @@ minute, the speed-up, and how well the final energies agree.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-from common import hardware, mp20_sample  # noqa: E402,F401 (hull_sanity imports both from here)
+from common import mp20_sample, report_header  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -104,9 +103,7 @@ def main(argv=None):
     e_batched = np.array([batched[i].info["energy"] for i in ok])
     diff = np.abs(e_batched - np.array(e_single)[ok]) / natoms[ok]
     result = {
-        "benchmark": "relax_throughput",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        **report_header("relax_throughput", argv),
         "settings": {
             "structures": args.n,
             "source": f"MP-20 test split, random sample (seed {args.seed}), perturbed: +-5% strain, 0.1 A shifts",

@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.data.datasets import canonicalize, read_structures
@@ -150,9 +149,7 @@ def main(argv=None):
         k: max(s["worst_deviation"][k] for s in splits.values()) for k in ("length", "angle", "frac")
     }
     report = {
-        "benchmark": "crystal text round trip over MP-20",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        **report_header("roundtrip", argv),
         "cells": "as stored" if args.no_canonicalize else "canonical (primitive, Niggli-reduced)",
         "tolerances": {"length_A": TOL_LENGTH, "angle_deg": TOL_ANGLE, "frac": TOL_FRAC, "slack": SLACK},
         "limit_per_split": args.limit,

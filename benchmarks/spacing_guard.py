@@ -23,11 +23,10 @@ import json
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 
 def run_setting(gen, args, **options):
@@ -71,8 +70,7 @@ def compare(name, settings_by_label, argv=None, description=None):
     args.data = str(args.data or settings.data_dir())
     gen = CrystalGenerator.from_pretrained(args.model, device="cpu")
     gen.generate(8, seed=0)  # warm-up: the first batch pays for grammar masks
-    result = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "hardware": hardware(), "model": str(gen.model_dir), "settings": vars(args), "guard": {}}
+    result = {**report_header(name, argv), "model": str(gen.model_dir), "settings": vars(args), "guard": {}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # give-ups are counted, not warned about
         for label, options in settings_by_label.items():

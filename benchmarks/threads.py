@@ -16,7 +16,6 @@ included).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import hardware, mp20_sample
+from common import mp20_sample, report_header
 from relax_throughput import perturb
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,14 +88,12 @@ def main(argv=None):
 
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = hardware()
+    header = report_header("threads", argv)  # the load average before the model loads
     generator = CrystalGenerator.from_pretrained(device="cpu")
     rng = np.random.default_rng(0)
     structures = [perturb(a, rng) for a in mp20_sample(args.relax, seed=1)]
     generator.generate(4, seed=1)  # warm-up: grammar masks, first-call allocations
-    now = datetime.datetime.now(datetime.timezone.utc)
-    result = {"benchmark": "threads", "date": now.isoformat(timespec="seconds"),
-              "hardware": info, "n_decoded": args.n, "n_relaxed": args.relax, "cores": cores,
+    result = {**header, "n_decoded": args.n, "n_relaxed": args.relax, "cores": cores,
               "parameters": sum(p.numel() for p in generator.model.parameters())}
     result["idle"] = {"load_average": list(os.getloadavg()), **measure(generator, structures, args.n, cores)}
     stop = mp.Event()

@@ -29,14 +29,12 @@ after every (kind, scale), and a rerun skips the rows it holds.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 from tune_sampling import sample, validity
 
 from ase_crystal_llm import settings
@@ -132,8 +130,7 @@ def main(argv=None):
             print(f"{kind} scale {scale}: score {score(r):.2f}, formula {r['formula_match_requested']:.2f}, "
                   f"returned {r['returned']}/{r['requested']}, valid over outputs "
                   f"{r['validity_attempts']['valid']}, {r['wall_seconds']:.0f} s", flush=True)
-            result = {"benchmark": "tune_guidance", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                      "hardware": hardware(), "command": " ".join(sys.argv), "setup": setup,
+            result = {**report_header("tune_guidance", argv), "setup": setup,
                       "sampling": getattr(gen.card, "sampling", None), "rows": rows,
                       "chosen": choose(rows, args.n)}
             atomic_write(out, json.dumps(result, indent=1, default=str))

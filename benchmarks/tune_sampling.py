@@ -61,7 +61,6 @@ is for the final evaluation of the chosen setting.
 from __future__ import annotations
 
 import argparse
-import datetime
 import inspect
 import json
 import sys
@@ -70,7 +69,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from common import hardware  # noqa: E402
+from common import report_header  # noqa: E402
 
 from ase_crystal_llm import settings
 from ase_crystal_llm.chemistry.validity import validity_flags, validity_rates
@@ -225,7 +224,7 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
+def run(args, argv=None):
     import torch
 
     if args.threads:
@@ -252,10 +251,7 @@ def run(args):
             print(summary_line(row), flush=True)
     best = choose(rows)
     return {
-        "benchmark": "sampling settings on the MP-20 validation split",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "hardware": hardware(),
+        **report_header("tune_sampling", argv),
         "model": str(gen.model_dir),
         "model_weights_sha256": gen.weights_sha256(),
         "model_recommended_sampling": dict(getattr(gen.card, "sampling", None) or {}),
@@ -305,7 +301,7 @@ def summary_line(row):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        record = merge(args.merge) if args.merge else run(args)
+        record = merge(args.merge) if args.merge else run(args, argv)
     except (FileNotFoundError, ValueError, KeyError) as err:
         sys.exit(f"tune_sampling: error: {err}")
     out = Path(args.output)
