@@ -119,3 +119,27 @@ def test_shipped_card_samples_the_models_own_distribution(generator):
     """T = 1.0 / top-p 1.0 for every run: colder sampling cut the tail of long, many-element crystals."""
     assert generator._sampling_defaults() == (1.0, 1.0)
     assert generator._sampling_defaults(formula_constrained=True) == (1.0, 1.0)
+
+
+def test_shipped_default_is_a_base_for_further_training(tmp_path, monkeypatch):
+    from ase_crystal_llm.model.loading import base_record, check_base, resolve_base
+    from ase_crystal_llm.model.modelcard import ModelCardError, sha256_file
+
+    assert resolve_base("default") == str(settings.DEFAULT_MODEL_DIR.resolve())
+    record = base_record("default")  # its weights change between releases: the card pins them
+    assert record == {"name": "default", "file": "model.safetensors",
+                      "sha256": sha256_file(settings.DEFAULT_MODEL_DIR / "model.safetensors")}
+    check_base(ModelCard(extra={"base": record}), "default")
+    with pytest.raises(ModelCardError, match="sha256 differs"):
+        check_base(ModelCard(extra={"base": {**record, "sha256": "0" * 64}}), "default")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()  # a folder of that name in the working directory wins
+    with pytest.raises(FileNotFoundError, match="neither config.json nor a .gguf"):
+        resolve_base("default")
+
+
+def test_shipped_adapter_as_base_names_its_own_base():
+    from ase_crystal_llm.model.loading import resolve_base
+
+    with pytest.raises(FileNotFoundError, match="--base smollm2-135m --adapter smollm2"):
+        resolve_base("smollm2")

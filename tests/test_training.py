@@ -180,6 +180,17 @@ def test_per_example_loss_and_validation(tmp_path, crystals):
     assert card.validation_data["n_structures"] == 8
     for entry in log["steps"]:
         assert entry["tokens_per_s"] > 0 and entry["lr"] >= 0 and np.isfinite(entry["loss"])
+        assert entry["grad_norm"] > 0  # before clipping, so it may exceed max_grad_norm
+
+
+def test_log_records_the_gradient_norm_before_clipping(tmp_path, crystals):
+    clipped = tmp_path / "clipped"
+    train(crystals[:8], clipped, from_scratch="tiny", max_steps=2, batch_size=4, max_grad_norm=1e-3, progress=False)
+    norms = [e["grad_norm"] for e in json.loads((clipped / LOG_NAME).read_text())["steps"]]
+    assert len(norms) == 2 and all(n > 1e-3 for n in norms)
+    unclipped = tmp_path / "unclipped"
+    train(crystals[:8], unclipped, from_scratch="tiny", max_steps=1, batch_size=4, max_grad_norm=0, progress=False)
+    assert json.loads((unclipped / LOG_NAME).read_text())["steps"][0]["grad_norm"] is None
 
 
 @pytest.mark.parametrize("normaliser", ["epoch", "batch"])

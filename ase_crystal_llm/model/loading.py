@@ -79,6 +79,8 @@ def resolve_base(base: str) -> str:
     if named is not None:
         return str(named)
     path = Path(os.path.expanduser(str(base)))
+    if str(base) in settings.SHIPPED_MODELS and not path.exists():
+        return _shipped_base(str(base))
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise FileNotFoundError(f"base model file {path} is not a .gguf file: "
@@ -97,6 +99,25 @@ def resolve_base(base: str) -> str:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise FileNotFoundError(_missing_base_message(base))
     return str(base)  # online: let transformers download it
+
+
+def _shipped_base(name):
+    """A shipped model as a base: only a full model (``default``) is one; an adapter names its own base."""
+    folder = settings.model_folder(name)
+    if not (folder / "config.json").is_file():
+        base = ModelCard.from_pretrained(folder).base_model
+        raise FileNotFoundError(f"{name!r} is a LoRA adapter, not a base model: continue it with "
+                                f"--base {base} --adapter {name}")
+    return str(folder.resolve())
+
+
+def _weights_file(resolved):
+    """The file whose hash identifies a resolved base: the GGUF file, or a folder's safetensors weights."""
+    path = Path(resolved)
+    if resolved.lower().endswith(".gguf"):
+        return path
+    weights = path / "model.safetensors"
+    return weights if weights.is_file() else None
 
 
 def _resolve_base_dir(path):
@@ -123,13 +144,15 @@ def pretrained_args(resolved: str) -> tuple[str, dict]:
 
 
 def base_record(base: str) -> dict:
-    """What the model card records of a base: its name as given and, for a file, its sha256."""
+    """What the model card records of a base: its name as given and the sha256 of its weights file
+    (a GGUF file, or a shipped model's ``model.safetensors``: such names change weights between releases)."""
     from ase_crystal_llm.model.modelcard import sha256_file
 
     resolved = resolve_base(base)
     record = {"name": str(base)}
-    if resolved.lower().endswith(".gguf"):
-        record.update(file=Path(resolved).name, sha256=sha256_file(resolved))
+    weights = _weights_file(resolved)
+    if weights is not None and (weights.suffix == ".gguf" or str(base) in settings.SHIPPED_MODELS):
+        record.update(file=weights.name, sha256=sha256_file(weights))
     return record
 
 
@@ -138,10 +161,10 @@ def check_base(card: ModelCard, base: str) -> None:
     from ase_crystal_llm.model.modelcard import ModelCardError, sha256_file
 
     expected = (card.extra.get("base") or {}).get("sha256")
-    resolved = resolve_base(base)
-    if expected and resolved.lower().endswith(".gguf") and sha256_file(resolved) != expected:
+    weights = _weights_file(resolve_base(base)) if expected else None
+    if weights is not None and sha256_file(weights) != expected:
         raise ModelCardError(
-            f"base model file {resolved} is not the one this adapter was trained on (sha256 differs): "
+            f"base model file {weights} is not the one this adapter was trained on (sha256 differs): "
             f"pass the original with --base"
         )
 

@@ -395,8 +395,9 @@ class _Trainer:
                 loss_sum += float(loss.detach())
             if not batches:  # keep collective calls matched across processes
                 acc.backward(sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad))
-            if cfg.max_grad_norm:
-                acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            # The norm before clipping, logged as Hugging Face's Trainer does: it shows how often
+            # clipping acts, and on which (long or short) batches.
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -411,6 +412,7 @@ class _Trainer:
                 "lr": lr,
                 "tokens": int(seq_tokens),
                 "tokens_per_s": seq_tokens / dt if dt > 0 else None,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
                 "time": round(time.perf_counter() - t_start, 3),
             }
             self.log["steps"].append(entry)
