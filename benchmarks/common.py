@@ -3,6 +3,7 @@
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import warnings
@@ -55,7 +56,7 @@ def report_header(name, argv=None):
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(),
-        "command": " ".join(["python", f"benchmarks/{name}.py", *args]),
+        "command": shlex.join(["python", f"benchmarks/{name}.py", *args]),  # quoted: it can be pasted back
     }
 
 
