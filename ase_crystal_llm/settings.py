@@ -34,9 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL_DIR", "EXTRAS", "M3GNET_NAME", "NAMED_BASES", "PACKAGE_DIR", "SHIPPED_MODELS",
-    "SMALL_MODEL_PARAMETERS", "cache_dir", "data_dir", "default_threads", "idle_cores", "m3gnet_dir", "model_folder",
-    "mp20_path", "named_base_file",
-    "require", "torch_threads",
+    "SMALL_MODEL_PARAMETERS", "cache_dir", "data_dir", "default_threads", "idle_cores", "is_shipped_name", "m3gnet_dir",
+    "model_folder", "mp20_path", "named_base_file", "require", "torch_threads",
 ]
 
 
@@ -87,6 +86,11 @@ def named_base_file(name: str) -> Path | None:
     return path
 
 
+def is_shipped_name(model: str | os.PathLike) -> bool:
+    """Whether ``model`` names a shipped model (:data:`SHIPPED_MODELS`), not a folder in the working directory."""
+    return str(model) in SHIPPED_MODELS and not Path(model).expanduser().exists()
+
+
 def model_folder(model: str | os.PathLike | None) -> Path:
     """The folder of a model: a shipped model's name (:data:`SHIPPED_MODELS`; ``None`` is the default) or a path.
 
@@ -98,7 +102,7 @@ def model_folder(model: str | os.PathLike | None) -> Path:
         For a shipped name whose folder holds no model (a source tree without its weights).
     """
     name = "default" if model is None else str(model)
-    if name not in SHIPPED_MODELS or Path(name).expanduser().exists():
+    if not is_shipped_name(name):
         return Path(model).expanduser()
     path = DEFAULT_MODEL_DIR if name == "default" else SHIPPED_MODELS[name]
     if not (path / "crystal_llm.json").is_file():

@@ -138,6 +138,17 @@ def test_shipped_default_is_a_base_for_further_training(tmp_path, monkeypatch):
         resolve_base("default")
 
 
+def test_training_the_default_further_keeps_its_name_and_pins_its_weights(tmp_path):
+    from ase.build import bulk
+
+    from ase_crystal_llm.model.loading import base_record
+    from ase_crystal_llm.model.training import train
+
+    card = train([bulk("NaCl", "rocksalt", a=5.64), bulk("Cu", "fcc", a=3.6)] * 2, tmp_path / "m", base="default",
+                 full=True, max_steps=1, batch_size=4, cache=False, progress=False)
+    assert card.base_model == "default" and card.extra["base"] == base_record("default")
+
+
 def test_shipped_adapter_as_base_names_its_own_base():
     from ase_crystal_llm.model.loading import resolve_base
 

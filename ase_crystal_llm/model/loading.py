@@ -79,7 +79,7 @@ def resolve_base(base: str) -> str:
     if named is not None:
         return str(named)
     path = Path(os.path.expanduser(str(base)))
-    if str(base) in settings.SHIPPED_MODELS and not path.exists():
+    if settings.is_shipped_name(base):
         return _shipped_base(str(base))
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -151,7 +151,7 @@ def base_record(base: str) -> dict:
     resolved = resolve_base(base)
     record = {"name": str(base)}
     weights = _weights_file(resolved)
-    if weights is not None and (weights.suffix == ".gguf" or str(base) in settings.SHIPPED_MODELS):
+    if weights is not None and (weights.suffix == ".gguf" or settings.is_shipped_name(base)):
         record.update(file=weights.name, sha256=sha256_file(weights))
     return record
 

@@ -610,8 +610,10 @@ def train(
     _check_out(out, resume)
     if cfg.base is not None:
         resolved = resolve_base(cfg.base)  # fail fast, before reading data
-        if settings.named_base_file(cfg.base) is None:
-            cfg.base = resolved  # a named base stays a name: the card then loads anywhere it is installed
+        # A named base (smollm2-135m, or a shipped model such as default) stays a name: the card then loads
+        # anywhere it is installed, and records the sha256 of the weights the name stood for.
+        if settings.named_base_file(cfg.base) is None and not settings.is_shipped_name(cfg.base):
+            cfg.base = resolved
         template = template or _base_template(resolved)
     if cfg.adapter is not None:
         adapter_prompts = _adapter_template(cfg)  # checks the adapter fits the run, whatever the prompts
