@@ -73,6 +73,22 @@ __all__ = [
 LOG_NAME = "training_log.json"
 
 
+# Every this many steps a CPU run hands the heap's free pages back to the OS (0: never).  Batches change
+# shape every step and glibc's malloc raises its mmap threshold after large frees, so freed activations
+# stay in the heap, fragmented: a default-model run grew past 6 GB in 150 steps, a SmolLM2 run was killed
+# at 15 GB (benchmarks/training_memory.py).
+TRIM_EVERY = 10
+
+
+def _heap_trimmer() -> Callable[[], Any] | None:
+    """glibc's ``malloc_trim(0)``, or None where the C library has none (musl, macOS, Windows)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class _Checkpoints:
@@ -376,6 +392,7 @@ class _Trainer:
                    desc="train", dynamic_ncols=True)  # fmt: skip
         self.loss_net.train()
         t_start = time.perf_counter()
+        self.trim_heap = _heap_trimmer() if TRIM_EVERY and acc.device.type == "cpu" else None
         for step in range(self.start_step, total):
             t0 = time.perf_counter()
             batches, expected = self._micro_batches(step)
@@ -402,6 +419,8 @@ class _Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.trim_heap and (step + 1) % TRIM_EVERY == 0:
+                self.trim_heap(0)
             loss_value = self._global_sum(loss_sum) / max(count, 1.0)
             seq_tokens = self._global_sum(seq_tokens)
             dt = time.perf_counter() - t0
