@@ -6,17 +6,19 @@
 Length-bucketed batches change shape every step; glibc's malloc raises its mmap
 threshold after large frees, so freed activations stay in the heap, fragmented,
 and the resident size of a run grows step after step.  ``crystal-llm train``
-calls ``malloc_trim`` every ``TRIM_EVERY`` steps on CPU.  Each mode trains the
+calls ``malloc_trim`` every ``TRIM_EVERY`` steps on CPU (default: every step).  Each mode trains the
 shipped default model (``--base default --full``, batch 32, one torch thread)
 in its own process; all modes run **side by side** so they share the machine's
 load, and the step-time ratio between them is fair.  Modes: ``plain`` (no
-trimming), ``trim`` (the package default), ``trim1`` (every step).  Results:
+trimming), ``trim`` (the package default, ``TRIM_EVERY``), ``trim10`` (every
+10 steps).  Results:
 ``benchmarks/results/training_memory.json``.
 """
 
 import argparse
 import json
 import multiprocessing as mp
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,8 +38,8 @@ def _run(mode, steps, out_dir, queue):
     torch.set_num_threads(1)
     if mode == "plain":
         training.TRIM_EVERY = 0
-    elif mode == "trim1":
-        training.TRIM_EVERY = 1
+    elif mode == "trim10":
+        training.TRIM_EVERY = 10
     peak = [0]
 
     def watch():  # resident set size, sampled
@@ -57,18 +59,21 @@ def _run(mode, steps, out_dir, queue):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--modes", nargs="+", default=["plain", "trim"], choices=["plain", "trim", "trim1"])
-    parser.add_argument("--work", default="/tmp/training_memory", help="scratch folder for the runs")
+    parser.add_argument("--modes", nargs="+", default=["plain", "trim"], choices=["plain", "trim", "trim10"])
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     header = report_header("training_memory", argv)
-    queue = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=_run, args=(m, args.steps, args.work, queue)) for m in args.modes]
-    for p in procs:
-        p.start()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as work:  # the runs' model folders
+        procs = [ctx.Process(target=_run, args=(m, args.steps, work, queue)) for m in args.modes]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    if any(p.exitcode for p in procs):
+        raise SystemExit("a training process failed: see its traceback above")
     rows = sorted((queue.get() for _ in procs), key=lambda r: args.modes.index(r["mode"]))
-    for p in procs:
-        p.join()
     base = next((r for r in rows if r["mode"] == "plain"), None)
     for r in rows:
         if base:

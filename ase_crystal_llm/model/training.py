@@ -76,8 +76,10 @@ LOG_NAME = "training_log.json"
 # Every this many steps a CPU run hands the heap's free pages back to the OS (0: never).  Batches change
 # shape every step and glibc's malloc raises its mmap threshold after large frees, so freed activations
 # stay in the heap, fragmented: a default-model run grew past 6 GB in 150 steps, a SmolLM2 run was killed
-# at 15 GB (benchmarks/training_memory.py).
-TRIM_EVERY = 10
+# at 15 GB.  Trimming every step halves the peak and makes the default model's steps ~1.2x slower (pages
+# are faulted in again); every 10 steps still peaked at 4.2 GB (benchmarks/training_memory.py).  Set 0 to
+# trade memory back for speed.
+TRIM_EVERY = 1
 
 
 def _heap_trimmer() -> Callable[[], Any] | None:
