@@ -82,7 +82,7 @@ LOG_NAME = "training_log.json"
 TRIM_EVERY = 1
 
 
-def _heap_trimmer() -> Callable[[], Any] | None:
+def _heap_trimmer() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim(0)``, or None where the C library has none (musl, macOS, Windows)."""
     import ctypes
     import ctypes.util
