@@ -47,6 +47,8 @@ def main(argv=None):
                    help="with --vary spacegroup: state the crystal's own formula in every prompt")
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "conditioning_nll.json"))
     args = p.parse_args(argv)
+    if args.keep_formula and args.vary != "spacegroup":
+        p.error("--keep-formula goes with --vary spacegroup")
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -58,8 +60,6 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
-    if args.keep_formula and args.vary != "spacegroup":
-        p.error("--keep-formula goes with --vary spacegroup")
     model_dir = settings.model_folder(args.model)
     model, tokenizer, template, about = _load(model_dir)
     crystals = read_structures(str(settings.mp20_path("val", args.data)), limit=args.n)
