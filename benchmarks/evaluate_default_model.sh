@@ -7,6 +7,7 @@
 # PHASE=conditions writes the val conditions only, PHASE=generate the crystals only (e.g. on a GPU
 # machine without pymatgen: benchmarks/gpu_run.sh), PHASE=evaluate evaluates those already in OUT_DIR;
 # default all.  formulas.txt and spacegroups.txt already in OUT_DIR are kept.
+# IPT_SIZE: test crystals for the IPT symmetry score (default N/2; 0 skips it, as the smollm2 card's runs do).
 # GEN_ARGS adds options to every `crystal-llm generate`: GEN_ARGS="--covalent-ratio 0" draws as the
 # recorded runs did, before generate's element-aware distance floor (2026-12-04).
 # Needs ../shared (or $CRYSTAL_LLM_DATA and $CRYSTAL_LLM_M3GNET); about 40 minutes on 2 CPU cores for the
@@ -51,8 +52,11 @@ gen -n "$n_cond" -o spacegroup_free.extxyz --seed 2 --formula "$(cat formulas.tx
 fi
 [ "$phase" = generate ] && exit 0
 
-crystal-llm evaluate samples.extxyz -o report --coverage-size 1000 --model "$model" --ipt-size $((n / 2)) --workers 2 \
-    --no-progress
+# IPT scores translated test crystals with the model (slow for a 135M adapter on CPU): IPT_SIZE=0 skips it.
+ipt_size=${IPT_SIZE:-$((n / 2))}
+ipt=()
+[ "$ipt_size" -gt 0 ] && ipt=(--model "$model" --ipt-size "$ipt_size")
+crystal-llm evaluate samples.extxyz -o report --coverage-size 1000 "${ipt[@]}" --workers 2 --no-progress
 for f in formula formula_free spacegroup spacegroup_free samples_unguarded; do
     crystal-llm evaluate $f.extxyz -o report_$f --coverage-size 1000 --workers 2 --no-progress
 done
