@@ -12,15 +12,16 @@ in its own process; all modes run **side by side** so they share the machine's
 load, and the step-time ratio between them is fair.  Modes: ``plain`` (no
 trimming), ``trim`` (the package default, ``TRIM_EVERY``), ``trim10`` (every
 10 steps).  Results:
-``benchmarks/results/training_memory.json``.
+``benchmarks/results/training_memory.json``.  Peak memory is the kernel's own
+peak resident set (``getrusage``); the results recorded on 2026-12-05 before
+that sampled the resident size once a second, which can only read lower.
 """
 
 import argparse
 import json
 import multiprocessing as mp
+import resource
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from common import report_header
@@ -40,19 +41,12 @@ def _run(mode, steps, out_dir, queue):
         training.TRIM_EVERY = 0
     elif mode == "trim10":
         training.TRIM_EVERY = 10
-    peak = [0]
-
-    def watch():  # resident set size, sampled
-        while True:
-            peak[0] = max(peak[0], int(Path("/proc/self/statm").read_text().split()[1]) * 4096)
-            time.sleep(1)
-
-    threading.Thread(target=watch, daemon=True).start()
     training.train(settings.mp20_path("train"), Path(out_dir) / mode, base="default", full=True, seed=9, lr=1e-4,
                    warmup_steps=10, batch_size=32, max_steps=steps, save_every=10**6, progress=False)
     log = json.loads((Path(out_dir) / mode / "training_log.json").read_text())["steps"]
     step_s = np.diff([e["time"] for e in log])
-    queue.put({"mode": mode, "trim_every": training.TRIM_EVERY, "peak_rss_gb": round(peak[0] / 2**30, 2),
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak resident set (KiB on Linux)
+    queue.put({"mode": mode, "trim_every": training.TRIM_EVERY, "peak_rss_gb": round(peak / 2**30, 2),
                "median_step_s": round(float(np.median(step_s)), 3), "steps": len(log)})
 
 
