@@ -154,6 +154,8 @@ CASES = [
          ("huge",)),
     Case("train", "unknown-quantize", ("train", "--data", "{good}", "--out", "{out}/t", *TRAIN, "--quantize", "3bit"),
          ("3bit",)),
+    Case("train", "bad-prompts-file", ("train", "--data", "{good}", "--out", "{out}/t", *TRAIN, "--prompts", "{junk}"),
+         ("argument --prompts", "expecting value")),
     Case("train", "base-model-missing",
          ("train", "--data", "{good}", "--out", "{out}/t", "--base", "{missing}", "--max-steps", "1"),
          ("{missing}",)),

@@ -115,6 +115,48 @@ def test_sample_conditions_statistics():
         assert abs(pairs[key] - m / 4) < 5 * np.sqrt(m * 0.25 * 0.75)
 
 
+def test_max_conditions_five_writes_every_condition_sometimes():
+    rng = np.random.default_rng(2)
+    sizes = {n: Counter(len(PromptTemplate(max_conditions=n).sample_conditions(ALL_INFO, rng)) for _ in range(6000))
+             for n in (4, 5)}  # fmt: skip
+    assert max(sizes[4]) == 4 and sizes[5][5] > 0
+    for k in range(6):  # uniform on 0..5
+        assert abs(sizes[5][k] / 6000 - 1 / 6) < 0.03, sizes[5]
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="max_conditions"):
+            PromptTemplate(max_conditions=bad)
+
+
+def test_template_of_earlier_cards_keeps_its_dict():
+    # Cards and resume fingerprints written before max_conditions existed must compare equal.
+    assert "max_conditions" not in PromptTemplate().to_dict()
+    five = PromptTemplate(max_conditions=5)
+    assert five.to_dict()["max_conditions"] == 5
+    assert PromptTemplate.from_dict(five.to_dict()) == five
+
+
+def test_spacegroup_sentence_can_name_symbol_and_system():
+    t = PromptTemplate(sentences={"spacegroup": "The space group is {symbol} (number {}, {system}). "})
+    assert t.condition_text({"spacegroup": 194}) == "The space group is P6_3/mmc (number 194, hexagonal). "
+    assert t.condition_text({"spacegroup": "Fm-3m"}) == "The space group is Fm-3m (number 225, cubic). "
+    # the other sentences keep the paper's wording
+    assert t.condition_text({"formula": "NaCl"}) == "The chemical formula is NaCl. "
+    with pytest.raises(ValueError, match="placeholder"):
+        PromptTemplate(sentences={"band_gap": "The band gap is {gap}. "})
+    with pytest.raises(ValueError, match="unknown condition"):
+        PromptTemplate(sentences={"bandgap": "{}"})
+
+
+def test_template_from_json_file(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text('{"max_conditions": 5, "sentences": {"spacegroup": "Group {symbol}. "}}')
+    t = PromptTemplate.from_json_file(path)
+    assert t.max_conditions == 5 and t.condition_text({"spacegroup": 225}) == "Group Fm-3m. "
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        PromptTemplate.from_json_file(path)
+
+
 def test_sample_conditions_never_writes_missing():
     t = PromptTemplate()
     rng = np.random.default_rng(1)

@@ -294,6 +294,12 @@ def test_adapter_continues_from_its_weights(tmp_path, tiny_base, crystals):
     after = load_file(tmp_path / "more" / "adapter_model.safetensors")
     assert max(float((start[k] - after[k]).abs().max()) for k in start) < 1e-5
 
+    assert more.template == PromptTemplate()  # the adapter's own wording, unless told otherwise
+    reworded = PromptTemplate(max_conditions=5, sentences={"spacegroup": "Group {symbol}. "})
+    other = train(crystals[:8], tmp_path / "reworded", base=str(tiny_base), adapter=str(first), template=reworded,
+                  max_steps=1, batch_size=4, progress=False)  # fmt: skip
+    assert other.template == reworded
+
     with pytest.raises(ValueError, match="lora_rank 8, not 4"):
         train(crystals, tmp_path / "rank", base=str(tiny_base), adapter=str(first), lora_rank=4, max_steps=1)
     with pytest.raises(ValueError, match="--adapter.*--base"):
@@ -503,6 +509,11 @@ def test_cli_train_resume_and_mismatch(capsys, tmp_path, train_file):
     _one_line_error(capsys, args, "--resume")
     _one_line_error(capsys, args + ["--resume", "--lr", "0.1"], "another configuration")
     assert main(args + ["--resume"]) == 0
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('{"max_conditions": 5}')
+    reworded = str(tmp_path / "reworded")
+    assert main([*args[:4], reworded, *args[5:], "--prompts", str(prompts)]) == 0
+    assert ModelCard.from_pretrained(reworded).template.max_conditions == 5
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ no numpy on import): ``crystal-llm --help`` reads it.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -185,6 +186,16 @@ class TrainConfig:
         return self
 
 
+def prompts_file(path: str) -> object:
+    """argparse type of ``--prompts``: a :class:`~ase_crystal_llm.text.prompts.PromptTemplate` from JSON."""
+    from ase_crystal_llm.text.prompts import PromptTemplate
+
+    try:
+        return PromptTemplate.from_json_file(path)
+    except (OSError, ValueError, TypeError) as err:  # TypeError: a field of the wrong kind
+        raise argparse.ArgumentTypeError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+
+
 @dataclass
 class TrainRunOptions:
     """How a training run is carried out: inputs, outputs, bookkeeping (not part of the model's record)."""
@@ -216,7 +227,10 @@ class TrainRunOptions:
         "help": "show a progress bar", "flag": "--no-progress", "cli_help": "no progress bar"})
     template: object = field(default=None, metadata={
         "help": "prompt wording; default the base's own when it was trained by this package (its card), "
-                "else the paper's", "doc_type": "PromptTemplate, optional", "cli": False})
+                "else the paper's", "doc_type": "PromptTemplate, optional", "flag": "--prompts",
+        "type": prompts_file, "metavar": "JSON",
+        "cli_help": "JSON file of prompt template fields (PromptTemplate: wording, max_conditions), e.g. "
+                    "docs/prompts_spacegroup.json; default the base's or adapter's own, else the paper's"})
     precision: str | None = field(default=None, metadata={
         "help": "mixed precision (accelerate's): bf16 or fp16 autocast, or no (fp32); default bf16 on a GPU "
                 "that supports it and, for an unquantised --base, on a CPU with AMX or AVX512-BF16, else no",

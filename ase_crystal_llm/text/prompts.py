@@ -16,7 +16,10 @@ Units: energies in eV/atom, band gap in eV.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -98,6 +101,23 @@ def conditions_from_info(info: Mapping[str, Any]) -> dict[str, Any]:
     return conditions
 
 
+# Training prompts held at most this many conditions before max_conditions existed.
+_LEGACY_MAX_CONDITIONS = 4
+
+
+def _named_fields(key, value):
+    """``{symbol}`` and ``{system}`` for a space-group sentence that asks for them."""
+    return _spacegroup_names(spacegroup_number(value)) if key == "spacegroup" else {}
+
+
+@functools.cache
+def _spacegroup_names(number):
+    from pymatgen.symmetry.groups import SpaceGroup
+
+    group = SpaceGroup.from_int_number(number)
+    return {"symbol": group.symbol, "system": group.crystal_system}
+
+
 def spacegroup_number(value: int | str) -> int:
     """A space group as its number: ``225``, ``"225"`` or a Hermann-Mauguin symbol (``"Fm-3m"``, ``"P6_3/mmc"``).
 
@@ -142,6 +162,17 @@ class PromptTemplate:
         The string replacing the masked element's symbol lines.
     decimals : int
         Float conditions are rounded to this many decimals.
+    max_conditions : int
+        The most condition sentences a training prompt holds (formula
+        included): their number is drawn uniformly from 0 to this.  4, the
+        default, never writes all five; the paper's code writes the formula
+        plus 0-4 others, so 5 comes closer to its mix (the space group in
+        42% of generation prompts instead of 30%).
+
+    The space-group sentence may name, besides ``{}`` (the number),
+    ``{symbol}`` (Hermann-Mauguin, as pymatgen writes it) and ``{system}``
+    (the crystal system): ``"The space group is {symbol} (number {},
+    {system}). "``.
     """
 
     preamble: str = "Below is a description of a bulk material. "
@@ -157,10 +188,29 @@ class PromptTemplate:
     infill_instruction: str = "\nGenerate an element that could replace [MASK] in the bulk material:\n"
     mask: str = MASK
     decimals: int = 4
+    max_conditions: int = 4  # = _LEGACY_MAX_CONDITIONS
+
+    def __post_init__(self):
+        if not 1 <= self.max_conditions <= len(CONDITION_KEYS):
+            raise ValueError(f"max_conditions must be from 1 to {len(CONDITION_KEYS)}, got {self.max_conditions!r}")
+        unknown = set(self.sentences) - set(CONDITION_KEYS)
+        if unknown:
+            raise ValueError(f"sentences for unknown condition(s) {', '.join(sorted(unknown))}: "
+                             f"use {', '.join(CONDITION_KEYS)}")
+        self.sentences = {**_default_sentences(), **self.sentences}  # a file may reword only some
+        for key, sentence in self.sentences.items():
+            try:
+                sentence.format("x", symbol="x", system="x")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"{key} sentence {sentence!r} has a placeholder other than {{}}, {{symbol}} "
+                                 f"or {{system}}: {err}") from None
 
     # -- serialisation (the model card stores the wording) ------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["max_conditions"] == _LEGACY_MAX_CONDITIONS:
+            del data["max_conditions"]  # as cards (and resume fingerprints) written before the field had it
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PromptTemplate:
@@ -169,6 +219,15 @@ class PromptTemplate:
         if unknown:
             raise ValueError(f"unknown prompt template fields: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> PromptTemplate:
+        """A template from a JSON object of its fields; fields left out keep the paper's values."""
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of prompt template fields")
+        return cls.from_dict(data)
 
     # -- prompts ------------------------------------------------------------
     def condition_text(self, conditions: Mapping[str, Any] | None) -> str:
@@ -184,7 +243,7 @@ class PromptTemplate:
             value = conditions.get(key)
             if _is_missing(value):
                 continue
-            parts.append(self.sentences[key].format(self._value(key, value)))
+            parts.append(self.sentences[key].format(self._value(key, value), **_named_fields(key, value)))
         return "".join(parts)
 
     def _value(self, key, value):
@@ -207,14 +266,14 @@ class PromptTemplate:
     def sample_conditions(self, info: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """Training-time choice of conditions for one crystal.
 
-        ``k`` is drawn uniformly from 0..4; for ``k > 0`` the formula comes
+        ``k`` is drawn uniformly from 0..``max_conditions``; for ``k > 0`` the formula comes
         first, then ``k - 1`` others drawn without replacement from those
         present (fewer when fewer are present).  ``info`` may hold either
         ``atoms.info`` property names or condition keys.
         """
         present = {**conditions_from_info(info), **{k: v for k, v in info.items() if k in CONDITION_KEYS}}
         present = {k: v for k, v in present.items() if not _is_missing(v)}
-        k = int(rng.integers(0, 5))
+        k = int(rng.integers(0, self.max_conditions + 1))
         if k == 0 or not present:
             return {}
         chosen = []
