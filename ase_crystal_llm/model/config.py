@@ -19,6 +19,8 @@ from ase_crystal_llm.options import non_negative_int, positive_float, positive_i
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedTokenizerBase
 
+    from ase_crystal_llm.text.prompts import PromptTemplate
+
 __all__ = [
     "LOSS_AVERAGING", "LOSS_NORMALISERS", "MAX_POSITIONS", "QUANTIZE", "SIZES", "TrainConfig", "TrainRunOptions",
     "count_parameters", "scratch_config",
@@ -186,7 +188,7 @@ class TrainConfig:
         return self
 
 
-def prompts_file(path: str) -> object:
+def prompts_file(path: str) -> PromptTemplate:
     """argparse type of ``--prompts``: a :class:`~ase_crystal_llm.text.prompts.PromptTemplate` from JSON."""
     from ase_crystal_llm.text.prompts import PromptTemplate
 
