@@ -61,8 +61,9 @@ def measure(gen, kind, scale, formulas, groups, seed, guards=True, **sampling):
     share = len(crystals) / len(formulas)  # rates of returned crystals -> of the rows asked
     row["formula_match_requested"] = accuracy["formula"]["match"] * share if crystals else 0.0
     if kind == "spacegroup":
-        match = accuracy["spacegroup"][f"match_symprec_{SYMPREC}"] if crystals else 0.0
-        row["spacegroup_match_requested"] = match * share
+        for key in ("match", "crystal_system_match"):
+            rate = accuracy["spacegroup"][f"{key}_symprec_{SYMPREC}"] if crystals else 0.0
+            row[f"spacegroup_{key}_requested"] = rate * share
     row.update(kind=kind, guidance_scale=scale)
     return row
 

@@ -134,6 +134,8 @@ def test_cli_writes_report(first_run, samples_file):
     assert "MP-20 only" in report or "MP-20 (plus elemental references) only" in report
     assert "40-crystal subsample" in report and "not the full test split of the paper's protocol" in report
     assert "metastable S.U.N." in report and f"Hull: {result['settings']['hull']}" in report
+    assert "- space group match: 100.0% at symprec 0.1, 100.0% at symprec 0.2 of 1" in report
+    assert "- crystal system match: 100.0% at symprec 0.1, 100.0% at symprec 0.2" in report
     # distribution: the valid samples (real test crystals here) beside as many real val crystals, same reference
     dist = result["distribution"]
     assert dist["samples"]["n"] == N_REAL == dist["real"]["n"] and dist["reference"]["n"] == 40

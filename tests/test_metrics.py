@@ -297,6 +297,16 @@ def test_conditional_accuracy():
     assert out["spacegroup"]["n"] == 2
     assert out["spacegroup"]["match_symprec_0.1"] == 1.0
     assert out["spacegroup"]["match_symprec_0.2"] == 1.0
+    assert out["spacegroup"]["crystal_system_match_symprec_0.1"] == 1.0
+    # Fm-3m asked, Pm-3m written (CsCl-like): another group of the same (cubic) system
+    cscl = bulk("CsCl", "cesiumchloride", a=4.1)
+    cscl.info["condition_spacegroup"] = 225
+    hexagonal = bulk("Mg")  # P6_3/mmc
+    hexagonal.info["condition_spacegroup"] = 225
+    out = metrics.conditional_accuracy([cscl, hexagonal])
+    assert out["spacegroup"]["match_symprec_0.1"] == 0.0
+    assert out["spacegroup"]["crystal_system_match_symprec_0.1"] == 0.5
+    assert metrics.crystal_system(194) == "hexagonal" and metrics.crystal_system(166) == "trigonal"
     rattled = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
     rattled.positions[0, 0] += 0.08  # within 0.2 A of Fm-3m, not within 0.1 A
     rattled.info["condition_spacegroup"] = 225

@@ -127,6 +127,12 @@ _DISTANCES = (("element_count_jsd", "element-count mix, Jensen-Shannon distance"
               ("atoms_per_cell_wasserstein", "atoms per cell, Wasserstein distance"))
 
 
+def _by_symprec(rates, name):
+    """``"50.0% at symprec 0.1, 60.0% at symprec 0.2"`` from keys ``{name}_symprec_{value}``."""
+    prefix = f"{name}_symprec_"
+    return ", ".join(f"{_fmt(v, True)} at symprec {k[len(prefix):]}" for k, v in rates.items() if k.startswith(prefix))
+
+
 def _distribution_lines(dist: Mapping[str, Any] | None) -> list[str]:
     """The distances of the samples beside those of real val crystals, and the mixes of all three sets."""
     if not dist or not dist["samples"].get("n"):
@@ -210,9 +216,9 @@ def report_markdown(result: Mapping[str, Any], figures: Sequence[str] = ()) -> s
             lines.append(f"- formula match: {_fmt(cond['formula']['match'], True)} of {cond['formula']['n']}")
         if "spacegroup" in cond:
             sg = cond["spacegroup"]
-            parts = [f"{_fmt(val, True)} at symprec {key.rsplit('_', 1)[1]}" for key, val in sg.items()
-                     if key.startswith("match")]
-            lines.append(f"- space group match: {', '.join(parts)} of {sg['n']}")
+            lines.append(f"- space group match: {_by_symprec(sg, 'match')} of {sg['n']}")
+            if _by_symprec(sg, "crystal_system_match"):  # results written before 2026-12-05 have none
+                lines.append(f"- crystal system match: {_by_symprec(sg, 'crystal_system_match')}")
     if result.get("ipt"):
         ipt = result["ipt"]
         lines += ["", "## Symmetry (IPT)", "",
