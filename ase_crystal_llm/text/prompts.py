@@ -188,7 +188,7 @@ class PromptTemplate:
     infill_instruction: str = "\nGenerate an element that could replace [MASK] in the bulk material:\n"
     mask: str = MASK
     decimals: int = 4
-    max_conditions: int = 4  # = _LEGACY_MAX_CONDITIONS
+    max_conditions: int = _LEGACY_MAX_CONDITIONS
 
     def __post_init__(self):
         if not 1 <= self.max_conditions <= len(CONDITION_KEYS):
