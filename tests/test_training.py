@@ -358,6 +358,18 @@ def _kill_at(step):
     return callback
 
 
+def test_resume_that_ends_at_the_checkpoint_still_validates(tmp_path, crystals):
+    # Stopping a run early: kill it, then resume with --max-steps at its last checkpoint.
+    kwargs = dict(from_scratch="tiny", batch_size=4, save_every=2, eval_every=5, seed=5, progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(Kill):
+        train(crystals, run, val=crystals[:4], max_steps=6, callbacks=[_kill_at(3)], **kwargs)
+    card = train(crystals, run, val=crystals[:4], max_steps=2, resume=True, **kwargs)
+    log = json.loads((run / "training_log.json").read_text())
+    assert [e["step"] for e in log["eval"]] == [2] and card.final_losses["val_loss"] == log["eval"][0]["val_loss"]
+    assert log["extensions"] == [{"at_step": 2, "from_total_steps": 6, "to_total_steps": 2}]
+
+
 def test_kill_and_resume_reproduces_the_loss_curve(tmp_path, crystals):
     kwargs = dict(from_scratch="tiny", max_steps=8, batch_size=4, save_every=3, seed=5, progress=False)
     full = tmp_path / "full"

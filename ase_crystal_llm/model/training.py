@@ -448,6 +448,9 @@ class _Trainer:
             for callback in self.callbacks:
                 callback(done, entry)
         bar.close()
+        # A resume whose --max-steps is the checkpoint's own step runs no step: validate its end anyway.
+        if self.val_batches and (not self.log["eval"] or self.log["eval"][-1]["step"] != total):
+            self.log["eval"].append({"step": total, "val_loss": self.evaluate()})
         return self.finish()
 
     def evaluate(self):
