@@ -33,6 +33,7 @@ import numpy as np
 from ase_crystal_llm import settings
 from ase_crystal_llm.chemistry.validity import _mean, as_atoms, as_structure, reduced_formula, validity_flags
 from ase_crystal_llm.info_keys import ATTEMPTS, CONDITIONS, FORMULA_CONSTRAINED
+from ase_crystal_llm.text.prompts import spacegroup_names
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -538,12 +539,9 @@ def spacegroup_number(structure: Atoms | Structure, symprec: float = 0.1) -> int
         return None
 
 
-@functools.cache
 def crystal_system(number: int) -> str:
     """The crystal system of space group ``number`` (``"cubic"`` for 225), as pymatgen names it."""
-    from pymatgen.symmetry.groups import SpaceGroup
-
-    return SpaceGroup.from_int_number(int(number)).crystal_system
+    return spacegroup_names(number)["system"]
 
 
 def conditional_accuracy(structures: Sequence[Atoms | Structure],

@@ -440,7 +440,7 @@ class _Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
             done = step + 1
-            if self.val_batches and (done % cfg.eval_every == 0 or done == total):
+            if self.val_batches and done % cfg.eval_every == 0 and done != total:  # the end: below
                 self.log["eval"].append({"step": done, "val_loss": self.evaluate()})
                 bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{self.log['eval'][-1]['val_loss']:.4f}")
             if done % cfg.save_every == 0 or done == total:
@@ -448,7 +448,8 @@ class _Trainer:
             for callback in self.callbacks:
                 callback(done, entry)
         bar.close()
-        # A resume whose --max-steps is the checkpoint's own step runs no step: validate its end anyway.
+        # The end is validated here, not in the loop: a resume whose --max-steps is the checkpoint's own
+        # step runs no step.
         if self.val_batches and (not self.log["eval"] or self.log["eval"][-1]["step"] != total):
             self.log["eval"].append({"step": total, "val_loss": self.evaluate()})
         return self.finish()

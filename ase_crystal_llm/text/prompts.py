@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONDITION_KEYS", "Example", "GENERATION", "INFILL", "INFO_TO_CONDITION", "PromptTemplate",
-    "conditions_from_info", "example_rng", "format_number", "make_example", "spacegroup_number",
+    "conditions_from_info", "example_rng", "format_number", "make_example", "spacegroup_names",
+    "spacegroup_number",
 ]
 
 
@@ -105,16 +106,12 @@ def conditions_from_info(info: Mapping[str, Any]) -> dict[str, Any]:
 _LEGACY_MAX_CONDITIONS = 4
 
 
-def _named_fields(key, value):
-    """``{symbol}`` and ``{system}`` for a space-group sentence that asks for them."""
-    return _spacegroup_names(spacegroup_number(value)) if key == "spacegroup" else {}
-
-
 @functools.cache
-def _spacegroup_names(number):
+def spacegroup_names(number: int) -> dict[str, str]:
+    """``{"symbol": "P6_3/mmc", "system": "hexagonal"}`` for space group 194, as pymatgen names them."""
     from pymatgen.symmetry.groups import SpaceGroup
 
-    group = SpaceGroup.from_int_number(number)
+    group = SpaceGroup.from_int_number(int(number))
     return {"symbol": group.symbol, "system": group.crystal_system}
 
 
@@ -243,7 +240,9 @@ class PromptTemplate:
             value = conditions.get(key)
             if _is_missing(value):
                 continue
-            parts.append(self.sentences[key].format(self._value(key, value), **_named_fields(key, value)))
+            text = self._value(key, value)
+            names = spacegroup_names(int(text)) if key == "spacegroup" else {}  # {symbol}, {system}
+            parts.append(self.sentences[key].format(text, **names))
         return "".join(parts)
 
     def _value(self, key, value):
