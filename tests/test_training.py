@@ -17,7 +17,7 @@ from ase_crystal_llm.cli import main
 from ase_crystal_llm.model.config import SIZES
 from ase_crystal_llm.model.encoding import IGNORE_INDEX, EpochData, collate, encode_example
 from ase_crystal_llm.model.loading import load_trained, merge_adapter
-from ase_crystal_llm.model.modelcard import CARD_NAME, ModelCard, ModelCardError
+from ase_crystal_llm.model.modelcard import CARD_NAME, DEFAULT_SAMPLING, ModelCard, ModelCardError
 from ase_crystal_llm.model.training import LOG_NAME, train
 from ase_crystal_llm.text.prompts import PromptTemplate, make_example
 
@@ -281,6 +281,10 @@ def test_lora_trains_reloads_and_merges(tmp_path, tiny_base, crystals):
 def test_adapter_continues_from_its_weights(tmp_path, tiny_base, crystals):
     first = tmp_path / "first"
     train(crystals, first, base=str(tiny_base), max_steps=6, batch_size=4, lr=5e-3, progress=False)
+    tuned = {"temperature": 1.0, "top_p": 1.0, "conditioned": {"temperature": 0.7, "top_p": 0.9}}
+    card = ModelCard.from_pretrained(first)
+    card.sampling = tuned  # as chosen for the adapter after training (benchmarks/tune_sampling.py)
+    card.save_pretrained(first)
     fresh = train(crystals, tmp_path / "fresh", base=str(tiny_base), max_steps=1, batch_size=4, lr=1e-9,
                   seed=1, progress=False)
     more = train(crystals, tmp_path / "more", base=str(tiny_base), adapter=str(first), max_steps=1, batch_size=4,
@@ -290,6 +294,7 @@ def test_adapter_continues_from_its_weights(tmp_path, tiny_base, crystals):
     assert more.extra["continued_from"]["adapter"] == str(first)
     assert more.extra["continued_from"]["steps"] == 6
     assert more.hyperparameters["adapter"] == str(first)
+    assert more.sampling == tuned and fresh.sampling == DEFAULT_SAMPLING  # continued: the lineage's
     start = load_file(first / "adapter_model.safetensors")
     after = load_file(tmp_path / "more" / "adapter_model.safetensors")
     assert max(float((start[k] - after[k]).abs().max()) for k in start) < 1e-5

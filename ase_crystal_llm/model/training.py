@@ -551,6 +551,7 @@ class _Trainer:
             library_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             extra=self._provenance(),
+            **({"sampling": cfg.extra["continued_from"]["sampling"]} if cfg.adapter else {}),
         )
 
     def _provenance(self):
@@ -682,8 +683,9 @@ def _adapter_template(cfg):
         if hyper.get(key, getattr(cfg, key)) != getattr(cfg, key):
             raise ValueError(f"--adapter {cfg.adapter} has {key} {hyper[key]}, not {getattr(cfg, key)}: "
                              f"pass --{key.replace('_', '-')} {hyper[key]}")
+    # Its sampling settings were chosen for this lineage: the continued card starts from them.
     cfg.extra["continued_from"] = {"adapter": cfg.adapter, "steps": card.final_losses.get("steps"),
-                                   "weights": card.weights}
+                                   "weights": card.weights, "sampling": card.sampling}
     return card.template
 
 
