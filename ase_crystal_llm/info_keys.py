@@ -17,6 +17,8 @@ Generated crystals (:meth:`~ase_crystal_llm.generation.generator.CrystalGenerato
     (bool: decoding was held to whole multiples of the formula);
     :data:`GENERATED_TEXT` (the model's text on one line, lines joined by
     ``" | "``); :data:`TEMPERATURE`, :data:`TOP_P`, :data:`SEED`;
+    :data:`COORDINATE_TEMPERATURE` (where coordinates were drawn at another
+    temperature than the rest);
     :data:`GUIDANCE_SCALE` (conditioned crystals: the classifier-free guidance
     scale, 1 = none);
     :data:`ATTEMPTS` (model outputs spent on this crystal: 1 + the failed ones
@@ -38,7 +40,8 @@ GA children (:mod:`ase_crystal_llm.ga.operators`)
 from __future__ import annotations
 
 __all__ = [
-    "ATTEMPTS", "BAND_GAP", "CONDITIONS", "CONDITION_ELEMENTS", "CONDITION_PREFIX", "ENERGY", "ENERGY_SCALE",
+    "ATTEMPTS", "BAND_GAP", "CONDITIONS", "CONDITION_ELEMENTS", "CONDITION_PREFIX", "COORDINATE_TEMPERATURE",
+    "ENERGY", "ENERGY_SCALE",
     "E_ABOVE_HULL", "FORMATION_ENERGY", "FORMULA_CONSTRAINED", "GENERATED_TEXT", "GUIDANCE_SCALE",
     "MATERIAL_ID", "MUTATION",
     "ORIGIN", "PARENT_INDEX", "POTENTIAL", "PRETTY_FORMULA", "RANK", "RELAX_CONVERGED", "RELAX_ERROR",
@@ -62,6 +65,7 @@ FORMULA_CONSTRAINED = "formula_constrained"
 GENERATED_TEXT = "generated_text"
 TEMPERATURE = "temperature"
 TOP_P = "top_p"
+COORDINATE_TEMPERATURE = "coordinate_temperature"
 GUIDANCE_SCALE = "guidance_scale"
 SEED = "seed"
 ATTEMPTS = "attempts"

@@ -18,7 +18,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ase_crystal_llm import cli
 from ase_crystal_llm.chemistry.validity import COVALENT_RATIO, structure_valid
-from ase_crystal_llm.generation.decoding import _choose, _warpers, fast_sample, plain_sample
+from ase_crystal_llm.generation.decoding import (
+    CoordinateTemperatureWarper,
+    _choose,
+    _warpers,
+    fast_sample,
+    plain_sample,
+)
 from ase_crystal_llm.generation.generator import CrystalGenerator, condition_sets, failure_reason, seen_in_training
 from ase_crystal_llm.generation.workflow import generate_to_file
 from ase_crystal_llm.text.format import ELEMENTS, one_line
@@ -134,6 +140,43 @@ def test_sampling_from_the_widest_mask_is_the_full_vocabulary_distribution():
     assert not narrow[scores == float("-inf")].any()
     assert (full > 0).sum() < 24  # the nucleus cut some allowed tokens: the warpers did act
     assert torch.allclose(full, narrow, atol=0.04)
+
+
+def test_coordinate_temperature_divides_only_rows_inside_coordinates(tok):
+    processor = CrystalGenerator(LlamaForCausalLM(tiny_config(tok)).eval(), tok).grammar().processor()
+    processor.reset(3)
+    processor.states = [("num", "coords", 1, True, 1), ("num", "lengths", 0, False, 0), ("sym", "N")]
+    scores = torch.tensor([[1.0, 2.0, float("-inf")], [1.0, 2.0, 3.0], [4.0, 0.0, -2.0]])
+    warped = CoordinateTemperatureWarper(processor, 2.0, 0.25)(None, scores)
+    assert torch.equal(warped[0], scores[0] / 0.25)  # masked tokens stay masked
+    assert torch.equal(warped[1:], scores[1:] / 2.0)
+    assert processor.in_coordinates == [True, False, False]
+    # The same temperature everywhere: transformers' own warper, exactly as before.
+    assert type(_warpers(2.0, 1.0, processor, 2.0)[0]).__name__ == "TemperatureLogitsWarper"
+    assert _warpers(0, 1.0, processor, 0.25) == []  # greedy
+    with pytest.raises(ValueError, match="grammar"):
+        _warpers(1.0, 1.0, None, 0.5)
+
+
+def test_coordinate_temperature_is_recorded_and_defaults_from_the_card(tok):
+    gen = scripted(tok, NACL, strength=4.0)  # weak push: samples vary with the seed
+    texts = lambda out: [a.info["generated_text"] for a in out]  # noqa: E731
+    kwargs = dict(seed=3, temperature=1.0, top_p=1.0, batch_size=8, max_attempts=3)
+    plain = gen.generate(8, **kwargs)
+    assert texts(gen.generate(8, coordinate_temperature=1.0, **kwargs)) == texts(plain)
+    assert all("coordinate_temperature" not in a.info for a in plain)
+    cold = gen.generate(8, coordinate_temperature=0.05, **kwargs)
+    assert texts(cold) != texts(plain)
+    assert all(a.info["coordinate_temperature"] == 0.05 and a.info["temperature"] == 1.0 for a in cold)
+    assert all(gen.grammar().accepts(a.info["generated_text"].replace(" | ", "\n")) for a in cold)
+    assert all(a.info["coordinate_temperature"] == 0.05 for a in gen.generate(4, coordinate_temperature=0.05,
+                                                                                fast=False, **kwargs))
+    gen.card = {"sampling": {"temperature": 1.0, "top_p": 1.0, "coordinate_temperature": 0.3}}
+    assert gen.generate(1, seed=0)[0].info["coordinate_temperature"] == 0.3
+    # A run that sets the temperature alone draws everything at it.
+    assert "coordinate_temperature" not in gen.generate(1, seed=0, temperature=0.8)[0].info
+    with pytest.raises(ValueError, match="coordinate_temperature must be > 0"):
+        gen.generate(1, coordinate_temperature=0)
 
 
 # -- returned structures ---------------------------------------------------------------------

@@ -777,6 +777,11 @@ class CrystalLogitsProcessor(LogitsProcessor):
     def finished(self) -> list[bool]:
         return [s == DONE for s in self.states]
 
+    @property
+    def in_coordinates(self) -> list[bool]:
+        """Per row: its next token continues a line of fractional coordinates."""
+        return [s[0] == "num" and s[1] == "coords" for s in self.states]
+
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` with forbidden tokens set to ``-inf`` (a new tensor)."""
         allowed, self.widest = self.grammar.rows_mask(self.states, self.n_atoms, scores.device, self.targets,

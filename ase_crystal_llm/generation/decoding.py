@@ -103,17 +103,55 @@ def _buffer_cache(model, capacity):
     return Cache(layers=[_BufferLayer(capacity) for _ in range(n_layers)])
 
 
-def _warpers(temperature, top_p):
+class CoordinateTemperatureWarper:
+    """Temperature per row: ``coordinate_temperature`` where the row is writing fractional coordinates.
+
+    The grammar ``processor`` says which rows are inside a coordinate line;
+    the others are divided by ``temperature``, as
+    ``transformers.TemperatureLogitsWarper`` does.  Colder coordinates keep
+    the exact relations between positions that make a crystal symmetric (at
+    the model's temperature most samples come out P1), while elements and
+    cells are drawn at the model's own temperature.
+
+    Parameters
+    ----------
+    processor : CrystalLogitsProcessor
+        The run's grammar processor, already applied to the scores.
+    temperature, coordinate_temperature : float
+        Both > 0.
+    """
+
+    def __init__(self, processor: CrystalLogitsProcessor, temperature: float, coordinate_temperature: float) -> None:
+        if not (temperature > 0 and coordinate_temperature > 0):
+            raise ValueError(f"need temperatures > 0, got {temperature} and {coordinate_temperature}")
+        self.processor = processor
+        self.temperature = float(temperature)
+        self.coordinate_temperature = float(coordinate_temperature)
+
+    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        coords = torch.tensor(self.processor.in_coordinates, device=scores.device)
+        divisor = torch.where(coords, self.coordinate_temperature, self.temperature).to(scores.dtype)
+        return scores / divisor[:, None]
+
+
+def _warpers(temperature, top_p, processor=None, coordinate_temperature=None):
     """transformers' temperature and nucleus warpers, in ``generate``'s order (none when greedy).
 
     ``top_p >= 1`` adds no nucleus warper, as ``generate`` does: the warper
-    would refuse ``top_p > 1``.
+    would refuse ``top_p > 1``.  A ``coordinate_temperature`` other than
+    ``temperature`` replaces the temperature warper with
+    :class:`CoordinateTemperatureWarper` (it needs the grammar ``processor``).
     """
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
     warpers = []
     if temperature:
-        warpers.append(TemperatureLogitsWarper(float(temperature)))
+        if coordinate_temperature is None or coordinate_temperature == temperature:
+            warpers.append(TemperatureLogitsWarper(float(temperature)))
+        elif processor is None:
+            raise ValueError("coordinate_temperature needs the crystal grammar (a processor)")
+        else:
+            warpers.append(CoordinateTemperatureWarper(processor, temperature, coordinate_temperature))
         if top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p))
     return warpers
@@ -163,7 +201,8 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
                 processor: CrystalLogitsProcessor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None, compact_fraction: float = 0.25,
                 min_new_tokens: int = 0, guidance_scale: float = 1.0,
-                unconditional_prompt: str | None = None) -> tuple[list[list[int]], list[bool]]:
+                unconditional_prompt: str | None = None,
+                coordinate_temperature: float | None = None) -> tuple[list[list[int]], list[bool]]:
     """Sample one continuation per prompt with the lean decoding loop.
 
     Parameters
@@ -178,6 +217,9 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
         ``temperature=0`` is greedy decoding.
     generator : torch.Generator, optional
         Random stream of the sampling (seed reproducibility).
+    coordinate_temperature : float, optional
+        Temperature of the tokens of fractional coordinates
+        (:class:`CoordinateTemperatureWarper`); default ``temperature``.
     compact_fraction : float
         Drop finished rows from the batch (and KV cache) once this fraction
         of the live rows has finished.
@@ -221,7 +263,7 @@ def fast_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prom
     tokens = [[] for _ in range(n)]
     ended = [False] * n
     done = [False] * n  # per live row: ended, kept in the batch until the next compaction
-    warpers = _warpers(temperature, top_p)
+    warpers = _warpers(temperature, top_p, processor, coordinate_temperature)
     processor.reset(n)
     for step in range(max_new_tokens):
         m = len(live)
@@ -265,7 +307,8 @@ def plain_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pro
                  processor: CrystalLogitsProcessor | None, *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, generator: torch.Generator | None = None,
                  min_new_tokens: int = 0, guidance_scale: float = 1.0,
-                 unconditional_prompt: str | None = None) -> tuple[list[list[int]], list[bool]]:
+                 unconditional_prompt: str | None = None,
+                 coordinate_temperature: float | None = None) -> tuple[list[list[int]], list[bool]]:
     """The same sampling through ``model.generate`` (the reference-style path).
 
     ``processor=None`` samples without the grammar, as the reference code
@@ -285,7 +328,7 @@ def plain_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pro
         processors.append(UnbatchedClassifierFreeGuidanceLogitsProcessor(
             guidance_scale, model, unconditional_ids=uncond, unconditional_attention_mask=uncond_attn))
     processors += [processor] if processor is not None else []
-    processors += _warpers(temperature, top_p)
+    processors += _warpers(temperature, top_p, processor, coordinate_temperature)
     sample = bool(temperature)
     if sample and generator is not None:
         torch.manual_seed(int(generator.initial_seed()))

@@ -45,6 +45,7 @@ from ase_crystal_llm.generation.options import (
 from ase_crystal_llm.info_keys import (
     ATTEMPTS,
     CONDITION_ELEMENTS,
+    COORDINATE_TEMPERATURE,
     FORMULA_CONSTRAINED,
     GENERATED_TEXT,
     GUIDANCE_SCALE,
@@ -322,14 +323,19 @@ class CrystalGenerator:
         return {name: sha256_file(self.model_dir / name) for name in weight_files(self.model_dir)}
 
     # -- sampling settings -----------------------------------------------------------------
-    def _sampling_defaults(self, conditioned=False, formula_constrained=False):
-        """The card's ``(temperature, top_p)``, overridden by its ``conditioned`` entry for runs whose every
-        prompt has a condition, then by its ``formula_constrained`` entry for runs whose every crystal is
-        held to a formula, where the card has them (a model may read conditions best at another setting)."""
+    def _card_sampling(self, conditioned=False, formula_constrained=False):
+        """The card's ``sampling``, overridden by its ``conditioned`` entry for runs whose every prompt has a
+        condition, then by its ``formula_constrained`` entry for runs whose every crystal is held to a
+        formula, where the card has them (a model may read conditions best at another setting)."""
         sampling = _card_get(self.card, "sampling") or {}
         for mode, applies in (("conditioned", conditioned), ("formula_constrained", formula_constrained)):
             if applies:
                 sampling = {**sampling, **(sampling.get(mode) or {})}
+        return sampling
+
+    def _sampling_defaults(self, conditioned=False, formula_constrained=False):
+        """The card's ``(temperature, top_p)`` for such a run (:meth:`_card_sampling`)."""
+        sampling = self._card_sampling(conditioned, formula_constrained)
         return (sampling.get("temperature", DEFAULT_TEMPERATURE), sampling.get("top_p", DEFAULT_TOP_P))
 
     def _guidance_default(self, conditions):
@@ -361,6 +367,7 @@ class CrystalGenerator:
                  e_above_hull: float | Sequence[float] | None = None, band_gap: float | Sequence[float] | None = None,
                  formation_energy: float | Sequence[float] | None = None, elements: str | Iterable[str] | None = None,
                  constrain_formula: bool = True, temperature: float | None = None,
+                 coordinate_temperature: float | None = None,
                  top_p: float | None = None, guidance_scale: float | None = None,
                  batch_size: int | None = None, seed: int | None = None,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, symmetrize: float | None = None,
@@ -395,7 +402,8 @@ class CrystalGenerator:
                       band_gap: float | Sequence[float] | None = None,
                       formation_energy: float | Sequence[float] | None = None,
                       elements: str | Iterable[str] | None = None, constrain_formula: bool = True,
-                      temperature: float | None = None, top_p: float | None = None,
+                      temperature: float | None = None, coordinate_temperature: float | None = None,
+                      top_p: float | None = None,
                       guidance_scale: float | None = None, batch_size: int | None = None,
                       seed: int | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                       symmetrize: float | None = None, max_atoms: int = DEFAULT_MAX_ATOMS,
@@ -427,12 +435,19 @@ class CrystalGenerator:
         conditions = condition_sets(n, formula=formula, spacegroup=spacegroup, e_above_hull=e_above_hull,
                                     band_gap=band_gap, formation_energy=formation_energy)
         held = bool(constrain_formula and conditions and all(c.get("formula") for c in conditions))
-        t_default, p_default = self._sampling_defaults(conditioned=bool(conditions) and all(conditions),
-                                                       formula_constrained=held)
+        card_sampling = self._card_sampling(conditioned=bool(conditions) and all(conditions), formula_constrained=held)
+        t_default = card_sampling.get("temperature", DEFAULT_TEMPERATURE)
+        p_default = card_sampling.get("top_p", DEFAULT_TOP_P)
+        if coordinate_temperature is None and temperature is None:
+            coordinate_temperature = card_sampling.get("coordinate_temperature")
+        # else a run that sets only the temperature draws everything at it
         temperature = t_default if temperature is None else float(temperature)
         top_p = p_default if top_p is None else float(top_p)
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        coordinate_temperature = temperature if coordinate_temperature is None else float(coordinate_temperature)
+        if not coordinate_temperature > 0:
+            raise ValueError(f"coordinate_temperature must be > 0, got {coordinate_temperature}")
         guidance_scale = self._guidance_default(conditions) if guidance_scale is None else float(guidance_scale)
         if not guidance_scale >= 0:
             raise ValueError(f"guidance_scale must be >= 0 (1 is no guidance), got {guidance_scale}")
@@ -457,6 +472,8 @@ class CrystalGenerator:
             raise ValueError(f"got {len(indices)} indices for {n} crystals")
         sampler = fast_sample if fast else plain_sample
         params = {TEMPERATURE: temperature, TOP_P: top_p}
+        if temperature and coordinate_temperature != temperature:
+            params[COORDINATE_TEMPERATURE] = coordinate_temperature
         if conditions and guidance_scale != 1:
             sampler = functools.partial(sampler, guidance_scale=guidance_scale,
                                         unconditional_prompt=self.template.generation_prompt({}))
@@ -478,6 +495,7 @@ class CrystalGenerator:
              rank, indices):
         stats = self.stats
         temperature, top_p = params[TEMPERATURE], params[TOP_P]
+        coordinate_temperature = params.get(COORDINATE_TEMPERATURE)
         attempts = [0] * n
         pending = deque(range(n))
         start = time.perf_counter()
@@ -492,7 +510,7 @@ class CrystalGenerator:
                                        grammar.processor([formulas[id(conditions[s])] for s in slots], guard,
                                                          charge_guard, covalent_ratio),
                                        max_new_tokens=max_new, temperature=temperature,
-                                       top_p=top_p, generator=gen)
+                                       coordinate_temperature=coordinate_temperature, top_p=top_p, generator=gen)
             finished = []
             for slot, ids, stop in zip(slots, texts, ended):
                 attempts[slot] += 1

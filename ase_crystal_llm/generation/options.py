@@ -94,6 +94,16 @@ class GenerationOptions:
         "doc": "When every prompt has a condition, the defaults of ``temperature`` and ``top_p`` are the card's "
                "``sampling[\"conditioned\"]`` values where it has them, and when every crystal is held to a "
                "formula, its ``sampling[\"formula_constrained\"]`` values."})
+    coordinate_temperature: float | None = field(default=None, metadata={
+        "help": "temperature of the fractional coordinates only, > 0 (default: --temperature when given, else "
+                "the model card's, else the temperature); colder coordinates keep the exact relations between "
+                "atomic positions that make a crystal symmetric",
+        "type": positive_float, "metavar": "T",
+        "doc": "Elements, cells and the end of the crystal are drawn at ``temperature``.  The card's value "
+               "(its ``sampling`` and ``conditioned`` / ``formula_constrained`` entries, as for "
+               "``temperature``) applies only when ``temperature`` is not given either.  No effect on greedy "
+               "decoding (``temperature=0``).  Recorded per crystal as "
+               "``info[\"coordinate_temperature\"]`` when it differs from ``temperature``."})
     top_p: float | None = field(default=None, metadata={
         "help": "nucleus sampling: keep the smallest set of tokens with this probability mass, in (0, 1] "
                 f"(default: the model card's, else {DEFAULT_TOP_P})",
