@@ -3,8 +3,11 @@
     nice python benchmarks/tune_sampling.py                      # the shipped model, default grid
     nice python benchmarks/tune_sampling.py --model DIR -n 500 --relax 100
     nice python benchmarks/tune_sampling.py --temperatures 0.7 1.0 --top-p 0.9 -n 8 --n-formulas 4
+    nice python benchmarks/tune_sampling.py --model smollm2 --guards --temperatures 1 --top-p 1 \
+        --coordinate-temperatures 1 0.5 0.25 0.1
 
-For every (temperature, top-p) of the grid the model generates ``-n``
+For every (temperature, top-p, and with ``--coordinate-temperatures`` the
+temperature of the fractional coordinates) of the grid the model generates ``-n``
 unconditional crystals and one crystal for each of ``--n-formulas`` formulas
 drawn from the validation split (seed 0), through
 ``CrystalGenerator.generate`` with its usual re-sampling of output that does
@@ -26,6 +29,9 @@ Per setting, for the unconditional crystals:
   fingerprints are taken of the valid crystals, and precision is over the
   ``-n`` crystals asked for;
 * uniqueness of the valid crystals (:func:`metrics.unique_flags`);
+* symmetry of the valid crystals: the share that is P1 at symprec 0.1 (real
+  MP-20 crystals written as text: 2%) and the space-group Jensen-Shannon
+  distance to the same ``--ref-size`` validation crystals;
 * with ``--relax K``: the metastable rate (E_hull < 0.1 eV/atom, M3GNet
   relaxation, MP-20 hull) of the first ``K`` valid crystals, through
   :func:`relaxation.relax_many` and :func:`pipeline.e_above_hull_many` as in
@@ -66,6 +72,7 @@ import json
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +82,7 @@ from ase_crystal_llm import settings
 from ase_crystal_llm.chemistry.validity import validity_flags, validity_rates
 from ase_crystal_llm.data import datasets
 from ase_crystal_llm.evaluation import metrics, pipeline, references
+from ase_crystal_llm.evaluation.distribution import CrystalStatistics, distances, split_statistics
 from ase_crystal_llm.generation.generator import CrystalGenerator
 from ase_crystal_llm.io.files import atomic_write
 
@@ -106,6 +114,23 @@ def generate_kwargs(gen, guards=False):
     if "charge_guard" in params and not guards:
         extra["charge_guard"] = False  # the model, not the decoder, ends each crystal
     return extra
+
+
+@dataclass
+class Reference:
+    """The validation crystals samples are compared with: coverage fingerprints and statistics."""
+
+    fingerprints: metrics.Fingerprints
+    statistics: CrystalStatistics
+
+
+def grid(args):
+    """Every setting to try: ``generate`` keyword arguments (the coordinate temperature only where given)."""
+    for temperature in args.temperatures:
+        for top_p in args.top_p:
+            for coordinate in args.coordinate_temperatures or [None]:
+                extra = {} if coordinate is None else {"coordinate_temperature": coordinate}
+                yield {"temperature": temperature, "top_p": top_p, **extra}
 
 
 def sample(gen, n, *, seed, **kwargs):
@@ -148,13 +173,14 @@ def metastable_rate(crystals, k, cache, data):
             "failures": sum(e is None for e in e_hull)}
 
 
-def unconditional(gen, args, temperature, top_p, ref, extra):
-    crystals, stats = sample(gen, args.n, seed=args.seed, temperature=temperature, top_p=top_p,
+def unconditional(gen, args, sampling, ref, extra):
+    crystals, stats = sample(gen, args.n, seed=args.seed, **sampling,
                              **{k: v for k, v in extra.items() if k != "constrain_formula"})
     row, flags = validity(crystals, stats)
     valid = [a for a, ok in zip(crystals, flags["valid"]) if ok]
     fps = metrics.Fingerprints.from_structures(valid)
-    row["coverage"] = metrics.coverage(fps, ref, n_total=args.n)
+    row["coverage"] = metrics.coverage(fps, ref.fingerprints, n_total=args.n)
+    row["symmetry"] = symmetry(valid, ref.statistics)
     unique = metrics.unique_flags(valid)
     row["uniqueness"] = sum(unique) / len(unique) if unique else None
     if args.relax:
@@ -162,9 +188,18 @@ def unconditional(gen, args, temperature, top_p, ref, extra):
     return row
 
 
-def conditioned(gen, args, temperature, top_p, formulas, extra):
-    crystals, stats = sample(gen, len(formulas), seed=args.seed + 1, formula=formulas, temperature=temperature,
-                             top_p=top_p, **extra)
+def symmetry(crystals, reference):
+    """Share of P1 (symprec 0.1) among ``crystals`` and their space-group JSD to the reference crystals."""
+    stats = CrystalStatistics.from_structures(crystals)
+    if not len(stats):
+        return {"p1_share": None, "spacegroup_jsd": None}
+    return {"p1_share": float((stats.spacegroups == 1).mean()),
+            "spacegroup_jsd": distances(stats, reference)["spacegroup_jsd"],
+            "distinct_spacegroups": int(len(set(stats.spacegroups.tolist()) - {0}))}
+
+
+def conditioned(gen, args, sampling, formulas, extra):
+    crystals, stats = sample(gen, len(formulas), seed=args.seed + 1, formula=formulas, **sampling, **extra)
     row, _ = validity(crystals, stats)
     match = (metrics.conditional_accuracy(crystals).get("formula") or {}).get("match")
     row["formula_match_returned"] = match
@@ -190,11 +225,19 @@ def choose(rows):
                                       or 0.0, -r["temperature"]))
 
 
+def chosen_settings(best):
+    """The chosen row's settings and score, as the results file records them."""
+    keys = ("temperature", "top_p", "coordinate_temperature", "score")
+    return None if best is None else {k: best[k] for k in keys if k in best}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model directory (default: the model shipped with the package)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 0.7, 0.9, 1.0])
     ap.add_argument("--top-p", type=float, nargs="+", default=[0.9, 1.0])
+    ap.add_argument("--coordinate-temperatures", type=float, nargs="+", metavar="T",
+                    help="also vary the temperature of the fractional coordinates (default: the temperature)")
     ap.add_argument("-n", type=int, default=200, help="unconditional crystals per setting (default 200)")
     ap.add_argument("--n-formulas", type=int, default=50,
                     help="validation formulas, one crystal each per setting (default 50; 0: none)")
@@ -219,6 +262,8 @@ def parse_args(argv=None):
         ap.error("need -n >= 1, --n-formulas >= 0, --ref-size >= 1 and --relax >= 0")
     if any(t < 0 for t in args.temperatures) or any(not 0 < p <= 1 for p in args.top_p):
         ap.error("need temperatures >= 0 and 0 < top-p <= 1")
+    if any(not t > 0 for t in args.coordinate_temperatures or ()):
+        ap.error("need coordinate temperatures > 0")
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
     return args
@@ -236,19 +281,20 @@ def run(args, argv=None):
     extra = generate_kwargs(gen, args.guards)
     if args.batch_size:
         extra["batch_size"] = args.batch_size
-    ref = references.reference_fingerprints(val_path, size=args.ref_size, seed=0, cache=args.cache, progress=False)
+    ref = Reference(references.reference_fingerprints(val_path, size=args.ref_size, seed=0, cache=args.cache,
+                                                      progress=False),
+                    split_statistics(val_path, args.ref_size, seed=0))  # the same rows
     rows = []
-    for temperature in args.temperatures:
-        for top_p in args.top_p:
-            start = time.perf_counter()
-            row = {"temperature": temperature, "top_p": top_p,
-                   "unconditional": unconditional(gen, args, temperature, top_p, ref, extra)}
-            if formulas:
-                row["formula_conditioned"] = conditioned(gen, args, temperature, top_p, formulas, extra)
-            row["score"] = score(row)
-            row["seconds"] = round(time.perf_counter() - start, 1)
-            rows.append(row)
-            print(summary_line(row), flush=True)
+    for sampling in grid(args):
+        start = time.perf_counter()
+        row = {"coordinate_temperature": sampling["temperature"], **sampling,
+               "unconditional": unconditional(gen, args, sampling, ref, extra)}
+        if formulas:
+            row["formula_conditioned"] = conditioned(gen, args, sampling, formulas, extra)
+        row["score"] = score(row)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        print(summary_line(row), flush=True)
     best = choose(rows)
     return {
         **report_header("tune_sampling", argv),
@@ -265,8 +311,7 @@ def run(args, argv=None):
                           "coverage precision, then by the lower temperature",
         "formulas": formulas,
         "rows": rows,
-        "chosen": None if best is None else {"temperature": best["temperature"], "top_p": best["top_p"],
-                                             "score": best["score"]},
+        "chosen": chosen_settings(best),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -282,17 +327,18 @@ def merge(paths):
     rows = [row for part in parts for row in part["rows"]]
     best = choose(rows)
     return {**first, "command": [part["command"] for part in parts], "rows": rows,
-            "chosen": None if best is None else {"temperature": best["temperature"], "top_p": best["top_p"],
-                                                 "score": best["score"]},
+            "chosen": chosen_settings(best),
             "seconds": max(part["seconds"] for part in parts), "merged_from": [str(p) for p in paths]}
 
 
 def summary_line(row):
     u = row["unconditional"]
     fmt = lambda v: "  n/a" if v is None else f"{v:5.3f}"  # noqa: E731
-    line = (f"T={row['temperature']:<4} top_p={row['top_p']:<4} struct/att {fmt(u['validity_attempts']['structure'])} "
+    line = (f"T={row['temperature']:<4} top_p={row['top_p']:<4} coords T={row['coordinate_temperature']:<4} "
+            f"struct/att {fmt(u['validity_attempts']['structure'])} "
             f"comp/att {fmt(u['validity_attempts']['composition'])} recall {fmt(u['coverage']['recall'])} "
-            f"precision {fmt(u['coverage']['precision'])} unique {fmt(u['uniqueness'])}")
+            f"precision {fmt(u['coverage']['precision'])} unique {fmt(u['uniqueness'])} "
+            f"P1 {fmt(u['symmetry']['p1_share'])} SG JSD {fmt(u['symmetry']['spacegroup_jsd'])}")
     if "formula_conditioned" in row:
         line += f" formula {fmt(row['formula_conditioned']['formula_match_requested'])}"
     return line + f" score {fmt(row['score'])} ({row['seconds']} s)"
@@ -309,7 +355,8 @@ def main(argv=None):
     atomic_write(out, json.dumps(record, indent=2) + "\n")
     chosen = record["chosen"]
     print("chosen: " + ("none (no setting produced a valid crystal)" if chosen is None else
-                        f"temperature {chosen['temperature']}, top_p {chosen['top_p']} (score {chosen['score']:.3f})"))
+                        f"temperature {chosen['temperature']}, top_p {chosen['top_p']}, coordinates "
+                        f"{chosen.get('coordinate_temperature', chosen['temperature'])} (score {chosen['score']:.3f})"))
     print(f"results: {out}", file=sys.stderr)
 
 
