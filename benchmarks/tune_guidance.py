@@ -104,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--no-guards", action="store_true", help="decode without the spacing and charge guards")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: the card's)")
     p.add_argument("--top-p", type=float, help="nucleus top-p (default: the card's)")
+    p.add_argument("--coordinate-temperature", type=float,
+                   help="temperature of the fractional coordinates (default: --temperature when given, else the "
+                        "card's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=None, help="data folder (default: settings.data_dir())")
     p.add_argument("-o", "--output", default=str(RESULTS / "tune_guidance.json"))
@@ -118,7 +121,8 @@ def main(argv=None):
     out = Path(args.output)
     setup = {"model": str(gen.model_dir), "n": args.n, "seed": args.seed, "symprec": SYMPREC,
              "guards": not args.no_guards}
-    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
+                                  ("coordinate_temperature", args.coordinate_temperature)) if v is not None}
     setup.update(sampling)
     old = json.loads(out.read_text()) if out.exists() else {}
     rows = old.get("rows", []) if old.get("setup") == setup else []
