@@ -95,8 +95,11 @@ def main(argv=None):
     import pandas as pd
 
     args = parse_args(argv)
-    samples = ase.io.read(args.samples, ":")
-    table = pd.read_csv(Path(args.report) / "samples.csv")
+    try:
+        samples = ase.io.read(args.samples, ":")
+        table = pd.read_csv(Path(args.report) / "samples.csv")
+    except (OSError, ValueError) as err:
+        sys.exit(f"rattled_relaxation: error: {err}")
     if len(table) != len(samples):
         sys.exit(f"rattled_relaxation: error: {args.report}/samples.csv has {len(table)} rows, "
                  f"{args.samples} {len(samples)} crystals: not the same run")
