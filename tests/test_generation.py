@@ -175,6 +175,7 @@ def test_coordinate_temperature_is_recorded_and_defaults_from_the_card(tok):
     assert gen.generate(1, seed=0)[0].info["coordinate_temperature"] == 0.3
     # A run that sets the temperature alone draws everything at it.
     assert "coordinate_temperature" not in gen.generate(1, seed=0, temperature=0.8)[0].info
+    assert "coordinate_temperature" not in gen.generate(1, seed=0, temperature=0)[0].info  # greedy
     with pytest.raises(ValueError, match="coordinate_temperature must be > 0"):
         gen.generate(1, coordinate_temperature=0)
 

@@ -445,9 +445,9 @@ class CrystalGenerator:
         top_p = p_default if top_p is None else float(top_p)
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        coordinate_temperature = temperature if coordinate_temperature is None else float(coordinate_temperature)
-        if not coordinate_temperature > 0:
+        if coordinate_temperature is not None and not coordinate_temperature > 0:
             raise ValueError(f"coordinate_temperature must be > 0, got {coordinate_temperature}")
+        coordinate_temperature = temperature if coordinate_temperature is None else float(coordinate_temperature)
         guidance_scale = self._guidance_default(conditions) if guidance_scale is None else float(guidance_scale)
         if not guidance_scale >= 0:
             raise ValueError(f"guidance_scale must be >= 0 (1 is no guidance), got {guidance_scale}")
