@@ -164,6 +164,25 @@ def test_known_stable_crystals_are_metastable(first_run):
     assert s["sun"] == pytest.approx(sum(e <= 0 for e in new) / 8)
 
 
+def test_rattled_relaxations_start_from_seeded_moved_copies(first_run, samples_file, tmp_path):
+    import shutil
+
+    first_out, _, result = first_run
+    out = tmp_path / "rattled"
+    out.mkdir()
+    shutil.copy(first_out / "relax_cache.db", out / "relax_cache.db")  # the as-written relaxations
+    rattled = pipeline.evaluate(samples_file, out, rattle=0.05, coverage_size=40, progress=False, plots=False)
+    assert rattled["relaxation"]["computed"] == N_REAL  # no start is the as-written sample
+    assert rattled["settings"]["rattle"] == 0.05 and "rattled by 0.05 A" in (out / "report.md").read_text()
+    # Real crystals relax back to their minima from a small rattle.
+    before = [float(r["e_above_hull"]) for r in _table(first_out) if r["e_above_hull"]]
+    after = [float(r["e_above_hull"]) for r in _table(out) if r["e_above_hull"]]
+    assert np.allclose(after, before, atol=0.02)
+    assert rattled["stability"]["metastable"] == result["stability"]["metastable"]
+    again = pipeline.evaluate(samples_file, out, rattle=0.05, coverage_size=40, progress=False, plots=False)
+    assert again["relaxation"]["computed"] == 0  # seeded: the same moved copies
+
+
 def test_relaxation_cache_ignores_a_killed_writers_lock_file(tmp_path):
     import threading
 

@@ -221,7 +221,8 @@ def e_above_hull_many(relaxed: Sequence[Atoms], hull: ReferenceHull, *,
 def evaluate(samples: str | os.PathLike | Iterable[Atoms | Structure], out_dir: str | os.PathLike, *,
              reference: str = "mp20", data_dir: str | os.PathLike | None = None,
              potential: str | os.PathLike | Calculator = "m3gnet", fmax: float = 0.1, steps: int = 500,
-             workers: int | None = None, model: str | os.PathLike | None = None, limit: int | None = None,
+             rattle: float | None = None, workers: int | None = None, model: str | os.PathLike | None = None,
+             limit: int | None = None,
              coverage_size: int | str | None = None, ipt_size: int = IPT_SIZE, seed: int = 0,
              cache: str | os.PathLike | None = None, progress: bool = True, plots: bool = True,
              threads: int | None = None, table_db: bool = False) -> dict[str, Any]:
@@ -258,7 +259,8 @@ def evaluate(samples: str | os.PathLike | Iterable[Atoms | Structure], out_dir: 
         language_model = _load_language_model(model) if model is not None else None  # bad weights fail here
         out_dir.mkdir(parents=True, exist_ok=True)
     n = len(structures)
-    result = {"samples": {"source": source, "n": n}, "settings": _run_settings(reference, potential, fmax, steps, seed)}
+    result = {"samples": {"source": source, "n": n},
+              "settings": _run_settings(reference, potential, fmax, steps, seed, rattle)}
     with timer("validity"):
         flags, valid_idx, result["validity"] = _validity(structures, source, limit)
         valid = [structures[i] for i in valid_idx]
@@ -281,7 +283,8 @@ def evaluate(samples: str | os.PathLike | Iterable[Atoms | Structure], out_dir: 
         result["settings"]["novelty_reference"] = "MP-20 train+val (pymatgen StructureMatcher)"
         result.update(_novelty_rates(unique, novel, valid_idx))
     with timer("relaxation"):
-        relaxed, computed = _relax_valid(valid, potential, out_dir / "relax_cache.db", fmax=fmax, steps=steps,
+        starts = [_rattled(a, rattle, (seed, i)) for a, i in zip(valid, valid_idx)] if rattle else valid
+        relaxed, computed = _relax_valid(starts, potential, out_dir / "relax_cache.db", fmax=fmax, steps=steps,
                                          workers=workers, progress=progress, threads=threads)
     with timer("hull"):
         ref_hull = ReferenceHull.from_mp20(data_dir) if relaxed else None
@@ -317,10 +320,10 @@ def _read_input(samples, limit):
     return "<structures>", check_structures([as_atoms(a) for a in samples][:limit], "the structures given")
 
 
-def _run_settings(reference, potential, fmax, steps, seed):
+def _run_settings(reference, potential, fmax, steps, seed, rattle=None):
     """The ``settings`` of ``metrics.json``; later stages fill in the reference size and add the references used."""
     potential_name = potential if isinstance(potential, str) else type(potential).__name__
-    return {"reference": reference, "potential": potential_name, "fmax": fmax, "steps": steps,
+    return {"reference": reference, "potential": potential_name, "fmax": fmax, "steps": steps, "rattle": rattle,
             "coverage_reference_size": None, "seed": seed, "struct_cutoff": STRUCT_CUTOFF,
             "comp_cutoff": COMP_CUTOFF, "metastable_threshold": METASTABLE}
 
@@ -351,6 +354,13 @@ def _novelty_rates(unique, novel, valid_idx):
         "novelty": _rate([novel[i] for i in valid_idx]),
         "unique_and_novel": _rate([unique[i] and novel[i] for i in valid_idx]),
     }
+
+
+def _rattled(atoms, stdev, seed):
+    """A copy of ``atoms`` with every atom moved by a seeded Gaussian of ``stdev`` angstrom per axis."""
+    copy = atoms.copy()
+    copy.positions += np.random.default_rng(seed).normal(0.0, stdev, copy.positions.shape)
+    return copy
 
 
 def _relax_valid(valid, potential, cache_path, *, fmax, steps, workers, progress, threads):

@@ -88,6 +88,12 @@ def _plots(out_dir, result, e_hull, fps, ref):
     return figures
 
 
+def _rattle_note(run_settings):
+    """How the relaxations started, when not from the samples as written."""
+    rattle = run_settings.get("rattle")
+    return f", from copies rattled by {rattle} A" if rattle else ""
+
+
 def _fmt(value, percent=False):
     if value is None:
         return "n/a"
@@ -165,7 +171,8 @@ def report_markdown(result: Mapping[str, Any], figures: Sequence[str] = ()) -> s
         "",
         f"Samples: `{result['samples']['source']}`, {result['samples']['n']} structures, "
         f"{result['samples']['n_valid']} valid.  Potential: {result['settings']['potential']} "
-        f"(fmax {result['settings']['fmax']} eV/A, at most {result['settings']['steps']} steps).  "
+        f"(fmax {result['settings']['fmax']} eV/A, at most {result['settings']['steps']} steps"
+        f"{_rattle_note(result['settings'])}).  "
         f"Hull: {result['settings'].get('hull') or 'none (nothing relaxed)'}; stable means E_hull <= 0, "
         f"metastable E_hull < {METASTABLE} eV/atom.",
         "",
