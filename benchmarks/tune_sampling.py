@@ -192,7 +192,7 @@ def symmetry(crystals, reference):
     """Share of P1 (symprec 0.1) among ``crystals`` and their space-group JSD to the reference crystals."""
     stats = CrystalStatistics.from_structures(crystals)
     if not len(stats):
-        return {"p1_share": None, "spacegroup_jsd": None}
+        return {"p1_share": None, "spacegroup_jsd": None, "distinct_spacegroups": 0}
     return {"p1_share": float((stats.spacegroups == 1).mean()),
             "spacegroup_jsd": distances(stats, reference)["spacegroup_jsd"],
             "distinct_spacegroups": int(len(set(stats.spacegroups.tolist()) - {0}))}

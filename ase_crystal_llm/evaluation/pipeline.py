@@ -320,7 +320,7 @@ def _read_input(samples, limit):
     return "<structures>", check_structures([as_atoms(a) for a in samples][:limit], "the structures given")
 
 
-def _run_settings(reference, potential, fmax, steps, seed, rattle=None):
+def _run_settings(reference, potential, fmax, steps, seed, rattle):
     """The ``settings`` of ``metrics.json``; later stages fill in the reference size and add the references used."""
     potential_name = potential if isinstance(potential, str) else type(potential).__name__
     return {"reference": reference, "potential": potential_name, "fmax": fmax, "steps": steps, "rattle": rattle,
