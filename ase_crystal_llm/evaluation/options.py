@@ -53,7 +53,7 @@ class EvaluationOptions:
         "help": "relax each valid sample from a copy whose atoms are moved by a Gaussian of this standard "
                 "deviation, angstrom (seeded per sample): a relaxation keeps a structure's symmetry, so without "
                 "it a symmetric sample cannot leave high-symmetry sites for a lower energy nearby (default: "
-                "relax as written, as CDVAE's and the paper's protocols do)",
+                "relax as written, as every recorded evaluation does)",
         "type": positive_float, "metavar": "ANGSTROM",
         "doc": "Recorded as ``settings[\"rattle\"]`` in ``metrics.json`` and named in the report.  Real MP-20 "
                "crystals stay as metastable from perturbed starts (``docs/stability.md``)."})
