@@ -124,6 +124,9 @@ def test_cli_writes_report(first_run, samples_file):
     assert result["coverage"]["reference"]["subsample"] and result["coverage"]["reference"]["split_size"] == 9046
     # (a random 40-crystal subsample of the test split need not contain anything like these 6)
     assert 0 <= result["coverage"]["recall"] <= 6 / 40 and 0 <= result["coverage"]["precision"] <= 6 / 8
+    # a sample within both cutoffs is within each one
+    cov = result["coverage"]
+    assert cov["precision"] <= min(cov["structure_precision"], cov["composition_precision"])
     assert result["wasserstein"]["density"] >= 0
     assert result["uniqueness"] == 1.0
     assert result["novelty"] is not None
@@ -134,6 +137,7 @@ def test_cli_writes_report(first_run, samples_file):
     assert "MP-20 only" in report or "MP-20 (plus elemental references) only" in report
     assert "40-crystal subsample" in report and "not the full test split of the paper's protocol" in report
     assert "metastable S.U.N." in report and f"Hull: {result['settings']['hull']}" in report
+    assert f"structure / composition | {100 * cov['structure_precision']:.1f}% / " in report
     assert "- space group match: 100.0% at symprec 0.1, 100.0% at symprec 0.2 of 1" in report
     assert "- crystal system match: 100.0% at symprec 0.1, 100.0% at symprec 0.2" in report
     # distribution: the valid samples (real test crystals here) beside as many real val crystals, same reference

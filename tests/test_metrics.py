@@ -202,7 +202,7 @@ def _take(fps, idx):
 def test_coverage_known_answers(small_fps):
     ref = small_fps
     same = metrics.coverage(ref, ref)
-    assert same == {"recall": 1.0, "precision": 1.0}
+    assert same == dict.fromkeys(metrics.COVERAGE_KEYS, 1.0)
     # two of five reference crystals, plus three invalid samples without fingerprints
     # (unscaled composition features: only identical compositions are within 10)
     raw = metrics.CompositionScaler(np.zeros(132), np.ones(132))
@@ -214,7 +214,14 @@ def test_coverage_known_answers(small_fps):
     # a structure fingerprint far from everything never counts
     far = _take(ref, [0])
     far.structure = far.structure + 1.0
-    assert metrics.coverage(far, ref)["precision"] == 0.0
+    apart = metrics.coverage(far, ref)
+    assert apart["precision"] == apart["structure_precision"] == 0.0
+    assert apart["composition_precision"] == 1.0  # its composition is still NaCl's: the structure keeps it out
+    # and a composition far from everything: only the structure criterion holds
+    odd = _take(ref, [0])
+    odd.composition = odd.composition + 1e3
+    assert metrics.coverage(odd, ref, n_total=2) == {"recall": 0.0, "precision": 0.0, "structure_precision": 0.5,
+                                                     "composition_precision": 0.0}
 
 
 def test_wasserstein_and_diversity(small_fps):

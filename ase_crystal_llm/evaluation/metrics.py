@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from pymatgen.core import Structure
 
 __all__ = [
-    "COMP_CUTOFF", "COMP_FP_SIZE", "CompositionScaler", "Featurizer", "Fingerprints", "METASTABLE",
+    "COMP_CUTOFF", "COMP_FP_SIZE", "COVERAGE_KEYS", "CompositionScaler", "Featurizer", "Fingerprints", "METASTABLE",
     "NoveltyIndex", "STRUCT_CUTOFF", "STRUCT_FP_SIZE", "SYMPRECS", "conditional_accuracy", "conditions_of",
     "coverage", "crystal_system", "diversity", "emitted_validity", "featurizer", "novelty_flags", "spacegroup_number",
     "stability_rates", "structure_matcher", "structures_match", "unique_flags", "wasserstein",
@@ -55,6 +55,7 @@ STRUCT_CUTOFF = 0.4  # CrystalNN fingerprint distance (CDVAE, MP-20)
 
 
 COMP_CUTOFF = 10.0  # standardised Magpie feature distance (CDVAE, MP-20)
+COVERAGE_KEYS = ("recall", "precision", "structure_precision", "composition_precision")
 
 
 METASTABLE = 0.1  # eV/atom
@@ -321,7 +322,9 @@ def coverage(samples: Fingerprints, reference: Fingerprints, *, n_total: int | N
     dict
         ``recall``: fraction of reference crystals with a sample within both
         cutoffs; ``precision``: fraction of samples within both cutoffs of a
-        reference crystal.
+        reference crystal; ``structure_precision`` / ``composition_precision``:
+        fraction of samples within that one cutoff of some reference crystal
+        (which criterion keeps a sample out of ``precision``).
     """
     from scipy.spatial.distance import cdist
 
@@ -329,14 +332,17 @@ def coverage(samples: Fingerprints, reference: Fingerprints, *, n_total: int | N
     ref_ok = reference.ok
     smp_ok = samples.ok
     if n_total == 0 or not ref_ok.any():
-        return {"recall": None, "precision": None}
+        return dict.fromkeys(COVERAGE_KEYS)
     if not smp_ok.any():
-        return {"recall": 0.0, "precision": 0.0}
+        return dict.fromkeys(COVERAGE_KEYS, 0.0)
     scaler = scaler or CompositionScaler.fit(reference.composition[ref_ok])
     struct_d = cdist(samples.structure[smp_ok], reference.structure[ref_ok])
     comp_d = cdist(scaler.transform(samples.composition[smp_ok]), scaler.transform(reference.composition[ref_ok]))
-    close = (struct_d <= struct_cutoff) & (comp_d <= comp_cutoff)
-    return {"recall": float(close.any(axis=0).mean()), "precision": float(close.any(axis=1).sum() / n_total)}
+    struct_close, comp_close = struct_d <= struct_cutoff, comp_d <= comp_cutoff
+    close = struct_close & comp_close
+    return {"recall": float(close.any(axis=0).mean()), "precision": float(close.any(axis=1).sum() / n_total),
+            "structure_precision": float(struct_close.any(axis=1).sum() / n_total),
+            "composition_precision": float(comp_close.any(axis=1).sum() / n_total)}
 
 
 def wasserstein(samples: Fingerprints, reference: Fingerprints) -> dict[str, float | None]:

@@ -183,6 +183,9 @@ def report_markdown(result: Mapping[str, Any], figures: Sequence[str] = ()) -> s
         f"| validity (both) | {_fmt(v['valid'], True)} |",
         f"| coverage recall / precision ({_reference_note(result)}) | {_fmt(result['coverage']['recall'], True)} / "
         f"{_fmt(result['coverage']['precision'], True)} |",
+        f"| precision by one cutoff alone: structure / composition | "
+        f"{_fmt(result['coverage'].get('structure_precision'), True)} / "
+        f"{_fmt(result['coverage'].get('composition_precision'), True)} |",
         f"| Wasserstein density (g/cm^3) / #elements | {_fmt(result['wasserstein']['density'])} / "
         f"{_fmt(result['wasserstein']['n_elements'])} |",
         f"| diversity structure / composition | {_fmt(result['diversity']['structure'])} / "
