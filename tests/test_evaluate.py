@@ -187,6 +187,25 @@ def test_rattled_relaxations_start_from_seeded_moved_copies(first_run, samples_f
     assert again["relaxation"]["computed"] == 0  # seeded: the same moved copies
 
 
+def test_coverage_of_relaxed_samples(first_run, samples_file, tmp_path):
+    import shutil
+
+    first_out, _, result = first_run
+    assert "coverage_relaxed" not in result  # as written only, unless asked
+    out = tmp_path / "relaxed_coverage"
+    out.mkdir()
+    shutil.copy(first_out / "relax_cache.db", out / "relax_cache.db")
+    again = pipeline.evaluate(samples_file, out, coverage_size="all", coverage_relaxed=True, progress=False,
+                              plots=False)
+    assert again["relaxation"]["computed"] == 0
+    written, relaxed = again["coverage"], again["coverage_relaxed"]
+    assert relaxed["relaxed"] == N_REAL and relaxed["reference_size"] == written["reference_size"] == 9046
+    # the six are test crystals: relaxed with M3GNet they stay within the cutoffs of themselves (of 8 samples)
+    assert written["precision"] == relaxed["precision"] == N_REAL / 8
+    assert relaxed["recall"] >= N_REAL / 9046
+    assert "coverage recall / precision of the relaxed samples (6 relaxed)" in (out / "report.md").read_text()
+
+
 def test_relaxation_cache_ignores_a_killed_writers_lock_file(tmp_path):
     import threading
 

@@ -223,7 +223,8 @@ def evaluate(samples: str | os.PathLike | Iterable[Atoms | Structure], out_dir: 
              potential: str | os.PathLike | Calculator = "m3gnet", fmax: float = 0.1, steps: int = 500,
              rattle: float | None = None, workers: int | None = None, model: str | os.PathLike | None = None,
              limit: int | None = None,
-             coverage_size: int | str | None = None, ipt_size: int = IPT_SIZE, seed: int = 0,
+             coverage_size: int | str | None = None, coverage_relaxed: bool = False, ipt_size: int = IPT_SIZE,
+             seed: int = 0,
              cache: str | os.PathLike | None = None, progress: bool = True, plots: bool = True,
              threads: int | None = None, table_db: bool = False) -> dict[str, Any]:
     """Evaluate generated crystals and write a report.
@@ -291,6 +292,9 @@ def evaluate(samples: str | os.PathLike | Iterable[Atoms | Structure], out_dir: 
         e_hull, errors, e_form = _hull_energies(relaxed, valid_idx, n, ref_hull)
         result["relaxation"] = _relaxation_summary(relaxed, computed)
         result["stability"] = _stability_summary(e_hull, errors, unique, novel, result["validity"]["emitted"])
+    if coverage_relaxed:
+        with timer("coverage_relaxed"):
+            result["coverage_relaxed"] = _relaxed_coverage(relaxed, ref, n, workers, progress)
     result["conditional"] = conditional_accuracy(structures)
     result["ipt"] = None
     if model is not None:
@@ -447,6 +451,14 @@ def _distribution_metrics(fps, ref, n):
         "wasserstein": wasserstein(fps, ref),
         "diversity": diversity(fps, scaler),
     }
+
+
+def _relaxed_coverage(relaxed, ref, n, workers, progress):
+    """Coverage of the relaxed valid samples, precision over all ``n`` samples (failed relaxations: not covered)."""
+    done = [a for a in relaxed if not a.info.get(RELAX_FAILED)]
+    fps = Fingerprints.from_structures(done, workers=workers, progress=progress, desc="relaxed fingerprints")
+    scaler = CompositionScaler.fit(ref.composition[ref.ok])  # the as-written coverage's
+    return {**coverage(fps, ref, n_total=n, scaler=scaler), "reference_size": len(ref), "relaxed": len(done)}
 
 
 def _uniqueness_novelty(valid, known_paths, progress):

@@ -161,6 +161,14 @@ def _distribution_lines(dist: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def _relaxed_coverage_row(result):
+    cov = result.get("coverage_relaxed")
+    if not cov:
+        return []
+    return [f"| coverage recall / precision of the relaxed samples ({cov['relaxed']} relaxed) | "
+            f"{_fmt(cov['recall'], True)} / {_fmt(cov['precision'], True)} |"]
+
+
 def report_markdown(result: Mapping[str, Any], figures: Sequence[str] = ()) -> str:
     """A readable summary of :func:`evaluate`'s result."""
     v = result["validity"]["returned"]
@@ -186,6 +194,7 @@ def report_markdown(result: Mapping[str, Any], figures: Sequence[str] = ()) -> s
         f"| precision by one cutoff alone: structure / composition | "
         f"{_fmt(result['coverage'].get('structure_precision'), True)} / "
         f"{_fmt(result['coverage'].get('composition_precision'), True)} |",
+        *_relaxed_coverage_row(result),
         f"| Wasserstein density (g/cm^3) / #elements | {_fmt(result['wasserstein']['density'])} / "
         f"{_fmt(result['wasserstein']['n_elements'])} |",
         f"| diversity structure / composition | {_fmt(result['diversity']['structure'])} / "
