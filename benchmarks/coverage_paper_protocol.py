@@ -23,7 +23,7 @@ rows, to tell the model's own gap from the text's and the relaxation's:
 The test fingerprints come from the data folder's ``mp_20/test_fingerprints.npz`` or the
 fingerprint cache (:func:`~ase_crystal_llm.evaluation.references.reference_fingerprints`).
 
-    python benchmarks/coverage_paper_protocol.py                   # ~15 min on 2 cores
+    python benchmarks/coverage_paper_protocol.py                   # ~15 min on 2 cores (~18 with --relax)
     python benchmarks/coverage_paper_protocol.py --model smollm2 --n 300 --relax --out /tmp/cov_smollm2.json
 
 Results: ``benchmarks/results/coverage_paper_protocol.json``.
