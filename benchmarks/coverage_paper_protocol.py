@@ -77,12 +77,12 @@ def row(structures, references, workers, n_total=None):
     fps = Fingerprints.from_structures(valid, workers=workers)
     n_total = len(structures) if n_total is None else n_total
     out = {"n": n_total, "valid": len(valid)}
+    scalers = {name: CompositionScaler.fit(ref.composition[ref.ok]) for name, ref in references.items()}
     for name, ref in references.items():
-        out[name] = coverage(fps, ref, n_total=n_total, scaler=CompositionScaler.fit(ref.composition[ref.ok]))
+        out[name] = coverage(fps, ref, n_total=n_total, scaler=scalers[name])
     groups = np.array([spacegroup_number(s, SYMPREC) or 0 for s in valid])
     name, ref = next(iter(references.items()))
-    scaler = CompositionScaler.fit(ref.composition[ref.ok])
-    out["by_symmetry"] = {part: {"n": int(mask.sum()), name: coverage(fps.take(mask), ref, scaler=scaler)}
+    out["by_symmetry"] = {part: {"n": int(mask.sum()), name: coverage(fps.take(mask), ref, scaler=scalers[name])}
                           for part, mask in (("p1", groups == 1), ("symmetric", groups > 1))}
     return out
 
