@@ -444,10 +444,14 @@ def _spread(indices, n, *columns, fill=None):
     return out
 
 
+def _coverage_against(fps, ref, n, scaler):
+    return {**coverage(fps, ref, n_total=n, scaler=scaler), "reference_size": len(ref)}
+
+
 def _distribution_metrics(fps, ref, n):
     scaler = CompositionScaler.fit(ref.composition[ref.ok])
     return {
-        "coverage": {**coverage(fps, ref, n_total=n, scaler=scaler), "reference_size": len(ref)},
+        "coverage": _coverage_against(fps, ref, n, scaler),
         "wasserstein": wasserstein(fps, ref),
         "diversity": diversity(fps, scaler),
     }
@@ -457,8 +461,7 @@ def _relaxed_coverage(relaxed, ref, n, workers, progress):
     """Coverage of the relaxed valid samples, precision over all ``n`` samples (failed relaxations: not covered)."""
     done = [a for a in relaxed if not a.info.get(RELAX_FAILED)]
     fps = Fingerprints.from_structures(done, workers=workers, progress=progress, desc="relaxed fingerprints")
-    scaler = CompositionScaler.fit(ref.composition[ref.ok])  # the as-written coverage's
-    return {**coverage(fps, ref, n_total=n, scaler=scaler), "reference_size": len(ref), "relaxed": len(done)}
+    return {**_coverage_against(fps, ref, n, CompositionScaler.fit(ref.composition[ref.ok])), "relaxed": len(done)}
 
 
 def _uniqueness_novelty(valid, known_paths, progress):
