@@ -183,6 +183,19 @@ def test_per_example_loss_and_validation(tmp_path, crystals):
         assert entry["grad_norm"] > 0  # before clipping, so it may exceed max_grad_norm
 
 
+def test_runs_with_different_seeds_validate_on_the_same_examples(monkeypatch, tmp_path, crystals):
+    from ase_crystal_llm.model import training
+
+    built = []
+    own = training._Trainer._val_batches
+    monkeypatch.setattr(training._Trainer, "_val_batches", lambda self: built.append(own(self)) or built[-1])
+    for seed in (1, 2):
+        train(crystals[:8], tmp_path / f"s{seed}", val=crystals[8:16], from_scratch="tiny", max_steps=1,
+              batch_size=4, seed=seed, progress=False)  # fmt: skip
+    first, second = ([b["input_ids"].tolist() for b in batches] for batches in built)
+    assert first and first == second  # the same tasks, conditions and translations
+
+
 def test_log_records_the_gradient_norm_before_clipping(tmp_path, crystals):
     clipped = tmp_path / "clipped"
     train(crystals[:8], clipped, from_scratch="tiny", max_steps=2, batch_size=4, max_grad_norm=1e-3, progress=False)

@@ -80,6 +80,9 @@ LOG_NAME = "training_log.json"
 # are faulted in again); every 10 steps still peaked at 4.2 GB (benchmarks/training_memory.py).  Set 0 to
 # trade memory back for speed.
 TRIM_EVERY = 1
+# Validation examples (task, conditions, translation) are drawn with this seed, not the run's, so
+# val losses of runs with different seeds score the same examples and can be compared.
+VAL_SEED = 0
 
 
 def _heap_trimmer() -> Callable[[int], int] | None:
@@ -352,7 +355,7 @@ class _Trainer:
             return []
         structures = self.val_structures[: self.cfg.val_limit] if self.cfg.val_limit else self.val_structures
         data = EpochData(
-            structures, self.tokenizer, self.template, seed=self.cfg.seed, epoch=0,
+            structures, self.tokenizer, self.template, seed=VAL_SEED, epoch=0,
             batch_size=self.cfg.batch_size, infill_fraction=self.cfg.infill_fraction,
             max_length=self.cfg.max_length,
         )  # fmt: skip
