@@ -188,7 +188,12 @@ def test_runs_with_different_seeds_validate_on_the_same_examples(monkeypatch, tm
 
     built = []
     own = training._Trainer._val_batches
-    monkeypatch.setattr(training._Trainer, "_val_batches", lambda self: built.append(own(self)) or built[-1])
+
+    def recorded(self):
+        built.append(own(self))
+        return built[-1]
+
+    monkeypatch.setattr(training._Trainer, "_val_batches", recorded)
     for seed in (1, 2):
         train(crystals[:8], tmp_path / f"s{seed}", val=crystals[8:16], from_scratch="tiny", max_steps=1,
               batch_size=4, seed=seed, progress=False)  # fmt: skip
