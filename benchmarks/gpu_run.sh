@@ -15,7 +15,8 @@
 # so BATCH=256 is worth a try (LR, WARMUP: the peak learning rate and warmup steps, default 5e-4
 # and 100), and COMPILE=1 (train --compile: compiled decoder layers, fewer kernel launches; the
 # probe falls back to eager if it fails); the crystals came at 1.5/s (host-bound guards): N_GEN is opt-in.
-# Planned for the next lease (not run yet; the 2026-12-04 evening session was lent none): call 1
+# Planned for the next lease (not run yet: none lent since 2026-12-04; the CPU rehearsal below ran
+# on 2026-12-05, the train stage through merge and the first generated crystals): call 1
 # `prepare` carrying .whl and .gpu/smollm2.gguf.part00; call 2 `COMPILE=1 BATCH=256 LR=1e-3
 # WARMUP=50 DEADLINE_S=<the call's limit less 30> train` carrying the rest of .gpu.
 # A CPU rehearsal of the train stage with tiny sizes (the variables below):
